@@ -1,0 +1,184 @@
+//! Deployed components: each version is compiled once, linked against the node's linker
+//! and pre-instantiated (`ProxyPre`) at load time; a request then only creates a `Store`
+//! and instantiates from the pre-instance.
+//!
+//! Loading fails fast with a [`LoadError`] that names the component and the reason: an
+//! unreadable file, bytes that are not a component, an import this host cannot satisfy
+//! (named), a missing `wasi:http/incoming-handler` export, or a component that traps or
+//! exceeds its limits while instantiating.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi_config::WasiConfigVariables;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::instance::{Grants, InstanceState};
+use crate::manifest::{ComponentSpec, Limits};
+use crate::metrics::ComponentMetrics;
+use crate::outbound::OutboundPolicy;
+
+/// The host interfaces every component may import. Interfaces are added here once per
+/// node; what an instance may actually do is decided by its grants.
+pub fn build_linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
+    Ok(linker)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("component {component:?}: cannot read {}: {reason}", path.display())]
+    Read {
+        component: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("component {component:?}: {} is not a valid WebAssembly component: {reason}", path.display())]
+    Compile {
+        component: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("component {component:?}: needs an import this host does not provide: {reason}")]
+    MissingImport { component: String, reason: String },
+    #[error("component {component:?}: {reason}")]
+    NotAnHttpComponent { component: String, reason: String },
+    #[error("component {component:?}: fails to instantiate: {reason}")]
+    Instantiate { component: String, reason: String },
+}
+
+/// Raised from the epoch callback when a request's deadline has passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the request deadline passed")]
+pub struct DeadlineExceeded;
+
+/// One component version, ready to serve.
+pub struct Deployment {
+    pub name: Arc<str>,
+    pub tenant: Arc<str>,
+    pub source: PathBuf,
+    pub limits: Limits,
+    pub metrics: ComponentMetrics,
+    pre: ProxyPre<InstanceState>,
+    grants: Grants,
+    admission: Arc<Semaphore>,
+}
+
+impl Deployment {
+    /// Compiles and links a component. Blocking (it runs Cranelift): call it off the
+    /// async executor.
+    pub fn load(
+        engine: &Engine,
+        linker: &Linker<InstanceState>,
+        name: &str,
+        spec: &ComponentSpec,
+        metrics: ComponentMetrics,
+    ) -> Result<Self, LoadError> {
+        let component_name = name.to_string();
+        let bytes = std::fs::read(&spec.source).map_err(|e| LoadError::Read {
+            component: component_name.clone(),
+            path: spec.source.clone(),
+            reason: e.to_string(),
+        })?;
+        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
+            component: component_name.clone(),
+            path: spec.source.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let instance_pre =
+            linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::MissingImport {
+                    component: component_name.clone(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::NotAnHttpComponent {
+            component: component_name.clone(),
+            reason: format!("does not export wasi:http/incoming-handler@0.2.x ({e:#})"),
+        })?;
+
+        let tenant: Arc<str> = spec.tenant.as_str().into();
+        let name: Arc<str> = name.into();
+        let grants = Grants {
+            tenant: tenant.clone(),
+            component: name.clone(),
+            memory_limit: usize::try_from(spec.limits.memory.as_u64()).unwrap_or(usize::MAX),
+            config: Arc::new(spec.config.iter().collect::<WasiConfigVariables>()),
+            env: spec
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dirs: spec
+                .dirs
+                .iter()
+                .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
+                .collect(),
+            outbound: OutboundPolicy::new(&spec.outbound),
+        };
+        Ok(Self {
+            name,
+            tenant,
+            source: spec.source.clone(),
+            limits: spec.limits,
+            metrics,
+            pre,
+            grants,
+            admission: Arc::new(Semaphore::new(spec.limits.max_concurrent as usize)),
+        })
+    }
+
+    /// Instantiates once and throws the instance away: proves the component starts
+    /// within its limits before the node calls itself ready.
+    pub async fn check_instantiates(&self) -> Result<(), LoadError> {
+        let fail = |reason: String| LoadError::Instantiate {
+            component: self.name.to_string(),
+            reason,
+        };
+        let mut store = self
+            .new_store(Instant::now() + self.limits.deadline)
+            .map_err(|e| fail(format!("{e:#}")))?;
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(_) => Ok(()),
+            Err(_) if store.data().limiter.refused => Err(fail(format!(
+                "its initial memory is above limits.memory ({})",
+                self.limits.memory
+            ))),
+            Err(e) => Err(fail(format!("{e:#}"))),
+        }
+    }
+
+    /// Takes one of the component's `max_concurrent` slots, or `None` when all are taken.
+    /// Taken before instantiation and held until the instance is gone.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.admission.clone().try_acquire_owned().ok()
+    }
+
+    pub fn pre(&self) -> &ProxyPre<InstanceState> {
+        &self.pre
+    }
+
+    /// A fresh store for one call: the memory limiter installed and an epoch callback
+    /// that yields to the executor every tick and traps once `deadline` has passed.
+    pub fn new_store(&self, deadline: Instant) -> wasmtime::Result<Store<InstanceState>> {
+        let mut store = Store::new(self.pre.engine(), InstanceState::new(&self.grants)?);
+        store.limiter(|state| &mut state.limiter);
+        // At least one tick, so that even instantiation runs under the deadline.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        Ok(store)
+    }
+}

@@ -1,0 +1,230 @@
+//! Per-instance state: what one `Store` holds for one request. Built fresh for every call
+//! from the deployment's grants, so nothing leaks between requests or tenants.
+//!
+//! This is where "no ambient authority" is made concrete: the WASI context starts empty
+//! (no host environment, no arguments, no preopened directories, every socket address
+//! denied) and only the manifest's grants are added: config values, directories (opened
+//! through cap-std by wasmtime-wasi) and outbound HTTP hosts.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::outbound::OutboundPolicy;
+
+/// What a deployment grants each of its instances; shared, built once per deployment.
+pub struct Grants {
+    pub tenant: Arc<str>,
+    pub component: Arc<str>,
+    pub memory_limit: usize,
+    pub config: Arc<WasiConfigVariables>,
+    /// The config values again, as environment variables.
+    pub env: Vec<(String, String)>,
+    /// (host directory, guest path, writable)
+    pub dirs: Vec<(std::path::PathBuf, String, bool)>,
+    pub outbound: OutboundPolicy,
+}
+
+/// The data inside one instance's `Store`.
+pub struct InstanceState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    config: Arc<WasiConfigVariables>,
+    outbound: OutboundPolicy,
+    pub limiter: MemoryLimiter,
+}
+
+impl InstanceState {
+    pub fn new(grants: &Grants) -> wasmtime::Result<Self> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.envs(&grants.env)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .stdout(GuestLog::new(grants, "stdout"))
+            .stderr(GuestLog::new(grants, "stderr"));
+        for (host, guest, writable) in &grants.dirs {
+            let perms = if *writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(host, guest, perms)?;
+        }
+        Ok(Self {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            config: grants.config.clone(),
+            outbound: grants.outbound.clone(),
+            limiter: MemoryLimiter {
+                limit: grants.memory_limit,
+                refused: false,
+            },
+        })
+    }
+
+    pub fn config(&mut self) -> WasiConfig<'_> {
+        WasiConfig::new(&self.config)
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
+/// Caps one instance's linear memory. Unlike wasmtime's `StoreLimits` it remembers that it
+/// refused, so a trap that follows (Rust guests abort when allocation fails) is reported
+/// as "memory limit" rather than as an anonymous trap.
+pub struct MemoryLimiter {
+    limit: usize,
+    pub refused: bool,
+}
+
+/// Tables hold function references; no real guest needs more than this many entries.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A guest's stdout or stderr, forwarded line by line to the node's log with the tenant
+/// and component attached, so an operator can tell whose output it is.
+#[derive(Clone)]
+struct GuestLog {
+    tenant: Arc<str>,
+    component: Arc<str>,
+    stream: &'static str,
+}
+
+impl GuestLog {
+    fn new(grants: &Grants, stream: &'static str) -> Self {
+        Self {
+            tenant: grants.tenant.clone(),
+            component: grants.component.clone(),
+            stream,
+        }
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(GuestLogWriter {
+            log: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+}
+
+/// Longest line kept before it is logged anyway, so a guest cannot grow host memory by
+/// never writing a newline.
+const MAX_LOG_LINE: usize = 8 * 1024;
+
+struct GuestLogWriter {
+    log: GuestLog,
+    pending: Vec<u8>,
+}
+
+impl GuestLogWriter {
+    fn emit(&mut self, upto: usize) {
+        let line: Vec<u8> = self.pending.drain(..upto).collect();
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::info!(
+            target: "trellis::guest",
+            tenant = %self.log.tenant,
+            component = %self.log.component,
+            stream = self.log.stream,
+            "{text}"
+        );
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLogWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.pending.extend_from_slice(buf);
+        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
+            self.emit(newline + 1);
+        }
+        if self.pending.len() >= MAX_LOG_LINE {
+            let len = self.pending.len();
+            self.emit(len);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() {
+            let len = self.pending.len();
+            self.emit(len);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for GuestLogWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let len = self.pending.len();
+            self.emit(len);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Trellis: a WebAssembly host where every microservice is a sandboxed WASI 0.2 component.
+//!
+//! A node reads a `trellis.toml` manifest ([`manifest`]), compiles and pre-instantiates each
+//! component once ([`component`], on the engine of [`runtime`]), and serves HTTP through
+//! the [`gateway`], which routes by host and path ([`router`]) to a fresh, limited instance
+//! per request ([`instance`]). [`node`] ties these together for the `trellis` binary.
+
+pub mod component;
+pub mod gateway;
+pub mod instance;
+pub mod manifest;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
+pub mod router;
+pub mod runtime;

@@ -1,0 +1,512 @@
+//! The `trellis.toml` manifest: what a node serves, for which tenants, with which limits
+//! and grants. Parsing and validation live here; nothing else reads TOML.
+//!
+//! Every error names the file, the field (as a dotted path such as
+//! `components.hello.limits.memory`) and the reason, and validation collects every
+//! problem in one pass so that `trellis check` can report them all at once. Relative
+//! paths in a manifest are relative to the manifest's own directory, so a manifest means
+//! the same thing whatever directory the node is started from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The tenant every component belongs to when a manifest declares no tenants.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Paths the gateway answers itself, on every host; no route may claim them.
+pub const RESERVED_PATHS: &[&str] = &["/health", "/health/ready", "/metrics"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default)]
+    pub node: NodeSettings,
+    /// Tenants by name. None declared means one `default` tenant serving every host.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSpec>,
+    /// Components by name (unique across the node).
+    #[serde(default)]
+    pub components: BTreeMap<String, ComponentSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSettings {
+    /// Address the gateway listens on.
+    pub listen: SocketAddr,
+    /// Where the node keeps its state (compiled-code cache, later: databases).
+    pub data_dir: PathBuf,
+    /// Instances that may exist at once across the whole node (the pooling allocator's
+    /// size); requests beyond it get 503.
+    pub max_instances: u32,
+    /// The largest memory limit any component may ask for; each pooled memory slot is
+    /// sized to it.
+    pub max_instance_memory: ByteSize,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from(".trellis"),
+            max_instances: 1000,
+            max_instance_memory: ByteSize::mib(256),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    /// Host names this tenant is served on: exact (`shop.example.com`), a wildcard
+    /// subdomain (`*.example.com`) or `*` for every host no other tenant claims.
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSpec {
+    /// Tenant this component belongs to (default: `default`).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Path of the `.wasm` component, relative to the manifest.
+    pub source: PathBuf,
+    /// Path prefixes this component serves within its tenant; the longest prefix wins.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Values the component reads through `wasi:config/store` and as environment variables.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Hosts the component may send HTTP requests to (`api.example.com`,
+    /// `api.example.com:8443`, `*.example.com`). Empty: no outbound HTTP at all.
+    #[serde(default)]
+    pub outbound: Vec<String>,
+    /// Host directories the component may see, by guest path.
+    #[serde(default)]
+    pub dirs: BTreeMap<String, DirGrant>,
+}
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear memory one instance may grow to.
+    pub memory: ByteSize,
+    /// Wall-clock time one request may take (the guest is interrupted after it: 504).
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Instances of this component that may run at once; more requests get 503.
+    pub max_concurrent: u32,
+    /// Largest request body accepted; more gets 413.
+    pub max_body: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: ByteSize::mib(64),
+            deadline: Duration::from_secs(10),
+            max_concurrent: 100,
+            max_body: ByteSize::mib(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// The host directory, relative to the manifest.
+    pub host: PathBuf,
+    /// Whether the component may create and change files there (default: read-only).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// One thing wrong with a manifest: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: cannot read the manifest: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {field}: {reason}")]
+    Parse {
+        file: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{file}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// A manifest that parsed and validated, with every relative path made absolute.
+#[derive(Debug)]
+pub struct LoadedManifest {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl LoadedManifest {
+    pub fn tenants(&self) -> Vec<(String, Vec<String>)> {
+        if self.manifest.tenants.is_empty() {
+            return vec![(DEFAULT_TENANT.to_string(), vec!["*".to_string()])];
+        }
+        self.manifest
+            .tenants
+            .iter()
+            .map(|(name, spec)| (name.clone(), spec.hosts.clone()))
+            .collect()
+    }
+}
+
+/// Reads, parses and validates a manifest file.
+pub fn load(path: &Path) -> Result<LoadedManifest, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates manifest text that came from `path` (used for relative paths and
+/// in messages).
+pub fn parse(path: &Path, text: &str) -> Result<LoadedManifest, ManifestError> {
+    let file = path.to_path_buf();
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| ManifestError::Parse {
+        file: file.clone(),
+        field: "(syntax)".into(),
+        reason: one_line(&e.to_string()),
+    })?;
+    let mut manifest: Manifest = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        ManifestError::Parse {
+            file: file.clone(),
+            field: if field == "." {
+                "(top level)".into()
+            } else {
+                field
+            },
+            reason: one_line(&e.into_inner().to_string()),
+        }
+    })?;
+
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    absolutize(&mut manifest, &base);
+
+    let problems = validate(&manifest);
+    if !problems.is_empty() {
+        return Err(ManifestError::Invalid { file, problems });
+    }
+    Ok(LoadedManifest {
+        path: path.to_path_buf(),
+        manifest,
+    })
+}
+
+/// toml's messages carry a source excerpt over several lines; the reason stays on one.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    // The last line is the actual reason; the first says where.
+    match lines.next_back() {
+        Some(reason) if first.starts_with("TOML parse error") => {
+            format!(
+                "{} ({})",
+                reason.trim_start_matches(['|', '^', ' ']),
+                first.trim_start_matches("TOML parse error at ")
+            )
+        }
+        _ => first,
+    }
+}
+
+fn absolutize(manifest: &mut Manifest, base: &Path) {
+    let abs = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    manifest.node.data_dir = abs(&manifest.node.data_dir);
+    for component in manifest.components.values_mut() {
+        component.source = abs(&component.source);
+        for grant in component.dirs.values_mut() {
+            grant.host = abs(&grant.host);
+        }
+    }
+}
+
+fn validate(manifest: &Manifest) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: String, reason: String| problems.push(Problem { field, reason });
+
+    if manifest.node.max_instances == 0 {
+        problem("node.max_instances".into(), "must be at least 1".into());
+    }
+
+    // Tenants and the hosts they claim.
+    let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
+    for (name, tenant) in &manifest.tenants {
+        if let Some(reason) = name_problem(name) {
+            problem(format!("tenants.{name}"), reason);
+        }
+        if tenant.hosts.is_empty() {
+            problem(
+                format!("tenants.{name}.hosts"),
+                "a tenant needs at least one host (use \"*\" for any)".into(),
+            );
+        }
+        for (i, host) in tenant.hosts.iter().enumerate() {
+            let field = format!("tenants.{name}.hosts[{i}]");
+            let normalized = host.to_ascii_lowercase();
+            if let Some(reason) = host_pattern_problem(&normalized) {
+                problem(field, reason);
+            } else if let Some(other) = claimed.insert(normalized, name) {
+                problem(
+                    field,
+                    format!("host {host:?} is already claimed by tenant {other:?}"),
+                );
+            }
+        }
+    }
+
+    // Components: tenant, source, routes, limits, grants.
+    let mut routes_seen: BTreeMap<(&str, String), &str> = BTreeMap::new();
+    for (name, component) in &manifest.components {
+        let at = |field: &str| format!("components.{name}.{field}");
+        if let Some(reason) = name_problem(name) {
+            problem(format!("components.{name}"), reason);
+        }
+        let tenant_known = if manifest.tenants.is_empty() {
+            component.tenant == DEFAULT_TENANT
+        } else {
+            manifest.tenants.contains_key(&component.tenant)
+        };
+        if !tenant_known {
+            let declared: Vec<&str> = if manifest.tenants.is_empty() {
+                vec![DEFAULT_TENANT]
+            } else {
+                manifest.tenants.keys().map(String::as_str).collect()
+            };
+            problem(
+                at("tenant"),
+                format!(
+                    "unknown tenant {:?} (declared: {})",
+                    component.tenant,
+                    declared.join(", ")
+                ),
+            );
+        }
+        if !component.source.is_file() {
+            problem(
+                at("source"),
+                format!("no such file: {}", component.source.display()),
+            );
+        }
+        for (i, route) in component.routes.iter().enumerate() {
+            let field = format!("components.{name}.routes[{i}]");
+            if !route.starts_with('/') {
+                problem(field, format!("route {route:?} must start with '/'"));
+                continue;
+            }
+            let normalized = normalize_route(route);
+            if RESERVED_PATHS.iter().any(|r| route_matches(&normalized, r)) && normalized != "/" {
+                problem(
+                    field,
+                    format!(
+                        "route {route:?} would shadow the gateway's own {}",
+                        RESERVED_PATHS.join(", ")
+                    ),
+                );
+                continue;
+            }
+            if let Some(other) =
+                routes_seen.insert((component.tenant.as_str(), normalized.clone()), name)
+            {
+                problem(
+                    field,
+                    format!(
+                        "route {normalized:?} is already served by component {other:?} in tenant {:?}",
+                        component.tenant
+                    ),
+                );
+            }
+        }
+        let limits = &component.limits;
+        if limits.memory.as_u64() < ByteSize::mib(1).as_u64() {
+            problem(
+                at("limits.memory"),
+                format!(
+                    "{} is too small to run anything (at least 1 MiB)",
+                    limits.memory
+                ),
+            );
+        }
+        if limits.memory > manifest.node.max_instance_memory {
+            problem(
+                at("limits.memory"),
+                format!(
+                    "{} is above node.max_instance_memory ({})",
+                    limits.memory, manifest.node.max_instance_memory
+                ),
+            );
+        }
+        if limits.deadline.is_zero() {
+            problem(at("limits.deadline"), "must be longer than zero".into());
+        }
+        if limits.max_concurrent == 0 {
+            problem(at("limits.max_concurrent"), "must be at least 1".into());
+        }
+        for (i, host) in component.outbound.iter().enumerate() {
+            if let Some(reason) = outbound_pattern_problem(host) {
+                problem(at(&format!("outbound[{i}]")), reason);
+            }
+        }
+        for (guest, grant) in &component.dirs {
+            let field = at(&format!("dirs.\"{guest}\""));
+            if !guest.starts_with('/') {
+                problem(
+                    field.clone(),
+                    format!("guest path {guest:?} must be absolute"),
+                );
+            }
+            if !grant.host.is_dir() {
+                problem(
+                    format!("{field}.host"),
+                    format!("no such directory: {}", grant.host.display()),
+                );
+            }
+        }
+        for key in component.config.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                problem(
+                    at(&format!("config.{key}")),
+                    "config keys must be non-empty and contain no '=' or NUL".into(),
+                );
+            }
+        }
+    }
+    problems
+}
+
+fn name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    (!ok).then(|| {
+        format!("name {name:?} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'")
+    })
+}
+
+fn host_pattern_problem(pattern: &str) -> Option<String> {
+    if pattern == "*" {
+        return None;
+    }
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    let ok = !name.is_empty()
+        && !name.contains('*')
+        && name.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    (!ok).then(|| {
+        format!("{pattern:?} is not a host name, \"*.domain\" or \"*\" (ports are not part of it)")
+    })
+}
+
+fn outbound_pattern_problem(pattern: &str) -> Option<String> {
+    let (host, port) = match pattern.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (pattern, None),
+    };
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Some(format!("{pattern:?}: {port:?} is not a port"));
+    }
+    if host == "*" {
+        return Some("\"*\" would allow every host; list the hosts instead".into());
+    }
+    host_pattern_problem(&host.to_ascii_lowercase())
+}
+
+/// Routes compare without a trailing slash (except the root route itself).
+pub fn normalize_route(route: &str) -> String {
+    let trimmed = route.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    }
+}
+
+/// Whether `path` falls under the route prefix `route` (normalized): the same path, or
+/// below it at a segment boundary, so `/api/users` serves `/api/users/7` but not
+/// `/api/usersettings`.
+pub fn route_matches(route: &str, path: &str) -> bool {
+    route == "/"
+        || path == route
+        || (path.starts_with(route) && path.as_bytes().get(route.len()) == Some(&b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_at_segment_boundaries() {
+        assert!(route_matches("/api/users", "/api/users"));
+        assert!(route_matches("/api/users", "/api/users/7"));
+        assert!(!route_matches("/api/users", "/api/usersettings"));
+        assert!(route_matches("/", "/anything"));
+        assert_eq!(normalize_route("/api/"), "/api");
+        assert_eq!(normalize_route("/"), "/");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(host_pattern_problem("shop.example.com").is_none());
+        assert!(host_pattern_problem("*.example.com").is_none());
+        assert!(host_pattern_problem("*").is_none());
+        assert!(host_pattern_problem("shop.example.com:8080").is_some());
+        assert!(host_pattern_problem("a.*.com").is_some());
+        assert!(outbound_pattern_problem("api.example.com:8443").is_none());
+        assert!(outbound_pattern_problem("*").is_some());
+    }
+}

@@ -1,0 +1,174 @@
+//! Prometheus metrics for `/metrics`, in the text exposition format.
+//!
+//! Per-component series are resolved once per deployment ([`ComponentMetrics`]), so the
+//! request path touches atomics only; the one family keyed by response status is looked up
+//! per request.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComponentLabels {
+    tenant: String,
+    component: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    tenant: String,
+    component: String,
+    status: u16,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<ComponentLabels, Histogram, fn() -> Histogram>,
+    instantiation_duration: Family<ComponentLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<ComponentLabels, Gauge>,
+    traps: Family<ComponentLabels, Counter>,
+    deadline_kills: Family<ComponentLabels, Counter>,
+    memory_limit_kills: Family<ComponentLabels, Counter>,
+    admission_rejections: Family<ComponentLabels, Counter>,
+    unrouted: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<ComponentLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let instantiation_duration =
+            Family::<ComponentLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let in_flight = Family::<ComponentLabels, Gauge>::default();
+        let traps = Family::<ComponentLabels, Counter>::default();
+        let deadline_kills = Family::<ComponentLabels, Counter>::default();
+        let memory_limit_kills = Family::<ComponentLabels, Counter>::default();
+        let admission_rejections = Family::<ComponentLabels, Counter>::default();
+        let unrouted = Counter::default();
+        registry.register(
+            "requests",
+            "HTTP requests answered, by tenant, component and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from routing a request to its response head",
+            request_duration.clone(),
+        );
+        registry.register(
+            "instantiation_duration_seconds",
+            "Time to instantiate a component for one request",
+            instantiation_duration.clone(),
+        );
+        registry.register(
+            "instances_in_flight",
+            "Component instances alive right now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "traps",
+            "Guest traps (excluding deadline and memory-limit kills)",
+            traps.clone(),
+        );
+        registry.register(
+            "deadline_kills",
+            "Instances stopped at their request deadline",
+            deadline_kills.clone(),
+        );
+        registry.register(
+            "memory_limit_kills",
+            "Instances stopped after hitting their memory limit",
+            memory_limit_kills.clone(),
+        );
+        registry.register(
+            "admission_rejections",
+            "Requests refused with 503 because the component was at max_concurrent",
+            admission_rejections.clone(),
+        );
+        registry.register(
+            "unrouted_requests",
+            "Requests no component serves (404)",
+            unrouted.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            instantiation_duration,
+            in_flight,
+            traps,
+            deadline_kills,
+            memory_limit_kills,
+            admission_rejections,
+            unrouted,
+        }
+    }
+}
+
+impl Metrics {
+    /// The series of one deployed component, resolved once.
+    pub fn for_component(&self, tenant: &str, component: &str) -> ComponentMetrics {
+        let labels = ComponentLabels {
+            tenant: tenant.to_string(),
+            component: component.to_string(),
+        };
+        ComponentMetrics {
+            request_duration: self.request_duration.get_or_create(&labels).clone(),
+            instantiation_duration: self.instantiation_duration.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            traps: self.traps.get_or_create(&labels).clone(),
+            deadline_kills: self.deadline_kills.get_or_create(&labels).clone(),
+            memory_limit_kills: self.memory_limit_kills.get_or_create(&labels).clone(),
+            admission_rejections: self.admission_rejections.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    pub fn count_response(&self, component: &ComponentMetrics, status: u16) {
+        let labels = RequestLabels {
+            tenant: component.labels.tenant.clone(),
+            component: component.labels.component.clone(),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn count_unrouted(&self) {
+        self.unrouted.inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Handles on one component's series; clones share the underlying atomics.
+#[derive(Clone)]
+pub struct ComponentMetrics {
+    labels: ComponentLabels,
+    pub request_duration: Histogram,
+    pub instantiation_duration: Histogram,
+    pub in_flight: Gauge,
+    pub traps: Counter,
+    pub deadline_kills: Counter,
+    pub memory_limit_kills: Counter,
+    pub admission_rejections: Counter,
+}

@@ -1,0 +1,185 @@
+//! A running node: the engine, the gateway, and loading every component of the manifest.
+//!
+//! `trellis up` binds the listener first so that `/health` answers while components
+//! compile, loads every component (compile, link, trial instantiation), and only then
+//! installs the routing table and reports ready. A component that fails to load stops the
+//! node with the reason: a node does not half-start with routes silently missing.
+//! `trellis check` runs the same loading without serving.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use wasmtime::component::Linker;
+
+use crate::component::{Deployment, LoadError, build_linker};
+use crate::gateway::Gateway;
+use crate::instance::InstanceState;
+use crate::manifest::LoadedManifest;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::runtime::{EngineSettings, Runtime};
+
+/// The engine and linker a node's components are loaded with.
+pub struct Host {
+    pub runtime: Runtime,
+    pub linker: Linker<InstanceState>,
+}
+
+impl Host {
+    pub fn new(manifest: &LoadedManifest) -> Result<Self> {
+        let node = &manifest.manifest.node;
+        let runtime = Runtime::new(&EngineSettings {
+            max_instances: node.max_instances,
+            max_instance_memory: node.max_instance_memory.as_u64(),
+            cache_dir: Some(node.data_dir.join("compile-cache")),
+        })?;
+        let linker = build_linker(&runtime.engine).context("linking the host interfaces")?;
+        Ok(Self { runtime, linker })
+    }
+
+    /// Loads one component: compile (off the executor), link, trial-instantiate.
+    pub async fn load_component(
+        &self,
+        manifest: &LoadedManifest,
+        name: &str,
+        metrics: &Metrics,
+    ) -> Result<Arc<Deployment>, LoadError> {
+        let spec = &manifest.manifest.components[name];
+        let component_metrics = metrics.for_component(&spec.tenant, name);
+        let deployment = tokio::task::block_in_place(|| {
+            Deployment::load(
+                &self.runtime.engine,
+                &self.linker,
+                name,
+                spec,
+                component_metrics,
+            )
+        })?;
+        deployment.check_instantiates().await?;
+        Ok(Arc::new(deployment))
+    }
+
+    /// Loads every component of the manifest; all failures are reported, not just the first.
+    pub async fn load_all(
+        &self,
+        manifest: &LoadedManifest,
+        metrics: &Metrics,
+    ) -> Result<Router, Vec<LoadError>> {
+        let mut loaded = Vec::new();
+        let mut failures = Vec::new();
+        for (name, spec) in &manifest.manifest.components {
+            let started = Instant::now();
+            match self.load_component(manifest, name, metrics).await {
+                Ok(deployment) => {
+                    tracing::info!(
+                        tenant = %spec.tenant,
+                        component = %name,
+                        routes = ?spec.routes,
+                        elapsed = ?started.elapsed(),
+                        "component loaded"
+                    );
+                    loaded.push((deployment, spec.routes.clone()));
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.is_empty() {
+            Ok(Router::new(&manifest.tenants(), loaded))
+        } else {
+            Err(failures)
+        }
+    }
+}
+
+/// `trellis up`: serve until SIGINT/SIGTERM. Returns an error (exit 1) when the manifest's
+/// components cannot all be loaded.
+pub async fn up(manifest: LoadedManifest) -> Result<()> {
+    let settings = &manifest.manifest.node;
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating node.data_dir {}", settings.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (node.listen)", settings.listen))?;
+    let local_addr = listener.local_addr()?;
+    let gateway = Arc::new(Gateway::new(local_addr));
+    // A stable line on stdout that scripts and tests can wait for.
+    println!("trellis listening on http://{local_addr}");
+    tracing::info!(manifest = %manifest.path.display(), %local_addr, "node starting");
+
+    let server = tokio::spawn(gateway.clone().serve(listener, shutdown_signal()));
+    let host = Host::new(&manifest)?;
+    match host.load_all(&manifest, &gateway.metrics).await {
+        Ok(router) => {
+            let count = router.deployments().len();
+            let _ = gateway.router.set(router);
+            tracing::info!(components = count, "node ready");
+        }
+        Err(failures) => {
+            for failure in &failures {
+                tracing::error!("{failure}");
+            }
+            anyhow::bail!(
+                "{} component(s) failed to load:\n{}",
+                failures.len(),
+                failures
+                    .iter()
+                    .map(|f| format!("  {f}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    server.await.context("the gateway task failed")?;
+    // The host (engine, pre-instances) lives until every request has finished.
+    drop(host);
+    Ok(())
+}
+
+/// `trellis check`: load every component without serving. Prints a report; returns whether
+/// everything loaded.
+pub async fn check(manifest: LoadedManifest) -> Result<bool> {
+    let host = Host::new(&manifest)?;
+    let metrics = Metrics::default();
+    let mut ok = true;
+    println!("manifest {}: valid", manifest.path.display());
+    for (tenant, hosts) in manifest.tenants() {
+        println!("tenant {tenant}: hosts {}", hosts.join(", "));
+    }
+    for (name, spec) in &manifest.manifest.components {
+        let started = Instant::now();
+        match host.load_component(&manifest, name, &metrics).await {
+            Ok(_) => println!(
+                "ok      component {name} (tenant {}, routes {}) loaded in {} ms",
+                spec.tenant,
+                if spec.routes.is_empty() {
+                    "none".to_string()
+                } else {
+                    spec.routes.join(" ")
+                },
+                started.elapsed().as_millis()
+            ),
+            Err(e) => {
+                ok = false;
+                println!("FAILED  {e}");
+            }
+        }
+    }
+    Ok(ok)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}

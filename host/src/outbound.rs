@@ -1,0 +1,131 @@
+//! Outbound HTTP from guests (`wasi:http/outgoing-handler`): deny by default, allow only
+//! the hosts a component's manifest lists.
+//!
+//! A rule is `host`, `host:port` or `*.domain[:port]`. Without a port it allows the
+//! scheme's default port only (80 for http, 443 for https), so granting `api.example.com`
+//! does not also open every other service on that machine. A denied request fails in
+//! the guest with `error-code.HTTP-request-denied`, which it can read and report.
+
+use std::sync::Arc;
+
+use http::uri::Scheme;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostRule {
+    /// Lower-case host name, or the suffix (with its leading dot) of a `*.domain` rule.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+/// The outbound hosts one component may call. Cheap to clone (one `Arc`).
+#[derive(Debug, Clone, Default)]
+pub struct OutboundPolicy {
+    rules: Arc<[HostRule]>,
+}
+
+impl OutboundPolicy {
+    /// Builds the policy from manifest patterns (already validated by the manifest).
+    pub fn new(patterns: &[String]) -> Self {
+        let rules = patterns
+            .iter()
+            .map(|pattern| {
+                let pattern = pattern.to_ascii_lowercase();
+                let (host, port) = match pattern.rsplit_once(':') {
+                    Some((host, port)) => (host.to_string(), port.parse().ok()),
+                    None => (pattern, None),
+                };
+                match host.strip_prefix('*') {
+                    Some(suffix) => HostRule {
+                        host: suffix.to_string(),
+                        wildcard: true,
+                        port,
+                    },
+                    None => HostRule {
+                        host,
+                        wildcard: false,
+                        port,
+                    },
+                }
+            })
+            .collect();
+        Self { rules }
+    }
+
+    /// Whether a request to `host` on `port` (the effective port, default applied) over
+    /// `scheme` is allowed.
+    pub fn allows(&self, scheme: &Scheme, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+        self.rules.iter().any(|rule| {
+            let host_ok = if rule.wildcard {
+                host.ends_with(&rule.host) && host.len() > rule.host.len()
+            } else {
+                host == rule.host
+            };
+            host_ok && port == rule.port.unwrap_or(default_port)
+        })
+    }
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = Result<(), Error>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> SendFuture {
+        drop(fut);
+        let uri = request.uri();
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let allowed = uri
+            .host()
+            .is_some_and(|host| self.allows(&scheme, host, uri.port_u16().unwrap_or(default_port)));
+        if !allowed {
+            tracing::debug!(uri = %uri, "outbound request denied: host not in the component's outbound list");
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_host_and_port() {
+        let policy = OutboundPolicy::new(&[
+            "api.example.com".into(),
+            "*.internal.test".into(),
+            "127.0.0.1:9000".into(),
+        ]);
+        assert!(policy.allows(&Scheme::HTTPS, "api.example.com", 443));
+        assert!(policy.allows(&Scheme::HTTP, "API.example.com", 80));
+        assert!(!policy.allows(&Scheme::HTTPS, "api.example.com", 8443));
+        assert!(policy.allows(&Scheme::HTTPS, "a.internal.test", 443));
+        assert!(!policy.allows(&Scheme::HTTPS, "internal.test", 443));
+        assert!(policy.allows(&Scheme::HTTP, "127.0.0.1", 9000));
+        assert!(!policy.allows(&Scheme::HTTP, "127.0.0.1", 80));
+        assert!(!policy.allows(&Scheme::HTTP, "evil.example.com", 80));
+        assert!(!OutboundPolicy::default().allows(&Scheme::HTTP, "localhost", 80));
+    }
+}

@@ -1,0 +1,112 @@
+//! The node's one wasmtime `Engine`: how it is configured (component model, async,
+//! epoch interruption, the pooling allocator, the on-disk compiled-code cache) and the
+//! epoch ticker thread that makes request deadlines work.
+//!
+//! The pooling knobs are chosen for per-request instantiation on small VMs: instances are
+//! created and torn down thousands of times a second, so pages are kept resident and
+//! memory is initialised by copying instead of copy-on-write mappings. On this kind of
+//! machine the madvise/CoW path cost more in TLB-shootdown IPIs than the copy does (see
+//! BENCHMARKS.md for the measurement).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
+
+/// How often the epoch advances. A guest stuck in a loop yields to the executor this often,
+/// and request deadlines are enforced to this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine-wide limits a node is built with.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Instances that may exist at once across the node.
+    pub max_instances: u32,
+    /// Largest linear memory any one instance may have.
+    pub max_instance_memory: u64,
+    /// Where compiled code is cached between runs; `None` disables the cache.
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// A wasmtime engine plus the thread that advances its epoch. Dropping it stops the thread.
+pub struct Runtime {
+    pub engine: Engine,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new(settings: &EngineSettings) -> Result<Self> {
+        let engine = Engine::new(&engine_config(settings)?)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("trellis-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .context("starting the epoch ticker")?;
+        Ok(Self {
+            engine,
+            ticker_stop,
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(settings: &EngineSettings) -> Result<Config> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    // Copying a small data segment is cheaper here than mapping it copy-on-write and
+    // paying the page faults plus the madvise on every instance teardown.
+    config.memory_init_cow(false);
+
+    let instances = settings.max_instances;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(instances)
+        // A component built with the preview1 adapter has a handful of core instances,
+        // memories and tables (the module, the adapter, shims).
+        .max_core_instances_per_component(32)
+        .total_core_instances(instances.saturating_mul(4))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(4))
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(settings.max_instance_memory).unwrap_or(usize::MAX))
+        // Keep the pages a typical small guest touches resident between instances, so a
+        // new instance does not fault them in again and teardown does not madvise them.
+        .linear_memory_keep_resident(2 << 20)
+        .table_keep_resident(64 << 10)
+        .async_stack_keep_resident(128 << 10)
+        .decommit_batch_size(64);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+    if let Some(dir) = &settings.cache_dir {
+        config.cache(Some(compile_cache(dir)?));
+    }
+    Ok(config)
+}
+
+fn compile_cache(dir: &Path) -> Result<Cache> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the compile cache {}", dir.display()))?;
+    let mut cache_config = CacheConfig::new();
+    cache_config.with_directory(dir);
+    Cache::new(cache_config)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("opening the compile cache {}", dir.display()))
+}

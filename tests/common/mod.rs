@@ -1,0 +1,258 @@
+//! Shared harness for the end-to-end tests: start the real `trellis` binary on a manifest,
+//! wait until it is ready, talk HTTP to it, read its log, and stop it.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// Path of a guest component built by `cargo xtask build`/`cargo xtask test`.
+pub fn wasm(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds the guest components first",
+        path.display()
+    );
+    path.canonicalize().unwrap()
+}
+
+/// Replaces `{wasm:NAME}` with the path of that component and `{dir}` with `dir`.
+pub fn render(template: &str, dir: &Path) -> String {
+    let mut out = template.replace("{dir}", &dir.display().to_string());
+    while let Some(start) = out.find("{wasm:") {
+        let end = start + out[start..].find('}').expect("closing brace");
+        let name = &out[start + 6..end];
+        out.replace_range(start..=end, &wasm(name).display().to_string());
+    }
+    out
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+pub struct TestNode {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestNode {
+    /// Starts a node on `manifest` (a template, see [`render`]) and waits until it is ready.
+    pub async fn start(manifest: &str) -> TestNode {
+        match Self::try_start(manifest).await {
+            Ok(node) => node,
+            Err(output) => panic!("trellis did not become ready:\n{output}"),
+        }
+    }
+
+    /// Like [`start`](Self::start), but returns the node's output when it exits or does
+    /// not become ready.
+    pub async fn try_start(manifest: &str) -> Result<TestNode, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest_path = dir.path().join("trellis.toml");
+        std::fs::write(&manifest_path, render(manifest, dir.path())).unwrap();
+        let mut child = Command::new(TRELLIS)
+            .args([
+                "up",
+                manifest_path.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .env("TRELLIS_LOG", "info,trellis=debug")
+            // A host secret no guest may see (the sandbox tests look for it).
+            .env("TRELLIS_TEST_HOST_SECRET", "must-not-leak")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting trellis");
+
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("trellis listening on http://") {
+                    let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = loop {
+            if let Ok(addr) = addr_rx.try_recv() {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(format!("exited with {status}\n{}", log.lock().unwrap()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!(
+                    "no listening line after 120 s\n{}",
+                    log.lock().unwrap()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut node = TestNode {
+            child,
+            addr,
+            dir,
+            log,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        loop {
+            if let Ok(response) = node.try_request("GET", "/health/ready", None, &[]).await
+                && response.status == 200
+            {
+                return Ok(node);
+            }
+            if let Some(status) = node.child.try_wait().unwrap() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(format!("exited with {status}\n{}", node.log()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not ready after 120 s\n{}", node.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything the node wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request("GET", path, None, &[]).await
+    }
+
+    pub async fn get_host(&self, host: &str, path: &str) -> Response {
+        self.request("GET", path, None, &[("host", host)]).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Response {
+        self.request("POST", path, Some(body.into()), &[]).await
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        match self.try_request(method, path, body, headers).await {
+            Ok(response) => response,
+            Err(e) => panic!("{method} {path} failed: {e}\nnode log:\n{}", self.log()),
+        }
+    }
+
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, String> {
+        let mut request = http::Request::builder().method(method).uri(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body.unwrap_or_default())).unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// Whether the node process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `trellis ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_trellis(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(TRELLIS)
+        .args(args)
+        .env("TRELLIS_LOG", "warn")
+        .output()
+        .expect("running trellis");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes `manifest` (a template) into a fresh directory; returns the directory and the
+/// manifest's path.
+pub fn write_manifest(manifest: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trellis.toml");
+    std::fs::write(&path, render(manifest, dir.path())).unwrap();
+    (dir, path)
+}

@@ -1,0 +1,208 @@
+//! Limits: a trap, a runaway loop, a memory hog, a flood and an oversized body each get
+//! the documented answer, and the node keeps serving through all of them.
+
+mod common;
+use std::io::{Read, Write};
+
+use common::TestNode;
+
+const MANIFEST: &str = r#"
+[components.probe]
+source = "{wasm:probe}"
+routes = ["/probe"]
+limits = { memory = "16MiB", deadline = "1s", max_concurrent = 8, max_body = "1KiB" }
+
+[components.lonely]
+source = "{wasm:probe}"
+routes = ["/lonely"]
+limits = { max_concurrent = 1, deadline = "20s" }
+
+[components.hello]
+source = "{wasm:hello}"
+routes = ["/hello"]
+"#;
+
+/// The value of `series` for `component` (of the default tenant) in the node's /metrics.
+async fn metric(node: &TestNode, series: &str, component: &str) -> f64 {
+    let metrics = node.get("/metrics").await.body;
+    let prefix = format!("{series}{{tenant=\"default\",component=\"{component}\"}}");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_trap_answers_500_naming_the_component_and_the_next_request_succeeds() {
+    let node = TestNode::start(MANIFEST).await;
+
+    let trapped = node.get("/probe/trap").await;
+    assert_eq!(trapped.status, 500);
+    assert_eq!(trapped.json()["error"], "component_trap");
+    assert_eq!(trapped.json()["component"], "probe");
+
+    let next = node.get("/probe").await;
+    assert_eq!(next.status, 200, "a fresh instance serves the next request");
+
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("guest trapped"))
+        .expect("the trap is logged");
+    assert!(
+        line.contains("component=\"probe\"") && line.contains("unreachable"),
+        "the log says whose trap and why: {line}"
+    );
+    // The guest's own panic message reaches the log too, attributed to it.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("probe was asked to trap") && l.contains("component=probe"))
+    );
+    assert_eq!(metric(&node, "trellis_traps_total", "probe").await, 1.0);
+}
+
+#[tokio::test]
+async fn an_infinite_loop_gets_504_at_its_deadline_while_other_components_keep_answering() {
+    let node = std::sync::Arc::new(TestNode::start(MANIFEST).await);
+
+    let looping = tokio::spawn({
+        let node = node.clone();
+        async move { node.get("/probe/loop").await }
+    });
+    // While the guest spins (deadline 1 s), the other component answers, and not just
+    // once: the spinning instance must not hold a worker thread.
+    let mut answered_during_loop = 0;
+    for _ in 0..10 {
+        let hello = node.get("/hello/still-here").await;
+        assert_eq!(hello.status, 200);
+        if !looping.is_finished() {
+            answered_during_loop += 1;
+        }
+    }
+    assert!(
+        answered_during_loop > 0,
+        "no request was answered while the loop ran"
+    );
+
+    let looped = looping.await.unwrap();
+    assert_eq!(looped.status, 504, "{}", looped.body);
+    assert_eq!(looped.json()["error"], "deadline_exceeded");
+    assert_eq!(looped.json()["component"], "probe");
+    assert_eq!(
+        node.get("/probe").await.status,
+        200,
+        "the same component serves again"
+    );
+    assert_eq!(
+        metric(&node, "trellis_deadline_kills_total", "probe").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_guest_growing_memory_is_stopped_at_its_cap_and_the_node_stays_up() {
+    let mut node = TestNode::start(MANIFEST).await;
+
+    let grown = node.get("/probe/grow").await;
+    assert_eq!(grown.status, 500, "{}", grown.body);
+    assert_eq!(grown.json()["error"], "memory_limit");
+    assert!(
+        grown.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("16.0 MiB")
+    );
+
+    assert!(node.is_running());
+    assert_eq!(node.get("/probe").await.status, 200);
+    assert_eq!(node.get("/hello").await.status, 200);
+    assert_eq!(
+        metric(&node, "trellis_memory_limit_kills_total", "probe").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn saturation_answers_503_promptly_instead_of_queueing() {
+    let node = std::sync::Arc::new(TestNode::start(MANIFEST).await);
+
+    // `lonely` admits one instance at a time; occupy it.
+    let sleeper = tokio::spawn({
+        let node = node.clone();
+        async move { node.get("/lonely/sleep?ms=3000").await }
+    });
+    let mut polls = 0;
+    while metric(&node, "trellis_instances_in_flight", "lonely").await < 1.0 {
+        polls += 1;
+        assert!(
+            polls < 500,
+            "the sleeping instance never showed up in instances_in_flight"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let refused = node.get("/lonely").await;
+    assert!(
+        !sleeper.is_finished(),
+        "the 503 must come while the slot is still taken, not after it"
+    );
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert_eq!(refused.headers["retry-after"], "1");
+
+    assert_eq!(sleeper.await.unwrap().status, 200);
+    assert_eq!(
+        node.get("/lonely").await.status,
+        200,
+        "the slot is free again"
+    );
+    assert_eq!(
+        metric(&node, "trellis_admission_rejections_total", "lonely").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not() {
+    let node = TestNode::start(MANIFEST).await;
+
+    // Declared with content-length.
+    let declared = node.post("/probe", vec![b'x'; 2000]).await;
+    assert_eq!(declared.status, 413);
+    assert_eq!(declared.json()["error"], "body_too_large");
+
+    // Chunked: the gateway finds out while reading it.
+    let (status, body) = chunked_post(&node, "/probe", &[b'x'; 2000]);
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("body_too_large"));
+
+    // Under the limit, both ways reach the guest.
+    let (status, _) = chunked_post(&node, "/probe", &[b'x'; 500]);
+    assert_eq!(status, 200);
+    assert_eq!(node.post("/probe", vec![b'x'; 1000]).await.status, 200);
+}
+
+/// A request with `Transfer-Encoding: chunked`, written by hand because the test client
+/// always sends a content-length for a body it knows.
+fn chunked_post(node: &TestNode, path: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(format!("{:x}\r\n", body.len()).as_bytes())
+        .unwrap();
+    stream.write_all(body).unwrap();
+    stream.write_all(b"\r\n0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
