@@ -28,7 +28,7 @@ routes = ["/"]
 }
 
 #[tokio::test]
-async fn config_values_are_the_whole_environment() {
+async fn config_values_are_the_whole_environment_and_the_config_store() {
     let node = TestNode::start(
         r#"
 [components.probe]
