@@ -1,5 +1,288 @@
-//! Benchmark harness (filled in below).
+//! `cargo xtask bench`: the numbers in BENCHMARKS.md, measured in one run on this machine.
+//!
+//! Three servers answer the same request (`GET /hello/bench`) with the same JSON: a native
+//! hyper server (the baseline), `wasmtime serve` (wasmtime-cli 48, default flags plus
+//! `-S cli`, which Rust std guests need) running `hello.wasm`, and a Trellis node running
+//! the same `hello.wasm`. Each is loaded by the same generator (Debian's `wrk`, 2 threads,
+//! 32 connections) after a warm-up; then the in-process instantiate+call cost is measured
+//! with the `instantiate_cost` example. Results are printed as a Markdown table and kept in
+//! `target/bench/results.md`.
+//!
+//! Installs `wrk` (apt-get) and `wasmtime-cli` 48 (cargo install, ~11 min) when missing.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::Path;
-pub fn run(_root: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the benchmark harness is being written")
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+const WASMTIME_VERSION: &str = "48.0.8";
+const THREADS: &str = "2";
+const CONNECTIONS: &str = "32";
+const WARMUP: &str = "3s";
+const DURATION: &str = "10s";
+
+struct Measured {
+    name: &'static str,
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    non_2xx: u64,
+    /// Server CPU time per request (user + system), in µs.
+    cpu_us_per_request: Option<f64>,
+}
+
+pub fn run(root: &Path) -> Result<()> {
+    ensure_wrk()?;
+    let wasmtime = ensure_wasmtime_cli()?;
+    super::run(super::cargo().args(["build", "--release", "--package", "trellis", "--examples"]))?;
+    let release = root.join("target/release");
+    let hello = root.join("target/wasm/hello.wasm");
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+
+    let mut results = Vec::new();
+
+    let port = free_port()?;
+    let native = Server::start(Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")), port)?;
+    results.push(measure("native hyper (baseline)", port, native.pid())?);
+    drop(native);
+
+    let port = free_port()?;
+    let serve = Server::start(
+        Command::new(&wasmtime).args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")]).arg(&hello),
+        port,
+    )?;
+    results.push(measure("wasmtime serve 48 (default flags)", port, serve.pid())?);
+    drop(serve);
+
+    let port = free_port()?;
+    let manifest = out_dir.join("trellis.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
+             [components.hello]\nsource = \"{hello}\"\nroutes = [\"/\"]\n\
+             limits = {{ max_concurrent = 256 }}\n",
+            data = out_dir.join("data").display(),
+            hello = hello.display()
+        ),
+    )?;
+    let trellis = Server::start(
+        Command::new(release.join("trellis")).args(["up", manifest.to_str().unwrap()]).env("TRELLIS_LOG", "warn"),
+        port,
+    )?;
+    results.push(measure("trellis gateway", port, trellis.pid())?);
+    let metrics = http_get(port, "/metrics")?;
+    drop(trellis);
+
+    let cost = Command::new(release.join("examples/instantiate_cost"))
+        .arg(&hello)
+        .arg("5")
+        .current_dir(root)
+        .output()
+        .context("running the instantiate_cost example")?;
+    let cost = String::from_utf8_lossy(&cost.stdout).trim().to_string();
+
+    let report = render(&results, &cost, &metrics);
+    println!("\n{report}");
+    std::fs::write(out_dir.join("results.md"), &report)?;
+    Ok(())
+}
+
+fn render(results: &[Measured], cost: &str, metrics: &str) -> String {
+    let baseline = results[0].requests_per_sec;
+    let serve = results[1].requests_per_sec;
+    let mut out = format!(
+        "wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION} --latency (after a {WARMUP} warm-up), GET /hello/bench, same machine\n\n\
+         | server | requests/s | p50 | p99 | vs native | vs wasmtime serve | server CPU per request | non-2xx |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    for m in results {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:.2}x | {} | {} |\n",
+            m.name,
+            m.requests_per_sec,
+            m.p50_ms,
+            m.p99_ms,
+            m.requests_per_sec / baseline,
+            m.requests_per_sec / serve,
+            m.cpu_us_per_request.map_or("-".into(), |c| format!("{c:.1} µs")),
+            m.non_2xx
+        ));
+    }
+    let mean = |series: &str| -> Option<f64> {
+        let value = |suffix: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{series}_{suffix}{{")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        Some(value("sum")? / value("count")? * 1e6)
+    };
+    out.push_str(&format!(
+        "\nDuring the trellis run, from its /metrics: mean instantiation {:.1} µs, mean gateway time to response head {:.1} µs.\n",
+        mean("trellis_instantiation_duration_seconds").unwrap_or(f64::NAN),
+        mean("trellis_request_duration_seconds").unwrap_or(f64::NAN)
+    ));
+    out.push_str(&format!(
+        "In-process, one thread, no HTTP (new Store + instantiate + call + read response): {cost}\n"
+    ));
+    out
+}
+
+/// A server process, killed on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(command: &mut Command, port: u16) -> Result<Self> {
+        let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {command:?}"))?;
+        let mut server = Server(child);
+        let started = Instant::now();
+        loop {
+            if http_get(port, "/hello/ready").is_ok() {
+                return Ok(server);
+            }
+            if let Some(status) = server.0.try_wait()? {
+                let mut stderr = String::new();
+                if let Some(pipe) = server.0.stderr.take() {
+                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                        stderr.push_str(&line);
+                        stderr.push('\n');
+                    }
+                }
+                bail!("{command:?} exited with {status}:\n{stderr}");
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("{command:?} did not answer within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn measure(name: &'static str, port: u16, pid: u32) -> Result<Measured> {
+    let url = format!("http://127.0.0.1:{port}/hello/bench");
+    eprintln!("== {name}: warm-up {WARMUP}, then {DURATION}");
+    wrk(&url, WARMUP)?;
+    let cpu_before = cpu_ticks(pid);
+    let output = wrk(&url, DURATION)?;
+    let cpu_after = cpu_ticks(pid);
+    let requests_per_sec = field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?;
+    let total_requests = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok());
+    let cpu_us_per_request = match (cpu_before, cpu_after, total_requests) {
+        (Some(before), Some(after), Some(total)) if total > 0.0 => {
+            Some((after - before) as f64 / clock_ticks_per_second() * 1e6 / total)
+        }
+        _ => None,
+    };
+    Ok(Measured {
+        name,
+        requests_per_sec,
+        p50_ms: latency(&output, "50%").context("wrk printed no p50")?,
+        p99_ms: latency(&output, "99%").context("wrk printed no p99")?,
+        non_2xx: field(&output, "Non-2xx or 3xx responses:").map_or(0, |n| n as u64),
+        cpu_us_per_request,
+    })
+}
+
+fn wrk(url: &str, duration: &str) -> Result<String> {
+    let output = Command::new("wrk")
+        .args(["-t", THREADS, "-c", CONNECTIONS, "-d", duration, "--latency", url])
+        .output()
+        .context("running wrk")?;
+    if !output.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn field(output: &str, label: &str) -> Option<f64> {
+    output.lines().find_map(|l| l.trim().strip_prefix(label)).and_then(|v| v.trim().parse().ok())
+}
+
+/// A latency percentile line of `wrk --latency` ("     99%    1.23ms"), in ms.
+fn latency(output: &str, percentile: &str) -> Option<f64> {
+    let value = output.lines().find_map(|l| l.trim().strip_prefix(percentile))?.trim();
+    let (number, unit) = value.split_at(value.find(|c: char| c.is_ascii_alphabetic())?);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        _ => return None,
+    })
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of /proc/PID/stat; the slice starts at field 3.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal GET used only to see whether a server is up and to read /metrics.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", response.lines().next().unwrap_or_default());
+    }
+    Ok(response)
+}
+
+fn ensure_wrk() -> Result<()> {
+    if super::which("wrk").is_none() {
+        super::apt_install(&["wrk"])?;
+    }
+    Ok(())
+}
+
+fn ensure_wasmtime_cli() -> Result<std::path::PathBuf> {
+    let installed = Command::new("wasmtime").arg("--version").output();
+    if let Ok(output) = installed
+        && String::from_utf8_lossy(&output.stdout).contains(WASMTIME_VERSION)
+    {
+        return Ok("wasmtime".into());
+    }
+    eprintln!("installing wasmtime-cli {WASMTIME_VERSION} with cargo install (about 11 minutes on 2 cores)");
+    super::run(Command::new("cargo").args(["install", "wasmtime-cli", "--version", WASMTIME_VERSION, "--locked"]))?;
+    Ok("wasmtime".into())
 }

@@ -195,35 +195,39 @@ fn ensure_rust_target(target: &str) -> Result<()> {
     run(Command::new("rustup").args(["target", "add", target]))
 }
 
-/// The Debian packages the test suite starts servers from (`nats-server`, PostgreSQL) and
-/// drives load with. Installed with apt-get only when a binary is missing.
+/// The Debian packages the test suite starts servers from and drives load with, by the
+/// binary that shows each is installed. Installed with apt-get only when missing.
+const TEST_PACKAGES: &[(&str, &str)] = &[];
+
 fn install_test_dependencies() -> Result<()> {
-    let wanted: &[(&str, &str)] = &[];
-    let missing: Vec<&str> = wanted
+    let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .filter(|(binary, _)| !Path::new(binary).exists() && which(binary).is_none())
+        .filter(|(binary, _)| which(binary).is_none())
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("installing test dependencies: {}", missing.join(" "));
-    let sudo = if is_root() { None } else { Some("sudo") };
+    apt_install(&missing)
+}
+
+/// `apt-get install` (through sudo when not root), after one `apt-get update`.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    eprintln!("installing with apt-get: {}", packages.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
-        let mut cmd = match sudo {
-            Some(s) => {
-                let mut c = Command::new(s);
-                c.arg("apt-get");
-                c
-            }
-            None => Command::new("apt-get"),
+        let mut cmd = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
         };
         cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
         run(&mut cmd)
     };
     apt(&["update", "-qq"])?;
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(missing.iter().copied());
+    install.extend(packages.iter().copied());
     apt(&install)
 }
 

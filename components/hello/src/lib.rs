@@ -4,12 +4,9 @@
 //! Written against the `wasip2` crate directly (no async runtime), and it sends a
 //! `content-length` instead of a chunked body: both keep a per-request instance cheap.
 
-use std::io::{Read, Write};
-
+use trellis_guest_support::{json_string, read_body, respond};
 use wasip2::exports::http::incoming_handler::Guest;
-use wasip2::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
-};
+use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
 
 struct Hello;
 
@@ -32,42 +29,9 @@ impl Guest for Hello {
 }
 
 fn count_body_bytes(request: &IncomingRequest) -> u64 {
-    let Ok(body) = request.consume() else {
-        return 0;
-    };
-    let Ok(mut stream) = body.stream() else {
-        return 0;
-    };
     let mut total = 0u64;
-    let mut buf = [0u8; 16 * 1024];
-    // The inherent WASI `read` shadows `io::Read::read`, hence the qualified call.
-    while let Ok(n) = Read::read(&mut stream, &mut buf) {
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    read_body(request, |chunk| total += chunk.len() as u64);
     total
-}
-
-fn respond(out: ResponseOutparam, status: u16, content_type: &str, body: &[u8]) {
-    let headers = Fields::from_list(&[
-        ("content-type".to_string(), content_type.as_bytes().to_vec()),
-        (
-            "content-length".to_string(),
-            body.len().to_string().into_bytes(),
-        ),
-    ])
-    .expect("static headers are valid");
-    let response = OutgoingResponse::new(headers);
-    response.set_status_code(status).expect("status is valid");
-    let outgoing = response.body().expect("body is taken once");
-    ResponseOutparam::set(out, Ok(response));
-    let mut stream = outgoing.write().expect("stream is taken once");
-    // The host may be gone (client hung up); nothing useful to do about it here.
-    let _ = Write::write_all(&mut stream, body).and_then(|_| Write::flush(&mut stream));
-    drop(stream);
-    let _ = OutgoingBody::finish(outgoing, None);
 }
 
 fn method_name(method: &Method) -> String {
@@ -83,19 +47,4 @@ fn method_name(method: &Method) -> String {
         Method::Patch => "PATCH".into(),
         Method::Other(other) => other.clone(),
     }
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }

@@ -1,0 +1,84 @@
+//! The per-request cost of Trellis's core step, measured without HTTP or sockets: create a
+//! `Store`, instantiate from the deployment's pre-instance, call the guest's
+//! `wasi:http/incoming-handler`, and read the whole response. The same code path the
+//! gateway runs for each request.
+//!
+//! `cargo run --release -p trellis --example instantiate_cost -- target/wasm/hello.wasm [SECONDS]`
+//! prints `iterations=N mean_us=.. p50_us=.. p99_us=..`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use trellis::component::Deployment;
+use trellis::manifest;
+use trellis::metrics::Metrics;
+use trellis::node::Host;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let wasm = std::env::args().nth(1).unwrap_or_else(|| "target/wasm/hello.wasm".into());
+    let seconds: f64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let dir = tempfile_dir()?;
+    let manifest_path = dir.join("trellis.toml");
+    let wasm = std::fs::canonicalize(&wasm)?;
+    std::fs::write(
+        &manifest_path,
+        format!("[node]\ndata_dir = \"{}\"\n[components.hello]\nsource = \"{}\"\nroutes = [\"/\"]\n", dir.join("data").display(), wasm.display()),
+    )?;
+    let loaded = manifest::load(&manifest_path)?;
+    let host = Host::new(&loaded)?;
+    let metrics = Metrics::default();
+    let deployment = host.load_component(&loaded, "hello", &metrics).await?;
+
+    // Warm up the pool slots and caches.
+    for _ in 0..200 {
+        one_request(&deployment).await?;
+    }
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        let t = Instant::now();
+        one_request(&deployment).await?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    println!(
+        "iterations={} mean_us={:.1} p50_us={:.1} p99_us={:.1}",
+        samples.len(),
+        mean.as_secs_f64() * 1e6,
+        pct(0.50).as_secs_f64() * 1e6,
+        pct(0.99).as_secs_f64() * 1e6
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn one_request(deployment: &Deployment) -> anyhow::Result<()> {
+    let mut store = deployment.new_store(Instant::now() + Duration::from_secs(10))?;
+    let request = hyper::Request::builder()
+        .uri("http://localhost/hello/bench")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()).map_err(|never| match never {}))?;
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let (guest_request, out) = {
+        let mut http = store.data_mut().http();
+        (http.new_incoming_request::<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>(Scheme::Http, request.map(|b| b.boxed()))?, http.new_response_outparam(sender)?)
+    };
+    let proxy = deployment.pre().instantiate_async(&mut store).await?;
+    proxy.wasi_http_incoming_handler().call_handle(&mut store, guest_request, out).await?;
+    let response = receiver.await??;
+    let body = response.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(!body.is_empty(), "empty response");
+    Ok(())
+}
+
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("trellis-instantiate-cost-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
