@@ -19,14 +19,23 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let wasm = std::env::args().nth(1).unwrap_or_else(|| "target/wasm/hello.wasm".into());
-    let seconds: f64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let wasm = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/wasm/hello.wasm".into());
+    let seconds: f64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let dir = tempfile_dir()?;
     let manifest_path = dir.join("trellis.toml");
     let wasm = std::fs::canonicalize(&wasm)?;
     std::fs::write(
         &manifest_path,
-        format!("[node]\ndata_dir = \"{}\"\n[components.hello]\nsource = \"{}\"\nroutes = [\"/\"]\n", dir.join("data").display(), wasm.display()),
+        format!(
+            "[node]\ndata_dir = \"{}\"\n[components.hello]\nsource = \"{}\"\nroutes = [\"/\"]\n",
+            dir.join("data").display(),
+            wasm.display()
+        ),
     )?;
     let loaded = manifest::load(&manifest_path)?;
     let host = Host::new(&loaded)?;
@@ -67,10 +76,19 @@ async fn one_request(deployment: &Deployment) -> anyhow::Result<()> {
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let (guest_request, out) = {
         let mut http = store.data_mut().http();
-        (http.new_incoming_request::<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>(Scheme::Http, request.map(|b| b.boxed()))?, http.new_response_outparam(sender)?)
+        (
+            http.new_incoming_request::<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>(
+                Scheme::Http,
+                request.map(|b| b.boxed()),
+            )?,
+            http.new_response_outparam(sender)?,
+        )
     };
     let proxy = deployment.pre().instantiate_async(&mut store).await?;
-    proxy.wasi_http_incoming_handler().call_handle(&mut store, guest_request, out).await?;
+    proxy
+        .wasi_http_incoming_handler()
+        .call_handle(&mut store, guest_request, out)
+        .await?;
     let response = receiver.await??;
     let body = response.into_body().collect().await?.to_bytes();
     anyhow::ensure!(!body.is_empty(), "empty response");

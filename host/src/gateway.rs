@@ -8,6 +8,9 @@
 //! `wasi:http/incoming-handler`. The permit is held by the task that runs the instance until
 //! the instance is gone, including while it streams its response body.
 //!
+//! The instance runs inside the connection's task; only one that is still running when its
+//! response head is ready (it streams a body) is moved to a task of its own.
+//!
 //! Every failure the client sees is JSON: `{"error": CODE, "message": ..., "component": ...}`.
 
 use std::convert::Infallible;
@@ -23,7 +26,8 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use wasmtime_wasi_http::WasiHttpView;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::component::{DeadlineExceeded, Deployment};
 use crate::metrics::{ComponentMetrics, Metrics};
@@ -265,7 +269,7 @@ impl Gateway {
         };
 
         let instance = deployment.clone();
-        let task = tokio::spawn(async move {
+        let mut run_instance = Box::pin(async move {
             let _permit = permit;
             let _in_flight = InFlight::enter(&instance.metrics);
             let run = async {
@@ -291,7 +295,26 @@ impl Gateway {
             outcome
         });
 
-        match receiver.await {
+        // Run the instance here, in the connection's task: most guests answer and finish in
+        // one go, and a spawned task would cost a cross-thread wakeup per request. Only a
+        // guest still running when its response head is ready (streaming a body) moves to
+        // a task of its own, which keeps the permit until it ends.
+        let mut receiver = receiver;
+        let first = tokio::select! {
+            biased;
+            outcome = &mut run_instance => First::Finished(outcome),
+            head = &mut receiver => First::Head(head),
+        };
+        let (head, outcome) = match first {
+            First::Finished(outcome) => (receiver.await, Some(outcome)),
+            First::Head(Ok(head)) => {
+                tokio::spawn(run_instance);
+                (Ok(head), None)
+            }
+            First::Head(Err(closed)) => (Err(closed), Some(run_instance.await)),
+        };
+
+        match head {
             Ok(Ok(response)) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
             Ok(Err(code)) => {
                 tracing::warn!(component = name, error = ?code, "component answered with an error code");
@@ -303,26 +326,28 @@ impl Gateway {
                 )
             }
             // The guest dropped the response outparam without setting it: find out why.
-            Err(_) => match task.await {
-                Ok(Err(failure)) => failure.response(deployment),
-                Ok(Ok(())) => error(
+            Err(_) => match outcome {
+                Some(Err(failure)) => failure.response(deployment),
+                Some(Ok(())) | None => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "no_response",
                     "the component returned without sending a response",
                     Some(name),
                 ),
-                Err(join_error) => {
-                    tracing::error!(component = name, error = %join_error, "instance task failed");
-                    error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the instance task failed",
-                        Some(name),
-                    )
-                }
             },
         }
     }
+}
+
+/// Which came first: the instance finishing, or its response head.
+enum First {
+    Finished(Result<(), Failure>),
+    Head(
+        Result<
+            Result<Response<HyperOutgoingBody>, ErrorCode>,
+            tokio::sync::oneshot::error::RecvError,
+        >,
+    ),
 }
 
 /// Why an instance did not finish its call.

@@ -69,7 +69,7 @@ pub struct TenantSpec {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentSpec {
     /// Tenant this component belongs to (default: `default`).

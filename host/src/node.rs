@@ -23,7 +23,7 @@ use crate::runtime::{EngineSettings, Runtime};
 /// The engine and linker a node's components are loaded with.
 pub struct Host {
     pub runtime: Runtime,
-    pub linker: Linker<InstanceState>,
+    pub linker: Arc<Linker<InstanceState>>,
 }
 
 impl Host {
@@ -34,7 +34,8 @@ impl Host {
             max_instance_memory: node.max_instance_memory.as_u64(),
             cache_dir: Some(node.data_dir.join("compile-cache")),
         })?;
-        let linker = build_linker(&runtime.engine).context("linking the host interfaces")?;
+        let linker =
+            Arc::new(build_linker(&runtime.engine).context("linking the host interfaces")?);
         Ok(Self { runtime, linker })
     }
 
@@ -47,15 +48,24 @@ impl Host {
     ) -> Result<Arc<Deployment>, LoadError> {
         let spec = &manifest.manifest.components[name];
         let component_metrics = metrics.for_component(&spec.tenant, name);
-        let deployment = tokio::task::block_in_place(|| {
+        // Compiling runs Cranelift for a while: keep it off the async workers.
+        let (engine, linker) = (self.runtime.engine.clone(), self.linker.clone());
+        let (owned_name, owned_spec) = (name.to_string(), spec.clone());
+        let deployment = tokio::task::spawn_blocking(move || {
             Deployment::load(
-                &self.runtime.engine,
-                &self.linker,
-                name,
-                spec,
+                &engine,
+                &linker,
+                &owned_name,
+                &owned_spec,
                 component_metrics,
             )
-        })?;
+        })
+        .await
+        .map_err(|e| LoadError::Compile {
+            component: name.to_string(),
+            path: spec.source.clone(),
+            reason: format!("the compile task failed: {e}"),
+        })??;
         deployment.check_instantiates().await?;
         Ok(Arc::new(deployment))
     }

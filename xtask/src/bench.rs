@@ -4,7 +4,7 @@
 //! hyper server (the baseline), `wasmtime serve` (wasmtime-cli 48, default flags plus
 //! `-S cli`, which Rust std guests need) running `hello.wasm`, and a Trellis node running
 //! the same `hello.wasm`. Each is loaded by the same generator (Debian's `wrk`, 2 threads,
-//! 32 connections) after a warm-up; then the in-process instantiate+call cost is measured
+//! 32 connections) after a warm-up, in interleaved rounds; then the in-process instantiate+call cost is measured
 //! with the `instantiate_cost` example. Results are printed as a Markdown table and kept in
 //! `target/bench/results.md`.
 //!
@@ -21,8 +21,9 @@ use anyhow::{Context, Result, bail};
 const WASMTIME_VERSION: &str = "48.0.8";
 const THREADS: &str = "2";
 const CONNECTIONS: &str = "32";
-const WARMUP: &str = "3s";
-const DURATION: &str = "10s";
+const WARMUP: &str = "2s";
+const DURATION: &str = "8s";
+const ROUNDS: usize = 3;
 
 struct Measured {
     name: &'static str,
@@ -43,21 +44,22 @@ pub fn run(root: &Path) -> Result<()> {
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
 
-    let mut results = Vec::new();
-
+    // All three run at once (an idle server costs nothing) so that the rounds can be
+    // interleaved: drift in the machine's speed then hits every server alike.
     let port = free_port()?;
-    let native = Server::start(Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")), port)?;
-    results.push(measure("native hyper (baseline)", port, native.pid())?);
-    drop(native);
-
-    let port = free_port()?;
-    let serve = Server::start(
-        Command::new(&wasmtime).args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")]).arg(&hello),
+    let native = Server::start(
+        "native hyper (baseline)",
+        Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
         port,
     )?;
-    results.push(measure("wasmtime serve 48 (default flags)", port, serve.pid())?);
-    drop(serve);
-
+    let port = free_port()?;
+    let serve = Server::start(
+        "wasmtime serve 48 (default flags)",
+        Command::new(&wasmtime)
+            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
+            .arg(&hello),
+        port,
+    )?;
     let port = free_port()?;
     let manifest = out_dir.join("trellis.toml");
     std::fs::write(
@@ -71,14 +73,34 @@ pub fn run(root: &Path) -> Result<()> {
         ),
     )?;
     let trellis = Server::start(
-        Command::new(release.join("trellis")).args(["up", manifest.to_str().unwrap()]).env("TRELLIS_LOG", "warn"),
+        "trellis gateway",
+        Command::new(release.join("trellis"))
+            .args(["up", manifest.to_str().unwrap()])
+            .env("TRELLIS_LOG", "warn"),
         port,
     )?;
-    results.push(measure("trellis gateway", port, trellis.pid())?);
-    let metrics = http_get(port, "/metrics")?;
-    drop(trellis);
+    let servers = [&native, &serve, &trellis];
+    let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
+    for round in 1..=ROUNDS {
+        for (server, measured) in servers.iter().zip(rounds.iter_mut()) {
+            eprintln!("== round {round}/{ROUNDS}: {}", server.name);
+            measured.push(measure(server)?);
+        }
+    }
+    let metrics = http_get(trellis.port, "/metrics")?;
+    drop((native, serve, trellis));
+    let results: Vec<(Measured, Vec<f64>)> = rounds
+        .into_iter()
+        .map(|mut runs| {
+            let all: Vec<f64> = runs.iter().map(|m| m.requests_per_sec).collect();
+            runs.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
+            (runs.swap_remove(runs.len() / 2), all)
+        })
+        .collect();
 
     let cost = Command::new(release.join("examples/instantiate_cost"))
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .arg(&hello)
         .arg("5")
         .current_dir(root)
@@ -92,25 +114,29 @@ pub fn run(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn render(results: &[Measured], cost: &str, metrics: &str) -> String {
-    let baseline = results[0].requests_per_sec;
-    let serve = results[1].requests_per_sec;
+fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String {
+    let baseline = results[0].0.requests_per_sec;
+    let serve = results[1].0.requests_per_sec;
     let mut out = format!(
-        "wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION} --latency (after a {WARMUP} warm-up), GET /hello/bench, same machine\n\n\
-         | server | requests/s | p50 | p99 | vs native | vs wasmtime serve | server CPU per request | non-2xx |\n\
-         |---|---|---|---|---|---|---|---|\n"
+        "wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION} --latency (each after a {WARMUP} warm-up), GET /hello/bench, \
+         {ROUNDS} interleaved rounds, median round shown\n\n\
+         | server | requests/s | p50 | p99 | vs native | vs wasmtime serve | server CPU per request | non-2xx | all rounds (req/s) |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
     );
-    for m in results {
+    for (m, all) in results {
+        let all: Vec<String> = all.iter().map(|r| format!("{r:.0}")).collect();
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:.2}x | {} | {} |\n",
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:.2}x | {} | {} | {} |\n",
             m.name,
             m.requests_per_sec,
             m.p50_ms,
             m.p99_ms,
             m.requests_per_sec / baseline,
             m.requests_per_sec / serve,
-            m.cpu_us_per_request.map_or("-".into(), |c| format!("{c:.1} µs")),
-            m.non_2xx
+            m.cpu_us_per_request
+                .map_or("-".into(), |c| format!("{c:.1} µs")),
+            m.non_2xx,
+            all.join(", ")
         ));
     }
     let mean = |series: &str| -> Option<f64> {
@@ -135,20 +161,33 @@ fn render(results: &[Measured], cost: &str, metrics: &str) -> String {
 }
 
 /// A server process, killed on drop.
-struct Server(Child);
+struct Server {
+    name: &'static str,
+    port: u16,
+    child: Child,
+}
 
 impl Server {
-    fn start(command: &mut Command, port: u16) -> Result<Self> {
-        let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {command:?}"))?;
-        let mut server = Server(child);
+    fn start(name: &'static str, command: &mut Command, port: u16) -> Result<Self> {
+        // A developer's RUST_BACKTRACE=1 makes every error capture a backtrace, which
+        // costs real time per request in every server; measure without it.
+        command
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        let mut server = Server { name, port, child };
         let started = Instant::now();
         loop {
             if http_get(port, "/hello/ready").is_ok() {
                 return Ok(server);
             }
-            if let Some(status) = server.0.try_wait()? {
+            if let Some(status) = server.child.try_wait()? {
                 let mut stderr = String::new();
-                if let Some(pipe) = server.0.stderr.take() {
+                if let Some(pipe) = server.child.stderr.take() {
                     for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                         stderr.push_str(&line);
                         stderr.push('\n');
@@ -164,25 +203,26 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.0.id()
+        self.child.id()
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn measure(name: &'static str, port: u16, pid: u32) -> Result<Measured> {
-    let url = format!("http://127.0.0.1:{port}/hello/bench");
-    eprintln!("== {name}: warm-up {WARMUP}, then {DURATION}");
+fn measure(server: &Server) -> Result<Measured> {
+    let url = format!("http://127.0.0.1:{}/hello/bench", server.port);
+    let pid = server.pid();
     wrk(&url, WARMUP)?;
     let cpu_before = cpu_ticks(pid);
     let output = wrk(&url, DURATION)?;
     let cpu_after = cpu_ticks(pid);
-    let requests_per_sec = field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?;
+    let requests_per_sec =
+        field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?;
     let total_requests = output
         .lines()
         .find(|l| l.contains("requests in"))
@@ -195,7 +235,7 @@ fn measure(name: &'static str, port: u16, pid: u32) -> Result<Measured> {
         _ => None,
     };
     Ok(Measured {
-        name,
+        name: server.name,
         requests_per_sec,
         p50_ms: latency(&output, "50%").context("wrk printed no p50")?,
         p99_ms: latency(&output, "99%").context("wrk printed no p99")?,
@@ -206,7 +246,16 @@ fn measure(name: &'static str, port: u16, pid: u32) -> Result<Measured> {
 
 fn wrk(url: &str, duration: &str) -> Result<String> {
     let output = Command::new("wrk")
-        .args(["-t", THREADS, "-c", CONNECTIONS, "-d", duration, "--latency", url])
+        .args([
+            "-t",
+            THREADS,
+            "-c",
+            CONNECTIONS,
+            "-d",
+            duration,
+            "--latency",
+            url,
+        ])
         .output()
         .context("running wrk")?;
     if !output.status.success() {
@@ -216,12 +265,18 @@ fn wrk(url: &str, duration: &str) -> Result<String> {
 }
 
 fn field(output: &str, label: &str) -> Option<f64> {
-    output.lines().find_map(|l| l.trim().strip_prefix(label)).and_then(|v| v.trim().parse().ok())
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A latency percentile line of `wrk --latency` ("     99%    1.23ms"), in ms.
 fn latency(output: &str, percentile: &str) -> Option<f64> {
-    let value = output.lines().find_map(|l| l.trim().strip_prefix(percentile))?.trim();
+    let value = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(percentile))?
+        .trim();
     let (number, unit) = value.split_at(value.find(|c: char| c.is_ascii_alphabetic())?);
     let number: f64 = number.parse().ok()?;
     Some(match unit {
@@ -259,11 +314,17 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if !response.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", response.lines().next().unwrap_or_default());
+        bail!(
+            "GET {path}: {}",
+            response.lines().next().unwrap_or_default()
+        );
     }
     Ok(response)
 }
@@ -282,7 +343,15 @@ fn ensure_wasmtime_cli() -> Result<std::path::PathBuf> {
     {
         return Ok("wasmtime".into());
     }
-    eprintln!("installing wasmtime-cli {WASMTIME_VERSION} with cargo install (about 11 minutes on 2 cores)");
-    super::run(Command::new("cargo").args(["install", "wasmtime-cli", "--version", WASMTIME_VERSION, "--locked"]))?;
+    eprintln!(
+        "installing wasmtime-cli {WASMTIME_VERSION} with cargo install (about 11 minutes on 2 cores)"
+    );
+    super::run(Command::new("cargo").args([
+        "install",
+        "wasmtime-cli",
+        "--version",
+        WASMTIME_VERSION,
+        "--locked",
+    ]))?;
     Ok("wasmtime".into())
 }
