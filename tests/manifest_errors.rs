@@ -187,3 +187,21 @@ fn help_lists_every_command() {
         assert!(up_help.contains(option), "{up_help}");
     }
 }
+
+#[test]
+fn storage_settings_are_checked() {
+    check_fails_with(
+        r#"
+[node]
+database_url = "mysql://db/shop"
+
+[components.hello]
+source = "{wasm:hello}"
+keyvalue = ["default", ""]
+"#,
+        &[
+            "node.database_url: must be a postgres:// URL",
+            "components.hello.keyvalue[1]: \"\" is not a bucket name",
+        ],
+    );
+}

@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let loaded = manifest::load(&manifest_path)?;
-    let host = Host::new(&loaded)?;
+    let host = Host::new(&loaded).await?;
     let metrics = Metrics::default();
     let deployment = host.load_component(&loaded, "hello", &metrics).await?;
 

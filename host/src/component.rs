@@ -18,6 +18,7 @@ use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::instance::{Grants, InstanceState};
+use crate::keyvalue::KeyValueGrant;
 use crate::manifest::{ComponentSpec, Limits};
 use crate::metrics::ComponentMetrics;
 use crate::outbound::OutboundPolicy;
@@ -29,6 +30,7 @@ pub fn build_linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
+    crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
     Ok(linker)
 }
 
@@ -50,6 +52,8 @@ pub enum LoadError {
     MissingImport { component: String, reason: String },
     #[error("component {component:?}: {reason}")]
     NotAnHttpComponent { component: String, reason: String },
+    #[error("component {component:?}: cannot open its storage: {reason}")]
+    Storage { component: String, reason: String },
     #[error("component {component:?}: fails to instantiate: {reason}")]
     Instantiate { component: String, reason: String },
 }
@@ -80,6 +84,7 @@ impl Deployment {
         name: &str,
         spec: &ComponentSpec,
         metrics: ComponentMetrics,
+        keyvalue: Option<Arc<KeyValueGrant>>,
     ) -> Result<Self, LoadError> {
         let component_name = name.to_string();
         let bytes = std::fs::read(&spec.source).map_err(|e| LoadError::Read {
@@ -122,6 +127,7 @@ impl Deployment {
                 .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
                 .collect(),
             outbound: OutboundPolicy::new(&spec.outbound),
+            keyvalue,
         };
         Ok(Self {
             name,

@@ -17,6 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::keyvalue::{KeyValue, KeyValueGrant};
 use crate::outbound::OutboundPolicy;
 
 /// What a deployment grants each of its instances; shared, built once per deployment.
@@ -30,6 +31,8 @@ pub struct Grants {
     /// (host directory, guest path, writable)
     pub dirs: Vec<(std::path::PathBuf, String, bool)>,
     pub outbound: OutboundPolicy,
+    /// Key-value buckets, when the manifest grants any.
+    pub keyvalue: Option<Arc<KeyValueGrant>>,
 }
 
 /// The data inside one instance's `Store`.
@@ -39,6 +42,7 @@ pub struct InstanceState {
     table: ResourceTable,
     config: Arc<WasiConfigVariables>,
     outbound: OutboundPolicy,
+    keyvalue: Option<Arc<KeyValueGrant>>,
     pub limiter: MemoryLimiter,
 }
 
@@ -66,6 +70,7 @@ impl InstanceState {
             table: ResourceTable::new(),
             config: grants.config.clone(),
             outbound: grants.outbound.clone(),
+            keyvalue: grants.keyvalue.clone(),
             limiter: MemoryLimiter {
                 limit: grants.memory_limit,
                 refused: false,
@@ -75,6 +80,13 @@ impl InstanceState {
 
     pub fn config(&mut self) -> WasiConfig<'_> {
         WasiConfig::new(&self.config)
+    }
+
+    pub fn keyvalue(&mut self) -> KeyValue<'_> {
+        KeyValue {
+            grant: self.keyvalue.as_deref(),
+            table: &mut self.table,
+        }
     }
 }
 

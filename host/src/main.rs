@@ -38,6 +38,10 @@ enum Command {
         /// Keep node state here instead of node.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Keep components' data in this PostgreSQL database (postgres://...) instead of
+        /// node.database_url or SQLite files.
+        #[arg(long, env = "TRELLIS_DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Validate a manifest and every component it names (compile, link, instantiate)
     /// without serving. Exits 0 when everything is valid, 1 otherwise.
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
                 manifest,
                 listen,
                 data_dir,
+                database_url,
             } => {
                 let mut manifest = trellis::manifest::load(&manifest)?;
                 if let Some(listen) = listen {
@@ -79,6 +84,9 @@ fn main() -> ExitCode {
                 }
                 if let Some(data_dir) = data_dir {
                     manifest.manifest.node.data_dir = data_dir;
+                }
+                if database_url.is_some() {
+                    manifest.manifest.node.database_url = database_url;
                 }
                 trellis::node::up(manifest).await.map(|()| true)
             }

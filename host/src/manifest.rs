@@ -48,6 +48,9 @@ pub struct NodeSettings {
     /// The largest memory limit any component may ask for; each pooled memory slot is
     /// sized to it.
     pub max_instance_memory: ByteSize,
+    /// `postgres://` URL of the database components' data lives in; unset: SQLite files
+    /// under `data_dir`.
+    pub database_url: Option<String>,
 }
 
 impl Default for NodeSettings {
@@ -57,6 +60,7 @@ impl Default for NodeSettings {
             data_dir: PathBuf::from(".trellis"),
             max_instances: 1000,
             max_instance_memory: ByteSize::mib(256),
+            database_url: None,
         }
     }
 }
@@ -92,6 +96,9 @@ pub struct ComponentSpec {
     /// Host directories the component may see, by guest path.
     #[serde(default)]
     pub dirs: BTreeMap<String, DirGrant>,
+    /// Key-value buckets (`wasi:keyvalue`) the component may open. Empty: none.
+    #[serde(default)]
+    pub keyvalue: Vec<String>,
 }
 
 fn default_tenant() -> String {
@@ -277,6 +284,14 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
     if manifest.node.max_instances == 0 {
         problem("node.max_instances".into(), "must be at least 1".into());
     }
+    if let Some(url) = &manifest.node.database_url
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        problem(
+            "node.database_url".into(),
+            "must be a postgres:// URL (leave it unset for SQLite)".into(),
+        );
+    }
 
     // Tenants and the hosts they claim.
     let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
@@ -408,6 +423,14 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                 problem(
                     format!("{field}.host"),
                     format!("no such directory: {}", grant.host.display()),
+                );
+            }
+        }
+        for (i, bucket) in component.keyvalue.iter().enumerate() {
+            if bucket.is_empty() || bucket.len() > 255 || bucket.chars().any(char::is_control) {
+                problem(
+                    at(&format!("keyvalue[{i}]")),
+                    format!("{bucket:?} is not a bucket name (1-255 printable characters)"),
                 );
             }
         }

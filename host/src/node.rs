@@ -15,19 +15,22 @@ use wasmtime::component::Linker;
 use crate::component::{Deployment, LoadError, build_linker};
 use crate::gateway::Gateway;
 use crate::instance::InstanceState;
+use crate::keyvalue::KeyValueGrant;
 use crate::manifest::LoadedManifest;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::runtime::{EngineSettings, Runtime};
+use crate::storage::Storage;
 
 /// The engine and linker a node's components are loaded with.
 pub struct Host {
     pub runtime: Runtime,
     pub linker: Arc<Linker<InstanceState>>,
+    pub storage: Storage,
 }
 
 impl Host {
-    pub fn new(manifest: &LoadedManifest) -> Result<Self> {
+    pub async fn new(manifest: &LoadedManifest) -> Result<Self> {
         let node = &manifest.manifest.node;
         let runtime = Runtime::new(&EngineSettings {
             max_instances: node.max_instances,
@@ -36,7 +39,12 @@ impl Host {
         })?;
         let linker =
             Arc::new(build_linker(&runtime.engine).context("linking the host interfaces")?);
-        Ok(Self { runtime, linker })
+        let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
+        Ok(Self {
+            runtime,
+            linker,
+            storage,
+        })
     }
 
     /// Loads one component: compile (off the executor), link, trial-instantiate.
@@ -48,6 +56,24 @@ impl Host {
     ) -> Result<Arc<Deployment>, LoadError> {
         let spec = &manifest.manifest.components[name];
         let component_metrics = metrics.for_component(&spec.tenant, name);
+        let keyvalue = if spec.keyvalue.is_empty() {
+            None
+        } else {
+            let storage_error = |e: anyhow::Error| LoadError::Storage {
+                component: name.to_string(),
+                reason: format!("{e:#}"),
+            };
+            let database = self
+                .storage
+                .component_database(&spec.tenant, name)
+                .await
+                .map_err(storage_error)?;
+            Some(Arc::new(
+                KeyValueGrant::new(database, &spec.keyvalue)
+                    .await
+                    .map_err(storage_error)?,
+            ))
+        };
         // Compiling runs Cranelift for a while: keep it off the async workers.
         let (engine, linker) = (self.runtime.engine.clone(), self.linker.clone());
         let (owned_name, owned_spec) = (name.to_string(), spec.clone());
@@ -58,6 +84,7 @@ impl Host {
                 &owned_name,
                 &owned_spec,
                 component_metrics,
+                keyvalue,
             )
         })
         .await
@@ -118,7 +145,7 @@ pub async fn up(manifest: LoadedManifest) -> Result<()> {
     tracing::info!(manifest = %manifest.path.display(), %local_addr, "node starting");
 
     let server = tokio::spawn(gateway.clone().serve(listener, shutdown_signal()));
-    let host = Host::new(&manifest)?;
+    let host = Host::new(&manifest).await?;
     match host.load_all(&manifest, &gateway.metrics).await {
         Ok(router) => {
             let count = router.deployments().len();
@@ -149,7 +176,7 @@ pub async fn up(manifest: LoadedManifest) -> Result<()> {
 /// `trellis check`: load every component without serving. Prints a report; returns whether
 /// everything loaded.
 pub async fn check(manifest: LoadedManifest) -> Result<bool> {
-    let host = Host::new(&manifest)?;
+    let host = Host::new(&manifest).await?;
     let metrics = Metrics::default();
     let mut ok = true;
     println!("manifest {}: valid", manifest.path.display());

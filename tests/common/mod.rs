@@ -54,6 +54,15 @@ impl Response {
     }
 }
 
+/// How to start a [`TestNode`] beyond its manifest.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Node state directory (default: a fresh one per node).
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://` URL for components' data (default: SQLite under the data dir).
+    pub database_url: Option<String>,
+}
+
 pub struct TestNode {
     child: Child,
     pub addr: SocketAddr,
@@ -74,17 +83,38 @@ impl TestNode {
     /// Like [`start`](Self::start), but returns the node's output when it exits or does
     /// not become ready.
     pub async fn try_start(manifest: &str) -> Result<TestNode, String> {
+        Self::try_start_with(manifest, &NodeOptions::default()).await
+    }
+
+    /// Starts a node with a given data dir and/or database (to restart on the same data).
+    pub async fn start_with(manifest: &str, options: &NodeOptions) -> TestNode {
+        match Self::try_start_with(manifest, options).await {
+            Ok(node) => node,
+            Err(output) => panic!("trellis did not become ready:\n{output}"),
+        }
+    }
+
+    pub async fn try_start_with(manifest: &str, options: &NodeOptions) -> Result<TestNode, String> {
         let dir = tempfile::tempdir().unwrap();
         let manifest_path = dir.path().join("trellis.toml");
         std::fs::write(&manifest_path, render(manifest, dir.path())).unwrap();
-        let mut child = Command::new(TRELLIS)
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
+        let mut command = Command::new(TRELLIS);
+        command
             .args([
                 "up",
                 manifest_path.to_str().unwrap(),
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--data-dir", data_dir.to_str().unwrap()]);
+        if let Some(url) = &options.database_url {
+            command.args(["--database-url", url]);
+        }
+        let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
             // A host secret no guest may see (the sandbox tests look for it).
             .env("TRELLIS_TEST_HOST_SECRET", "must-not-leak")
@@ -255,4 +285,117 @@ pub fn write_manifest(manifest: &str) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join("trellis.toml");
     std::fs::write(&path, render(manifest, dir.path())).unwrap();
     (dir, path)
+}
+
+/// A real PostgreSQL server on a free loopback port in a temporary directory, started with
+/// initdb + pg_ctl from Debian's packages (installed by `cargo xtask test`) and stopped on
+/// drop. A test that needs it fails, loudly, when it cannot start.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// A PostgreSQL tool as the `postgres` user when we are root (the server refuses root).
+fn postgres_tool(program: &Path) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions.filter_map(Result::ok).map(|v| v.path().join("bin")).filter(|b| b.join("initdb").is_file()).max()
+            })
+            .expect("PostgreSQL server binaries not found under /usr/lib/postgresql: run `cargo xtask test`, which installs Debian's postgresql");
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-pg")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if running_as_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown of the PostgreSQL directory failed");
+        }
+        let run = |program: &str, args: &[&str]| {
+            let output = postgres_tool(&bin.join(program))
+                .args(args)
+                .output()
+                .expect("running a PostgreSQL tool");
+            assert!(
+                output.status.success(),
+                "PostgreSQL could not start: {program} {args:?} failed:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let data = dir.path().join("data");
+        run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let server_options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("server.log");
+        run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &server_options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Postgres { dir, bin, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = postgres_tool(&self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
 }

@@ -195,15 +195,29 @@ fn ensure_rust_target(target: &str) -> Result<()> {
     run(Command::new("rustup").args(["target", "add", target]))
 }
 
-/// The Debian packages the test suite starts servers from and drives load with, by the
-/// binary that shows each is installed. Installed with apt-get only when missing.
-const TEST_PACKAGES: &[(&str, &str)] = &[];
+/// The Debian packages the test suite starts servers from, each with how to tell it is
+/// already installed. Installed with apt-get only when missing.
+/// A Debian package, and how to tell it is already installed.
+type Requirement = (&'static str, fn() -> bool);
+
+const TEST_PACKAGES: &[Requirement] = &[("postgresql", postgres_installed)];
+
+fn postgres_installed() -> bool {
+    // The server binaries live under /usr/lib/postgresql/VERSION/bin, off PATH.
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|versions| {
+            versions
+                .filter_map(Result::ok)
+                .any(|v| v.path().join("bin/initdb").is_file())
+        })
+        .unwrap_or(false)
+}
 
 fn install_test_dependencies() -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .filter(|(binary, _)| which(binary).is_none())
-        .map(|(_, package)| *package)
+        .filter(|(_, installed)| !installed())
+        .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());

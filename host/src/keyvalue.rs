@@ -1,0 +1,466 @@
+//! Key-value storage for guests: `wasi:keyvalue@0.2.0-draft` (store, atomics, batch), the
+//! version wasmtime and wasmCloud implement, on the component's own database.
+//!
+//! - Grants: a component may open only the buckets its manifest lists in `keyvalue`
+//!   (`""` means `"default"`); any other name, or any name without a grant, answers
+//!   `access-denied`. Data lives in the component's database ([`crate::storage`]), so one
+//!   component never sees another's keys, whatever bucket name it passes.
+//! - Errors: a database failure is the guest's to handle (`error.other`); a host bug (a
+//!   dangling resource) traps. [`KvError`] carries which, and `convert_error` decides.
+//! - `atomics.increment` keeps counters as decimal text (as wasmtime's implementation does),
+//!   creating a missing key with the delta; a value that is not a number, or an overflow,
+//!   is `error.other`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::{Row, SqlitePool};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
+
+use crate::bindings::wasi::keyvalue::{atomics, batch, store};
+use crate::storage::ComponentDatabase;
+
+/// Keys returned per `list-keys` page.
+const LIST_PAGE: u64 = 1000;
+
+/// What the guest holds for an open bucket.
+pub struct Bucket {
+    name: String,
+}
+
+/// The error of every key-value host function: what the guest sees, or a trap.
+pub enum KvError {
+    Guest(store::Error),
+    Trap(wasmtime::Error),
+}
+
+impl From<ResourceTableError> for KvError {
+    fn from(e: ResourceTableError) -> Self {
+        KvError::Trap(e.into())
+    }
+}
+
+impl From<sqlx::Error> for KvError {
+    fn from(e: sqlx::Error) -> Self {
+        KvError::Guest(store::Error::Other(format!("storage error: {e}")))
+    }
+}
+
+fn other(message: impl Into<String>) -> KvError {
+    KvError::Guest(store::Error::Other(message.into()))
+}
+
+/// A key-value store, one per component database.
+#[async_trait]
+pub trait KeyValueBackend: Send + Sync {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
+    async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), sqlx::Error>;
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), sqlx::Error>;
+    async fn exists(&self, bucket: &str, key: &str) -> Result<bool, sqlx::Error>;
+    /// Keys in order, skipping `offset`, at most `limit`.
+    async fn list_keys(
+        &self,
+        bucket: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<String>, sqlx::Error>;
+    /// Adds `delta` atomically; `Ok(Err(reason))` when the stored value is not a counter.
+    async fn increment(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<Result<u64, String>, sqlx::Error>;
+}
+
+/// What a deployment grants: the bucket names, and the backend they live in.
+pub struct KeyValueGrant {
+    buckets: Vec<String>,
+    backend: Arc<dyn KeyValueBackend>,
+}
+
+impl KeyValueGrant {
+    /// Prepares the component's key-value table and the grant.
+    pub async fn new(database: ComponentDatabase, buckets: &[String]) -> anyhow::Result<Self> {
+        let backend: Arc<dyn KeyValueBackend> = match database {
+            ComponentDatabase::Sqlite(pool) => Arc::new(SqliteKeyValue::new(pool).await?),
+            ComponentDatabase::Postgres(pool) => Arc::new(PostgresKeyValue::new(pool).await?),
+        };
+        Ok(Self {
+            buckets: buckets.to_vec(),
+            backend,
+        })
+    }
+}
+
+/// The view a store gives the key-value host functions.
+pub struct KeyValue<'a> {
+    pub grant: Option<&'a KeyValueGrant>,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasKeyValue;
+
+impl HasData for HasKeyValue {
+    type Data<'a> = KeyValue<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> KeyValue<'_>,
+) -> wasmtime::Result<()> {
+    store::add_to_linker::<T, HasKeyValue>(linker, view)?;
+    atomics::add_to_linker::<T, HasKeyValue>(linker, view)?;
+    batch::add_to_linker::<T, HasKeyValue>(linker, view)?;
+    Ok(())
+}
+
+impl KeyValue<'_> {
+    /// The bucket's name and the backend, for an open bucket handle.
+    fn bucket(
+        &self,
+        bucket: &Resource<Bucket>,
+    ) -> Result<(String, Arc<dyn KeyValueBackend>), KvError> {
+        let name = self.table.get(bucket)?.name.clone();
+        // A bucket only exists if `open` found a grant.
+        let grant = self
+            .grant
+            .ok_or_else(|| KvError::Trap(wasmtime::format_err!("bucket without a grant")))?;
+        Ok((name, grant.backend.clone()))
+    }
+}
+
+impl store::Host for KeyValue<'_> {
+    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        let name = if identifier.is_empty() {
+            "default".to_string()
+        } else {
+            identifier
+        };
+        match self.grant {
+            Some(grant) if grant.buckets.contains(&name) => Ok(self.table.push(Bucket { name })?),
+            _ => Err(KvError::Guest(store::Error::AccessDenied)),
+        }
+    }
+
+    fn convert_error(&mut self, err: KvError) -> wasmtime::Result<store::Error> {
+        match err {
+            KvError::Guest(e) => Ok(e),
+            KvError::Trap(e) => Err(e),
+        }
+    }
+}
+
+impl store::HostBucket for KeyValue<'_> {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        Ok(backend.get(&name, &key).await?)
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        Ok(backend.set(&name, &key, &value).await?)
+    }
+
+    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        Ok(backend.delete(&name, &key).await?)
+    }
+
+    async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        Ok(backend.exists(&name, &key).await?)
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<store::KeyResponse, KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        let offset = cursor.unwrap_or(0);
+        let keys = backend.list_keys(&name, offset, LIST_PAGE).await?;
+        let cursor = (keys.len() as u64 == LIST_PAGE).then(|| offset + LIST_PAGE);
+        Ok(store::KeyResponse { keys, cursor })
+    }
+
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for KeyValue<'_> {
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        backend.increment(&name, &key, delta).await?.map_err(other)
+    }
+}
+
+impl batch::Host for KeyValue<'_> {
+    async fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<(String, Vec<u8>)>>, KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value = backend.get(&name, &key).await?;
+            found.push(value.map(|v| (key, v)));
+        }
+        Ok(found)
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        for (key, value) in key_values {
+            backend.set(&name, &key, &value).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<(), KvError> {
+        let (name, backend) = self.bucket(&bucket)?;
+        for key in keys {
+            backend.delete(&name, &key).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a stored counter and adds `delta` to it.
+fn add_to_counter(current: Option<&[u8]>, delta: u64) -> Result<u64, String> {
+    let current = match current {
+        None => 0,
+        Some(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("the stored value is not a decimal counter")?,
+    };
+    current
+        .checked_add(delta)
+        .ok_or_else(|| "the counter would overflow u64".to_string())
+}
+
+/// Implements [`KeyValueBackend`] for a backend type with a `pool` field: the statements
+/// are the same SQL on SQLite and PostgreSQL (both take `$n` placeholders), so only the
+/// counter update, which locks differently, is written per backend (`increment_counter`).
+macro_rules! sql_key_value_backend {
+    ($backend:ty) => {
+        #[async_trait]
+        impl KeyValueBackend for $backend {
+            async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+                let row =
+                    sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2")
+                        .bind(bucket)
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                row.map(|r| r.try_get::<Vec<u8>, _>(0)).transpose()
+            }
+
+            async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), sqlx::Error> {
+                sqlx::query(UPSERT)
+                    .bind(bucket)
+                    .bind(key)
+                    .bind(value)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn delete(&self, bucket: &str, key: &str) -> Result<(), sqlx::Error> {
+                sqlx::query("DELETE FROM trellis_kv WHERE bucket = $1 AND key = $2")
+                    .bind(bucket)
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn exists(&self, bucket: &str, key: &str) -> Result<bool, sqlx::Error> {
+                let row = sqlx::query("SELECT 1 FROM trellis_kv WHERE bucket = $1 AND key = $2")
+                    .bind(bucket)
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
+            async fn list_keys(
+                &self,
+                bucket: &str,
+                offset: u64,
+                limit: u64,
+            ) -> Result<Vec<String>, sqlx::Error> {
+                let rows = sqlx::query(
+                    "SELECT key FROM trellis_kv WHERE bucket = $1 ORDER BY key LIMIT $2 OFFSET $3",
+                )
+                .bind(bucket)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+            }
+
+            async fn increment(
+                &self,
+                bucket: &str,
+                key: &str,
+                delta: u64,
+            ) -> Result<Result<u64, String>, sqlx::Error> {
+                self.increment_counter(bucket, key, delta).await
+            }
+        }
+    };
+}
+
+const UPSERT: &str = "INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2, $3)
+     ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value";
+
+struct SqliteKeyValue {
+    pool: SqlitePool,
+}
+
+sql_key_value_backend!(SqliteKeyValue);
+
+impl SqliteKeyValue {
+    async fn new(pool: SqlitePool) -> Result<Self, sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS trellis_kv (
+                bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                PRIMARY KEY (bucket, key)) WITHOUT ROWID",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Self { pool })
+    }
+
+    async fn increment_counter(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<Result<u64, String>, sqlx::Error> {
+        // IMMEDIATE takes the write lock up front, so concurrent increments serialize
+        // instead of failing with SQLITE_BUSY when they upgrade a read.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let current: Option<Vec<u8>> =
+            sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2")
+                .bind(bucket)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+        let next = match add_to_counter(current.as_deref(), delta) {
+            Ok(next) => next,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        sqlx::query(UPSERT)
+            .bind(bucket)
+            .bind(key)
+            .bind(next.to_string().into_bytes())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(next))
+    }
+}
+
+struct PostgresKeyValue {
+    pool: sqlx::PgPool,
+}
+
+sql_key_value_backend!(PostgresKeyValue);
+
+impl PostgresKeyValue {
+    async fn new(pool: sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        let created = sqlx::query(
+            "CREATE TABLE IF NOT EXISTS trellis_kv (
+                bucket TEXT NOT NULL, key TEXT NOT NULL, value BYTEA NOT NULL,
+                PRIMARY KEY (bucket, key))",
+        )
+        .execute(&pool)
+        .await;
+        match created {
+            // Another node created it at the same moment.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {}
+            other => {
+                other?;
+            }
+        }
+        Ok(Self { pool })
+    }
+
+    async fn increment_counter(
+        &self,
+        bucket: &str,
+        key: &str,
+        delta: u64,
+    ) -> Result<Result<u64, String>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Make sure the row exists, then lock it: concurrent increments queue on the lock.
+        sqlx::query("INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2, '0') ON CONFLICT DO NOTHING")
+            .bind(bucket)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let current: Vec<u8> =
+            sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2 FOR UPDATE")
+                .bind(bucket)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+        let next = match add_to_counter(Some(&current), delta) {
+            Ok(next) => next,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        sqlx::query("UPDATE trellis_kv SET value = $3 WHERE bucket = $1 AND key = $2")
+            .bind(bucket)
+            .bind(key)
+            .bind(next.to_string().into_bytes())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_to_counter;
+
+    #[test]
+    fn counters_are_decimal_text() {
+        assert_eq!(add_to_counter(None, 5), Ok(5));
+        assert_eq!(add_to_counter(Some(b"41"), 1), Ok(42));
+        assert!(add_to_counter(Some(b"forty"), 1).is_err());
+        assert!(add_to_counter(Some(u64::MAX.to_string().as_bytes()), 1).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! Where components keep their data: one database per component ("database per service"),
+//! never shared. By default a SQLite file per component under the node's data dir (WAL
+//! mode); when the node is given a `postgres://` URL, one schema per component in that
+//! PostgreSQL database.
+//!
+//! Names are derived from the tenant and the component, which the manifest restricts to
+//! `[a-z0-9-]`, so they cannot be chosen by a guest and cannot collide: a component has no
+//! way to name another component's or another tenant's database.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Executor};
+
+/// The node's storage backend, chosen by `node.database_url` / `--database-url`.
+pub enum Storage {
+    Sqlite {
+        root: PathBuf,
+    },
+    Postgres {
+        options: Box<PgConnectOptions>,
+        admin: PgPool,
+    },
+}
+
+/// One component's database.
+#[derive(Clone)]
+pub enum ComponentDatabase {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Storage {
+    /// SQLite under `data_dir/tenants/`, or PostgreSQL at `database_url`.
+    pub async fn open(data_dir: &Path, database_url: Option<&str>) -> Result<Self> {
+        match database_url {
+            None => Ok(Storage::Sqlite {
+                root: data_dir.join("tenants"),
+            }),
+            Some(url) => {
+                let options = PgConnectOptions::from_str(url)
+                    .context("node.database_url is not a valid postgres:// URL")?;
+                let admin = PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options.clone())
+                    .await
+                    .with_context(|| format!("connecting to PostgreSQL at {}", redact(url)))?;
+                Ok(Storage::Postgres {
+                    options: Box::new(options),
+                    admin,
+                })
+            }
+        }
+    }
+
+    /// Opens (creating when missing) the database of `component` in `tenant`.
+    pub async fn component_database(
+        &self,
+        tenant: &str,
+        component: &str,
+    ) -> Result<ComponentDatabase> {
+        match self {
+            Storage::Sqlite { root } => {
+                let dir = root.join(tenant).join(component);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let options = SqliteConnectOptions::new()
+                    .filename(dir.join("data.db"))
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true);
+                // Every SQLite connection is a thread of its own; idle ones are closed.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .min_connections(0)
+                    .idle_timeout(Duration::from_secs(60))
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("opening {}", dir.join("data.db").display()))?;
+                Ok(ComponentDatabase::Sqlite(pool))
+            }
+            Storage::Postgres { options, admin } => {
+                let schema = schema_name(tenant, component);
+                create_schema(admin, &schema).await?;
+                // search_path as a startup parameter: set once per connection, so it cannot
+                // leak between components through a shared pool.
+                let options = (**options)
+                    .clone()
+                    .options([("search_path", schema.as_str())]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(4)
+                    .min_connections(0)
+                    .idle_timeout(Duration::from_secs(60))
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_lazy_with(options);
+                Ok(ComponentDatabase::Postgres(pool))
+            }
+        }
+    }
+}
+
+/// `trellis_<tenant>__<component>`, with '-' as '_'. Manifest names contain no '_', so the
+/// mapping cannot make two components share a schema.
+fn schema_name(tenant: &str, component: &str) -> String {
+    format!(
+        "trellis_{}__{}",
+        tenant.replace('-', "_"),
+        component.replace('-', "_")
+    )
+}
+
+async fn create_schema(admin: &PgPool, schema: &str) -> Result<()> {
+    let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+    match admin.execute(AssertSqlSafe(sql)).await {
+        Ok(_) => Ok(()),
+        // Two nodes creating the same schema at once: the loser sees a unique violation.
+        Err(sqlx::Error::Database(e))
+            if matches!(e.code().as_deref(), Some("23505") | Some("42P06")) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("creating schema {schema}")),
+    }
+}
+
+/// A URL fit for a log line: the password replaced.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_distinct_per_tenant_and_component() {
+        assert_eq!(schema_name("acme", "user-api"), "trellis_acme__user_api");
+        assert_ne!(schema_name("a-b", "c"), schema_name("a", "b-c"));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("postgres://u:secret@host/db"),
+            "postgres://u:***@host/db"
+        );
+        assert_eq!(redact("postgres://host/db"), "postgres://host/db");
+    }
+}
