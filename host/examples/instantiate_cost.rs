@@ -40,7 +40,9 @@ async fn main() -> anyhow::Result<()> {
     let loaded = manifest::load(&manifest_path)?;
     let host = Host::new(&loaded).await?;
     let metrics = Metrics::default();
-    let deployment = host.load_component(&loaded, "hello", &metrics).await?;
+    let deployment = host
+        .load_component(&loaded, "hello", &metrics, None)
+        .await?;
 
     // Warm up the pool slots and caches.
     for _ in 0..200 {

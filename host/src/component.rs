@@ -21,7 +21,7 @@ use crate::instance::{Grants, InstanceState};
 use crate::keyvalue::KeyValueGrant;
 use crate::manifest::{ComponentSpec, Limits};
 use crate::metrics::ComponentMetrics;
-use crate::outbound::OutboundPolicy;
+use crate::outbound::{InternalCalls, OutboundPolicy};
 
 /// The host interfaces every component may import. Interfaces are added here once per
 /// node; what an instance may actually do is decided by its grants.
@@ -85,6 +85,7 @@ impl Deployment {
         spec: &ComponentSpec,
         metrics: ComponentMetrics,
         keyvalue: Option<Arc<KeyValueGrant>>,
+        internal_calls: Option<InternalCalls>,
     ) -> Result<Self, LoadError> {
         let component_name = name.to_string();
         let bytes = std::fs::read(&spec.source).map_err(|e| LoadError::Read {
@@ -126,7 +127,7 @@ impl Deployment {
                 .iter()
                 .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
                 .collect(),
-            outbound: OutboundPolicy::new(&spec.outbound),
+            outbound: OutboundPolicy::new(&spec.outbound, internal_calls),
             keyvalue,
         };
         Ok(Self {

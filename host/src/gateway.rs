@@ -25,9 +25,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiBody, WasiHttpView};
 
 use crate::component::{DeadlineExceeded, Deployment};
 use crate::metrics::{ComponentMetrics, Metrics};
@@ -169,11 +169,36 @@ impl Gateway {
         response
     }
 
-    async fn dispatch(
+    /// Serves a request from one component to another of the same tenant, in-process
+    /// (`http://NAME.internal/...`), with the callee's own limits and deadline. `None` when
+    /// the tenant has no such component or the node is not ready.
+    pub async fn call_component(
+        &self,
+        tenant: &str,
+        component: &str,
+        request: Request<WasiBody>,
+    ) -> Option<Response<GatewayBody>> {
+        let deployment = self.router.get()?.component(tenant, component)?;
+        let started = Instant::now();
+        let response = self.dispatch(deployment, request).await;
+        deployment
+            .metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .count_response(&deployment.metrics, response.status().as_u16());
+        Some(response)
+    }
+
+    async fn dispatch<B>(
         &self,
         deployment: &Arc<Deployment>,
-        request: Request<Incoming>,
-    ) -> Response<GatewayBody> {
+        request: Request<B>,
+    ) -> Response<GatewayBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
+    {
         let name = &*deployment.name;
         let max_body = deployment.limits.max_body.as_u64();
         let declared_length = request
@@ -213,7 +238,7 @@ impl Gateway {
         }
         // A body of unknown length is read (up to the limit, within the deadline) before the
         // guest runs, so that "too large" is a clean 413 rather than a guest read error.
-        let body: UnsyncBoxBody<Bytes, hyper::Error> =
+        let body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error> =
             if declared_length.is_none() && !body.is_end_stream() {
                 let collect = Limited::new(body, max_body as usize).collect();
                 match tokio::time::timeout_at(deadline.into(), collect).await {
@@ -234,7 +259,7 @@ impl Gateway {
                     Err(_) => return deadline_response(deployment),
                 }
             } else {
-                body.boxed_unsync()
+                body.map_err(Into::into).boxed_unsync()
             };
         let request = Request::from_parts(parts, body);
 

@@ -6,7 +6,7 @@
 //! node with the reason: a node does not half-start with routes silently missing.
 //! `trellis check` runs the same loading without serving.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -18,6 +18,7 @@ use crate::instance::InstanceState;
 use crate::keyvalue::KeyValueGrant;
 use crate::manifest::LoadedManifest;
 use crate::metrics::Metrics;
+use crate::outbound::InternalCalls;
 use crate::router::Router;
 use crate::runtime::{EngineSettings, Runtime};
 use crate::storage::Storage;
@@ -47,12 +48,14 @@ impl Host {
         })
     }
 
-    /// Loads one component: compile (off the executor), link, trial-instantiate.
+    /// Loads one component: compile (off the executor), link, trial-instantiate. With a
+    /// gateway, its `NAME.internal` calls are served there.
     pub async fn load_component(
         &self,
         manifest: &LoadedManifest,
         name: &str,
         metrics: &Metrics,
+        gateway: Option<Weak<Gateway>>,
     ) -> Result<Arc<Deployment>, LoadError> {
         let spec = &manifest.manifest.components[name];
         let component_metrics = metrics.for_component(&spec.tenant, name);
@@ -74,6 +77,10 @@ impl Host {
                     .map_err(storage_error)?,
             ))
         };
+        let internal_calls = gateway.map(|gateway| InternalCalls {
+            gateway,
+            tenant: spec.tenant.as_str().into(),
+        });
         // Compiling runs Cranelift for a while: keep it off the async workers.
         let (engine, linker) = (self.runtime.engine.clone(), self.linker.clone());
         let (owned_name, owned_spec) = (name.to_string(), spec.clone());
@@ -85,6 +92,7 @@ impl Host {
                 &owned_spec,
                 component_metrics,
                 keyvalue,
+                internal_calls,
             )
         })
         .await
@@ -102,12 +110,16 @@ impl Host {
         &self,
         manifest: &LoadedManifest,
         metrics: &Metrics,
+        gateway: Option<Weak<Gateway>>,
     ) -> Result<Router, Vec<LoadError>> {
         let mut loaded = Vec::new();
         let mut failures = Vec::new();
         for (name, spec) in &manifest.manifest.components {
             let started = Instant::now();
-            match self.load_component(manifest, name, metrics).await {
+            match self
+                .load_component(manifest, name, metrics, gateway.clone())
+                .await
+            {
                 Ok(deployment) => {
                     tracing::info!(
                         tenant = %spec.tenant,
@@ -146,7 +158,10 @@ pub async fn up(manifest: LoadedManifest) -> Result<()> {
 
     let server = tokio::spawn(gateway.clone().serve(listener, shutdown_signal()));
     let host = Host::new(&manifest).await?;
-    match host.load_all(&manifest, &gateway.metrics).await {
+    match host
+        .load_all(&manifest, &gateway.metrics, Some(Arc::downgrade(&gateway)))
+        .await
+    {
         Ok(router) => {
             let count = router.deployments().len();
             let _ = gateway.router.set(router);
@@ -185,7 +200,7 @@ pub async fn check(manifest: LoadedManifest) -> Result<bool> {
     }
     for (name, spec) in &manifest.manifest.components {
         let started = Instant::now();
-        match host.load_component(&manifest, name, &metrics).await {
+        match host.load_component(&manifest, name, &metrics, None).await {
             Ok(_) => println!(
                 "ok      component {name} (tenant {}, routes {}) loaded in {} ms",
                 spec.tenant,

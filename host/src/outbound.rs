@@ -5,8 +5,14 @@
 //! scheme's default port only (80 for http, 443 for https), so granting `api.example.com`
 //! does not also open every other service on that machine. A denied request fails in
 //! the guest with `error-code.HTTP-request-denied`, which it can read and report.
+//!
+//! `http://NAME.internal/...` is a call to component NAME of the caller's own tenant
+//! (service discovery by name). It is served in-process by the gateway, with the callee's
+//! own limits, deadline and admission, never through a socket, and it too must be allowed
+//! by a rule (`NAME.internal`, or `*.internal` for every sibling; ports are ignored). A
+//! name the tenant does not have fails like an unknown host (`DNS-error`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use http::uri::Scheme;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
@@ -19,15 +25,26 @@ struct HostRule {
     port: Option<u16>,
 }
 
-/// The outbound hosts one component may call. Cheap to clone (one `Arc`).
-#[derive(Debug, Clone, Default)]
+/// The outbound hosts one component may call. Cheap to clone (a few `Arc`s).
+#[derive(Clone, Default)]
 pub struct OutboundPolicy {
     rules: Arc<[HostRule]>,
+    internal: Option<InternalCalls>,
 }
+
+/// Where `NAME.internal` calls go: the node's gateway, within the caller's tenant.
+#[derive(Clone)]
+pub struct InternalCalls {
+    pub gateway: Weak<crate::gateway::Gateway>,
+    pub tenant: Arc<str>,
+}
+
+const INTERNAL_SUFFIX: &str = ".internal";
 
 impl OutboundPolicy {
     /// Builds the policy from manifest patterns (already validated by the manifest).
-    pub fn new(patterns: &[String]) -> Self {
+    /// `internal` is where `NAME.internal` calls are served (none: they are refused).
+    pub fn new(patterns: &[String], internal: Option<InternalCalls>) -> Self {
         let rules = patterns
             .iter()
             .map(|pattern| {
@@ -50,7 +67,19 @@ impl OutboundPolicy {
                 }
             })
             .collect();
-        Self { rules }
+        Self { rules, internal }
+    }
+
+    /// Whether a `NAME.internal` host is allowed (any port: there is no socket).
+    fn allows_internal(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.rules.iter().any(|rule| {
+            if rule.wildcard {
+                host.ends_with(&rule.host) && host.len() > rule.host.len()
+            } else {
+                host == rule.host
+            }
+        })
     }
 
     /// Whether a request to `host` on `port` (the effective port, default applied) over
@@ -86,6 +115,11 @@ impl WasiHttpHooks for OutboundPolicy {
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> SendFuture {
         drop(fut);
+        if let Some(host) = request.uri().host()
+            && let Some(component) = host.to_ascii_lowercase().strip_suffix(INTERNAL_SUFFIX)
+        {
+            return self.call_component(component.to_string(), host.to_string(), request);
+        }
         let uri = request.uri();
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
@@ -107,17 +141,59 @@ impl WasiHttpHooks for OutboundPolicy {
     }
 }
 
+impl OutboundPolicy {
+    fn call_component(
+        &self,
+        component: String,
+        host: String,
+        request: http::Request<WasiBody>,
+    ) -> SendFuture {
+        let internal = match &self.internal {
+            Some(internal) if self.allows_internal(&host) => internal.clone(),
+            _ => {
+                tracing::debug!(%host, "component call denied: not in the component's outbound list");
+                return Box::new(async { Err(Error::HttpRequestDenied) });
+            }
+        };
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let gateway = internal
+                .gateway
+                .upgrade()
+                .ok_or(Error::DestinationUnavailable)?;
+            let response = gateway
+                .call_component(&internal.tenant, &component, request)
+                .await
+                .ok_or_else(|| Error::DnsError {
+                    rcode: Some(format!("no component {component:?} in this tenant")),
+                    info_code: None,
+                })?;
+            let response = response.map(|body| {
+                body.map_err(|e| Error::InternalError(Some(e.to_string())))
+                    .boxed_unsync()
+            });
+            Ok((
+                response,
+                Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn rules_match_host_and_port() {
-        let policy = OutboundPolicy::new(&[
-            "api.example.com".into(),
-            "*.internal.test".into(),
-            "127.0.0.1:9000".into(),
-        ]);
+        let policy = OutboundPolicy::new(
+            &[
+                "api.example.com".into(),
+                "*.internal.test".into(),
+                "127.0.0.1:9000".into(),
+            ],
+            None,
+        );
         assert!(policy.allows(&Scheme::HTTPS, "api.example.com", 443));
         assert!(policy.allows(&Scheme::HTTP, "API.example.com", 80));
         assert!(!policy.allows(&Scheme::HTTPS, "api.example.com", 8443));

@@ -23,6 +23,8 @@ pub struct Router {
     wildcard_hosts: Vec<(String, usize)>,
     catch_all: Option<usize>,
     deployments: Vec<Arc<Deployment>>,
+    /// (tenant, component) -> deployment, for component-to-component calls.
+    by_name: HashMap<(Arc<str>, Arc<str>), Arc<Deployment>>,
 }
 
 impl Router {
@@ -37,6 +39,10 @@ impl Router {
             wildcard_hosts: Vec::new(),
             catch_all: None,
             deployments: deployments.iter().map(|(d, _)| d.clone()).collect(),
+            by_name: deployments
+                .iter()
+                .map(|(d, _)| ((d.tenant.clone(), d.name.clone()), d.clone()))
+                .collect(),
         };
         for (index, (name, hosts)) in tenants.iter().enumerate() {
             let mut routes: Vec<(String, Arc<Deployment>)> = deployments
@@ -86,6 +92,12 @@ impl Router {
             .iter()
             .find(|(prefix, _)| route_matches(prefix, path))
             .map(|(_, d)| d)
+    }
+
+    /// The component named `component` in `tenant`; components of other tenants are not
+    /// found, whatever their name.
+    pub fn component(&self, tenant: &str, component: &str) -> Option<&Arc<Deployment>> {
+        self.by_name.get(&(Arc::from(tenant), Arc::from(component)))
     }
 
     pub fn deployments(&self) -> &[Arc<Deployment>] {
