@@ -8,8 +8,10 @@ wasmtime::component::bindgen!({
     imports: { default: async | trappable },
     with: {
         "wasi:keyvalue/store.bucket": crate::keyvalue::Bucket,
+        "trellis:platform/sql.transaction": crate::sql::Transaction,
     },
     trappable_error_type: {
         "wasi:keyvalue/store.error" => crate::keyvalue::KvError,
+        "trellis:platform/sql.error" => crate::sql::SqlError,
     },
 });

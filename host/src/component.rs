@@ -22,6 +22,7 @@ use crate::keyvalue::KeyValueGrant;
 use crate::manifest::{ComponentSpec, Limits};
 use crate::metrics::ComponentMetrics;
 use crate::outbound::{InternalCalls, OutboundPolicy};
+use crate::sql::SqlGrant;
 
 /// The host interfaces every component may import. Interfaces are added here once per
 /// node; what an instance may actually do is decided by its grants.
@@ -31,6 +32,7 @@ pub fn build_linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
     crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
+    crate::sql::add_to_linker(&mut linker, InstanceState::sql)?;
     Ok(linker)
 }
 
@@ -56,6 +58,13 @@ pub enum LoadError {
     Storage { component: String, reason: String },
     #[error("component {component:?}: fails to instantiate: {reason}")]
     Instantiate { component: String, reason: String },
+}
+
+/// The storage capabilities a deployment was granted, prepared before it is compiled.
+#[derive(Default)]
+pub struct StorageGrants {
+    pub keyvalue: Option<Arc<KeyValueGrant>>,
+    pub sql: Option<Arc<SqlGrant>>,
 }
 
 /// Raised from the epoch callback when a request's deadline has passed.
@@ -84,7 +93,7 @@ impl Deployment {
         name: &str,
         spec: &ComponentSpec,
         metrics: ComponentMetrics,
-        keyvalue: Option<Arc<KeyValueGrant>>,
+        storage: StorageGrants,
         internal_calls: Option<InternalCalls>,
     ) -> Result<Self, LoadError> {
         let component_name = name.to_string();
@@ -128,7 +137,8 @@ impl Deployment {
                 .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
                 .collect(),
             outbound: OutboundPolicy::new(&spec.outbound, internal_calls),
-            keyvalue,
+            keyvalue: storage.keyvalue,
+            sql: storage.sql,
         };
         Ok(Self {
             name,

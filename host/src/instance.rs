@@ -19,6 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::keyvalue::{KeyValue, KeyValueGrant};
 use crate::outbound::OutboundPolicy;
+use crate::sql::{Sql, SqlGrant};
 
 /// What a deployment grants each of its instances; shared, built once per deployment.
 pub struct Grants {
@@ -33,6 +34,8 @@ pub struct Grants {
     pub outbound: OutboundPolicy,
     /// Key-value buckets, when the manifest grants any.
     pub keyvalue: Option<Arc<KeyValueGrant>>,
+    /// Relational storage, when the manifest grants it.
+    pub sql: Option<Arc<SqlGrant>>,
 }
 
 /// The data inside one instance's `Store`.
@@ -43,6 +46,7 @@ pub struct InstanceState {
     config: Arc<WasiConfigVariables>,
     outbound: OutboundPolicy,
     keyvalue: Option<Arc<KeyValueGrant>>,
+    sql: Option<Arc<SqlGrant>>,
     pub limiter: MemoryLimiter,
 }
 
@@ -71,6 +75,7 @@ impl InstanceState {
             config: grants.config.clone(),
             outbound: grants.outbound.clone(),
             keyvalue: grants.keyvalue.clone(),
+            sql: grants.sql.clone(),
             limiter: MemoryLimiter {
                 limit: grants.memory_limit,
                 refused: false,
@@ -80,6 +85,13 @@ impl InstanceState {
 
     pub fn config(&mut self) -> WasiConfig<'_> {
         WasiConfig::new(&self.config)
+    }
+
+    pub fn sql(&mut self) -> Sql<'_> {
+        Sql {
+            grant: self.sql.as_deref(),
+            table: &mut self.table,
+        }
     }
 
     pub fn keyvalue(&mut self) -> KeyValue<'_> {

@@ -4,7 +4,7 @@
 //! component once ([`component`], on the engine of [`runtime`]), and serves HTTP through
 //! the [`gateway`], which routes by host and path ([`router`]) to a fresh, limited instance
 //! per request ([`instance`]). Capabilities a component may be granted live in their own
-//! modules ([`keyvalue`], on the per-component databases of [`storage`]). [`node`] ties
+//! modules ([`keyvalue`] and [`sql`], on the per-component databases of [`storage`]). [`node`] ties
 //! these together for the `trellis` binary.
 
 pub mod bindings;
@@ -18,4 +18,5 @@ pub mod node;
 pub mod outbound;
 pub mod router;
 pub mod runtime;
+pub mod sql;
 pub mod storage;

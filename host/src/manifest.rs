@@ -99,6 +99,9 @@ pub struct ComponentSpec {
     /// Key-value buckets (`wasi:keyvalue`) the component may open. Empty: none.
     #[serde(default)]
     pub keyvalue: Vec<String>,
+    /// Whether the component may use relational storage (`trellis:platform/sql`).
+    #[serde(default)]
+    pub sql: bool,
 }
 
 fn default_tenant() -> String {

@@ -12,15 +12,16 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use wasmtime::component::Linker;
 
-use crate::component::{Deployment, LoadError, build_linker};
+use crate::component::{Deployment, LoadError, StorageGrants, build_linker};
 use crate::gateway::Gateway;
 use crate::instance::InstanceState;
 use crate::keyvalue::KeyValueGrant;
-use crate::manifest::LoadedManifest;
+use crate::manifest::{ComponentSpec, LoadedManifest};
 use crate::metrics::Metrics;
 use crate::outbound::InternalCalls;
 use crate::router::Router;
 use crate::runtime::{EngineSettings, Runtime};
+use crate::sql::SqlGrant;
 use crate::storage::Storage;
 
 /// The engine and linker a node's components are loaded with.
@@ -59,24 +60,7 @@ impl Host {
     ) -> Result<Arc<Deployment>, LoadError> {
         let spec = &manifest.manifest.components[name];
         let component_metrics = metrics.for_component(&spec.tenant, name);
-        let keyvalue = if spec.keyvalue.is_empty() {
-            None
-        } else {
-            let storage_error = |e: anyhow::Error| LoadError::Storage {
-                component: name.to_string(),
-                reason: format!("{e:#}"),
-            };
-            let database = self
-                .storage
-                .component_database(&spec.tenant, name)
-                .await
-                .map_err(storage_error)?;
-            Some(Arc::new(
-                KeyValueGrant::new(database, &spec.keyvalue)
-                    .await
-                    .map_err(storage_error)?,
-            ))
-        };
+        let storage = self.storage_grants(name, spec).await?;
         let internal_calls = gateway.map(|gateway| InternalCalls {
             gateway,
             tenant: spec.tenant.as_str().into(),
@@ -91,7 +75,7 @@ impl Host {
                 &owned_name,
                 &owned_spec,
                 component_metrics,
-                keyvalue,
+                storage,
                 internal_calls,
             )
         })
@@ -103,6 +87,38 @@ impl Host {
         })??;
         deployment.check_instantiates().await?;
         Ok(Arc::new(deployment))
+    }
+
+    /// Opens the component's database when it is granted any storage, and prepares each
+    /// granted capability on it.
+    async fn storage_grants(
+        &self,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<StorageGrants, LoadError> {
+        if spec.keyvalue.is_empty() && !spec.sql {
+            return Ok(StorageGrants::default());
+        }
+        let storage_error = |e: anyhow::Error| LoadError::Storage {
+            component: name.to_string(),
+            reason: format!("{e:#}"),
+        };
+        let database = self
+            .storage
+            .component_database(&spec.tenant, name)
+            .await
+            .map_err(storage_error)?;
+        let keyvalue = if spec.keyvalue.is_empty() {
+            None
+        } else {
+            Some(Arc::new(
+                KeyValueGrant::new(database.clone(), &spec.keyvalue)
+                    .await
+                    .map_err(storage_error)?,
+            ))
+        };
+        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database)));
+        Ok(StorageGrants { keyvalue, sql })
     }
 
     /// Loads every component of the manifest; all failures are reported, not just the first.

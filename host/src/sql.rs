@@ -1,0 +1,387 @@
+//! Relational storage for guests: `trellis:platform/sql` (see `wit/sql.wit`), parameterised
+//! statements and transactions on the component's own database ([`crate::storage`]).
+//!
+//! - Grant: `sql = true` in the manifest; without it every call answers `access-denied`.
+//!   A component's statements run in its own SQLite file or PostgreSQL schema, so a table
+//!   name can only ever mean one of its own tables.
+//! - Values cross as `null | boolean | integer | real | text | blob`. Columns of other
+//!   types (PostgreSQL `numeric`, `timestamptz`, `uuid`, ...) must be cast in the SQL; the
+//!   guest gets `invalid-statement` saying so.
+//! - Errors: constraint failures are `constraint` with their kind, bad SQL is
+//!   `invalid-statement`, anything else the database says is `other`. Host bugs trap.
+//!   On PostgreSQL a failed statement aborts its transaction (only `rollback` is possible
+//!   afterwards); SQLite undoes just the statement. Both roll back a dropped transaction.
+
+use sqlx::error::ErrorKind;
+use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, Postgres};
+use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
+use sqlx::{Arguments, AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
+
+use crate::bindings::trellis::platform::sql::{
+    self as wit, ConstraintKind, ConstraintViolation, RowSet, Value,
+};
+use crate::storage::ComponentDatabase;
+
+/// An open transaction, held in the instance's resource table.
+pub enum Transaction {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Postgres(sqlx::Transaction<'static, Postgres>),
+}
+
+/// The error of every SQL host function: what the guest sees, or a trap.
+pub enum SqlError {
+    Guest(wit::Error),
+    Trap(wasmtime::Error),
+}
+
+impl From<ResourceTableError> for SqlError {
+    fn from(e: ResourceTableError) -> Self {
+        SqlError::Trap(e.into())
+    }
+}
+
+impl From<sqlx::Error> for SqlError {
+    fn from(e: sqlx::Error) -> Self {
+        SqlError::Guest(guest_error(e))
+    }
+}
+
+fn invalid(message: impl Into<String>) -> SqlError {
+    SqlError::Guest(wit::Error::InvalidStatement(message.into()))
+}
+
+/// Sorts a database error into what the guest can act on.
+fn guest_error(e: sqlx::Error) -> wit::Error {
+    match e {
+        sqlx::Error::Database(db) => {
+            let message = db.message().to_string();
+            let kind = match db.kind() {
+                ErrorKind::UniqueViolation => Some(ConstraintKind::Unique),
+                ErrorKind::ForeignKeyViolation => Some(ConstraintKind::ForeignKey),
+                ErrorKind::NotNullViolation => Some(ConstraintKind::NotNull),
+                ErrorKind::CheckViolation => Some(ConstraintKind::Check),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                return wit::Error::Constraint(ConstraintViolation { kind, message });
+            }
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // PostgreSQL class 42 (syntax, undefined table/column...) and 22 (data), 08P01
+            // (wrong parameter count); SQLite's generic SQLITE_ERROR (1) is bad SQL.
+            let invalid_statement =
+                code.starts_with("42") || code.starts_with("22") || code == "08P01" || code == "1";
+            if invalid_statement {
+                wit::Error::InvalidStatement(message)
+            } else {
+                wit::Error::Other(message)
+            }
+        }
+        e @ (sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::TypeNotFound { .. }) => wit::Error::InvalidStatement(e.to_string()),
+        e => wit::Error::Other(e.to_string()),
+    }
+}
+
+/// What a deployment grants: its database.
+pub struct SqlGrant {
+    database: ComponentDatabase,
+}
+
+impl SqlGrant {
+    pub fn new(database: ComponentDatabase) -> Self {
+        Self { database }
+    }
+}
+
+/// The view a store gives the SQL host functions.
+pub struct Sql<'a> {
+    pub grant: Option<&'a SqlGrant>,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasSql;
+
+impl HasData for HasSql {
+    type Data<'a> = Sql<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> Sql<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasSql>(linker, view)
+}
+
+impl Sql<'_> {
+    fn database(&self) -> Result<ComponentDatabase, SqlError> {
+        self.grant
+            .map(|g| g.database.clone())
+            .ok_or(SqlError::Guest(wit::Error::AccessDenied))
+    }
+}
+
+impl wit::Host for Sql<'_> {
+    async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<RowSet, SqlError> {
+        match self.database()? {
+            ComponentDatabase::Sqlite(pool) => sqlite::query(&pool, statement, &params).await,
+            ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
+        }
+    }
+
+    async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, SqlError> {
+        match self.database()? {
+            ComponentDatabase::Sqlite(pool) => sqlite::execute(&pool, statement, &params).await,
+            ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
+        }
+    }
+
+    async fn begin(&mut self) -> Result<Resource<Transaction>, SqlError> {
+        let transaction = match self.database()? {
+            // IMMEDIATE takes SQLite's write lock up front; a deferred transaction that
+            // writes later can fail at once with SQLITE_BUSY under WAL.
+            ComponentDatabase::Sqlite(pool) => {
+                Transaction::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            ComponentDatabase::Postgres(pool) => Transaction::Postgres(pool.begin().await?),
+        };
+        Ok(self.table.push(transaction)?)
+    }
+
+    fn convert_error(&mut self, err: SqlError) -> wasmtime::Result<wit::Error> {
+        match err {
+            SqlError::Guest(e) => Ok(e),
+            SqlError::Trap(e) => Err(e),
+        }
+    }
+}
+
+impl wit::HostTransaction for Sql<'_> {
+    async fn query(
+        &mut self,
+        this: Resource<Transaction>,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<RowSet, SqlError> {
+        match self.table.get_mut(&this)? {
+            Transaction::Sqlite(tx) => sqlite::query(&mut **tx, statement, &params).await,
+            Transaction::Postgres(tx) => postgres::query(&mut **tx, statement, &params).await,
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        this: Resource<Transaction>,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<u64, SqlError> {
+        match self.table.get_mut(&this)? {
+            Transaction::Sqlite(tx) => sqlite::execute(&mut **tx, statement, &params).await,
+            Transaction::Postgres(tx) => postgres::execute(&mut **tx, statement, &params).await,
+        }
+    }
+
+    async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
+        match self.table.delete(this)? {
+            Transaction::Sqlite(tx) => tx.commit().await?,
+            Transaction::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
+        match self.table.delete(this)? {
+            Transaction::Sqlite(tx) => tx.rollback().await?,
+            Transaction::Postgres(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+
+    async fn drop(&mut self, this: Resource<Transaction>) -> wasmtime::Result<()> {
+        // Dropping an sqlx transaction that was not committed rolls it back.
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+/// The row-set of fetched rows; `decode` turns one column of one row into a value.
+fn row_set<R: Row>(
+    rows: &[R],
+    decode: impl Fn(&R, usize) -> Result<Value, SqlError>,
+) -> Result<RowSet, SqlError> {
+    let columns = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    let rows = rows
+        .iter()
+        .map(|row| (0..row.len()).map(|i| decode(row, i)).collect())
+        .collect::<Result<_, _>>()?;
+    Ok(RowSet { columns, rows })
+}
+
+mod sqlite {
+    use super::*;
+
+    fn arguments(params: &[Value]) -> Result<SqliteArguments, SqlError> {
+        let mut args = SqliteArguments::default();
+        for param in params {
+            let added = match param {
+                Value::Null => args.add(None::<i64>),
+                Value::Boolean(b) => args.add(*b),
+                Value::Integer(i) => args.add(*i),
+                Value::Real(f) => args.add(*f),
+                Value::Text(s) => args.add(s.clone()),
+                Value::Blob(b) => args.add(b.clone()),
+            };
+            added.map_err(|e| invalid(format!("parameter: {e}")))?;
+        }
+        Ok(args)
+    }
+
+    fn decode(row: &SqliteRow, i: usize) -> Result<Value, SqlError> {
+        let raw = row.try_get_raw(i)?;
+        // A NULL reports its column's declared type, so look at NULL first.
+        if raw.is_null() {
+            return Ok(Value::Null);
+        }
+        let storage_class = raw.type_info().name().to_string();
+        Ok(match storage_class.as_str() {
+            "INTEGER" | "BOOLEAN" => Value::Integer(row.try_get(i)?),
+            "REAL" => Value::Real(row.try_get(i)?),
+            "BLOB" => Value::Blob(row.try_get(i)?),
+            _ => Value::Text(row.try_get(i)?),
+        })
+    }
+
+    pub async fn query<'e, E>(
+        executor: E,
+        statement: String,
+        params: &[Value],
+    ) -> Result<RowSet, SqlError>
+    where
+        E: sqlx::Executor<'e, Database = Sqlite>,
+    {
+        let rows = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+            .persistent(false)
+            .fetch_all(executor)
+            .await?;
+        row_set(&rows, decode)
+    }
+
+    pub async fn execute<'e, E>(
+        executor: E,
+        statement: String,
+        params: &[Value],
+    ) -> Result<u64, SqlError>
+    where
+        E: sqlx::Executor<'e, Database = Sqlite>,
+    {
+        let done = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+            .persistent(false)
+            .execute(executor)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    /// A NULL of no declared type, so PostgreSQL infers it from where it is used (a
+    /// typed NULL such as `None::<String>` fails against a non-text column).
+    struct UntypedNull;
+
+    impl sqlx::Type<Postgres> for UntypedNull {
+        fn type_info() -> PgTypeInfo {
+            PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0))
+        }
+
+        fn compatible(_: &PgTypeInfo) -> bool {
+            true
+        }
+    }
+
+    impl sqlx::Encode<'_, Postgres> for UntypedNull {
+        fn encode_by_ref(
+            &self,
+            _: &mut PgArgumentBuffer,
+        ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+            Ok(sqlx::encode::IsNull::Yes)
+        }
+    }
+
+    fn arguments(params: &[Value]) -> Result<PgArguments, SqlError> {
+        let mut args = PgArguments::default();
+        for param in params {
+            let added = match param {
+                Value::Null => args.add(UntypedNull),
+                Value::Boolean(b) => args.add(*b),
+                Value::Integer(i) => args.add(*i),
+                Value::Real(f) => args.add(*f),
+                Value::Text(s) => args.add(s.clone()),
+                Value::Blob(b) => args.add(b.clone()),
+            };
+            added.map_err(|e| invalid(format!("parameter: {e}")))?;
+        }
+        Ok(args)
+    }
+
+    fn decode(row: &PgRow, i: usize) -> Result<Value, SqlError> {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            return Ok(Value::Null);
+        }
+        let type_name = raw.type_info().name().to_string();
+        Ok(match type_name.as_str() {
+            "BOOL" => Value::Boolean(row.try_get(i)?),
+            "INT2" => Value::Integer(row.try_get::<i16, _>(i)?.into()),
+            "INT4" => Value::Integer(row.try_get::<i32, _>(i)?.into()),
+            "INT8" => Value::Integer(row.try_get(i)?),
+            "FLOAT4" => Value::Real(row.try_get::<f32, _>(i)?.into()),
+            "FLOAT8" => Value::Real(row.try_get(i)?),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "UNKNOWN" => Value::Text(row.try_get(i)?),
+            "BYTEA" => Value::Blob(row.try_get(i)?),
+            "VOID" => Value::Null,
+            other => {
+                let column = row.columns()[i].name().to_string();
+                return Err(invalid(format!(
+                    "column {column:?} has type {other}, which is not returned as is: cast it in the query \
+                     (e.g. {column}::text or {column}::float8)"
+                )));
+            }
+        })
+    }
+
+    pub async fn query<'e, E>(
+        executor: E,
+        statement: String,
+        params: &[Value],
+    ) -> Result<RowSet, SqlError>
+    where
+        E: sqlx::Executor<'e, Database = Postgres>,
+    {
+        // Not cached: a component's ALTER TABLE would otherwise break its cached plans.
+        let rows = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+            .persistent(false)
+            .fetch_all(executor)
+            .await?;
+        row_set(&rows, decode)
+    }
+
+    pub async fn execute<'e, E>(
+        executor: E,
+        statement: String,
+        params: &[Value],
+    ) -> Result<u64, SqlError>
+    where
+        E: sqlx::Executor<'e, Database = Postgres>,
+    {
+        let done = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+            .persistent(false)
+            .execute(executor)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,295 @@
+//! Relational storage (`trellis:platform/sql`) through the gateway, on SQLite and on a real
+//! PostgreSQL: tables with constraints, typed parameters and rows, transactions, isolation
+//! and persistence. The same suite runs against both backends.
+
+mod common;
+use common::{NodeOptions, Postgres, TestNode};
+use serde_json::{Value, json};
+
+const MANIFEST: &str = r#"
+[components.accounts]
+source = "{wasm:sql-probe}"
+routes = ["/accounts"]
+sql = true
+
+[components.billing]
+source = "{wasm:sql-probe}"
+routes = ["/billing"]
+sql = true
+
+[components.plain]
+source = "{wasm:sql-probe}"
+routes = ["/plain"]
+"#;
+
+/// Portable between SQLite and PostgreSQL.
+const SCHEMA: &str = "CREATE TABLE users (
+    id BIGINT PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    age BIGINT CHECK (age >= 0),
+    score DOUBLE PRECISION,
+    avatar BYTEA,
+    note TEXT)";
+
+macro_rules! on_both_backends {
+    ($suite:ident) => {
+        mod $suite {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$suite(super::NodeOptions::default()).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let postgres = super::Postgres::start();
+                let options = super::NodeOptions {
+                    database_url: Some(postgres.url()),
+                    ..Default::default()
+                };
+                super::$suite(options).await;
+            }
+        }
+    };
+}
+
+on_both_backends!(tables_constraints_and_typed_values);
+on_both_backends!(transactions_commit_or_roll_back_as_a_whole);
+on_both_backends!(each_component_has_its_own_tables_and_they_persist);
+
+/// Posts a script to the sql-probe at `path`; returns its answer.
+async fn run(node: &TestNode, path: &str, script: Value) -> Value {
+    let response = node.post(path, script.to_string()).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()
+}
+
+/// Runs one statement outside a transaction; returns its result.
+async fn one(node: &TestNode, path: &str, kind: &str, sql: &str, params: Value) -> Value {
+    let answer = run(
+        node,
+        path,
+        json!({"statements": [{kind: sql, "params": params}]}),
+    )
+    .await;
+    answer["results"][0].clone()
+}
+
+async fn tables_constraints_and_typed_values(options: NodeOptions) {
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    assert_eq!(
+        one(&node, "/accounts", "execute", SCHEMA, json!([])).await["error"],
+        Value::Null
+    );
+
+    let inserted = one(
+        &node,
+        "/accounts",
+        "execute",
+        "INSERT INTO users (id, email, age, score, avatar, note) VALUES ($1, $2, $3, $4, $5, $6)",
+        json!([1, "ada@example.com", 36, 4.5, {"blob": [0, 1, 255]}, null]),
+    )
+    .await;
+    assert_eq!(inserted, json!({"changed": 1}));
+
+    let selected = one(
+        &node,
+        "/accounts",
+        "query",
+        "SELECT id, email, age, score, avatar, note FROM users WHERE email = $1",
+        json!(["ada@example.com"]),
+    )
+    .await;
+    assert_eq!(
+        selected["columns"],
+        json!(["id", "email", "age", "score", "avatar", "note"])
+    );
+    assert_eq!(
+        selected["rows"],
+        json!([[1, "ada@example.com", 36, 4.5, {"blob": [0, 1, 255]}, null]])
+    );
+
+    let insert = "INSERT INTO users (id, email, age) VALUES ($1, $2, $3)";
+    let duplicate = one(
+        &node,
+        "/accounts",
+        "execute",
+        insert,
+        json!([2, "ada@example.com", 1]),
+    )
+    .await;
+    assert_eq!(duplicate["error"]["kind"], "constraint", "{duplicate}");
+    assert_eq!(duplicate["error"]["constraint"], "unique");
+    let negative = one(
+        &node,
+        "/accounts",
+        "execute",
+        insert,
+        json!([3, "neg@example.com", -1]),
+    )
+    .await;
+    assert_eq!(negative["error"]["constraint"], "check", "{negative}");
+    let no_email = one(&node, "/accounts", "execute", insert, json!([4, null, 1])).await;
+    assert_eq!(no_email["error"]["constraint"], "not-null", "{no_email}");
+
+    one(
+        &node,
+        "/accounts",
+        "execute",
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL REFERENCES users (id))",
+        json!([]),
+    )
+    .await;
+    let orphan = one(
+        &node,
+        "/accounts",
+        "execute",
+        "INSERT INTO orders (id, user_id) VALUES ($1, $2)",
+        json!([1, 999]),
+    )
+    .await;
+    assert_eq!(orphan["error"]["constraint"], "foreign-key", "{orphan}");
+
+    let bad = one(
+        &node,
+        "/accounts",
+        "query",
+        "SELECT * FROM nowhere",
+        json!([]),
+    )
+    .await;
+    assert_eq!(bad["error"]["kind"], "invalid-statement", "{bad}");
+
+    // Updates report how many rows they changed; RETURNING comes back as rows.
+    let updated = one(
+        &node,
+        "/accounts",
+        "execute",
+        "UPDATE users SET age = age + 1",
+        json!([]),
+    )
+    .await;
+    assert_eq!(updated, json!({"changed": 1}));
+    let returned = one(
+        &node,
+        "/accounts",
+        "query",
+        "INSERT INTO users (id, email) VALUES ($1, $2) RETURNING id, email",
+        json!([7, "grace@example.com"]),
+    )
+    .await;
+    assert_eq!(returned["rows"], json!([[7, "grace@example.com"]]));
+}
+
+async fn transactions_commit_or_roll_back_as_a_whole(options: NodeOptions) {
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    one(&node, "/accounts", "execute", SCHEMA, json!([])).await;
+    let insert = "INSERT INTO users (id, email) VALUES ($1, $2)";
+    let count = || async {
+        one(
+            &node,
+            "/accounts",
+            "query",
+            "SELECT count(*) FROM users",
+            json!([]),
+        )
+        .await["rows"][0][0]
+            .clone()
+    };
+
+    let committed = run(
+        &node,
+        "/accounts",
+        json!({"tx": "commit", "statements": [
+            {"execute": insert, "params": [1, "a@example.com"]},
+            {"execute": insert, "params": [2, "b@example.com"]},
+        ]}),
+    )
+    .await;
+    assert_eq!(committed["tx"], "committed", "{committed}");
+    assert_eq!(count().await, 2);
+
+    let rolled_back = run(
+        &node,
+        "/accounts",
+        json!({"tx": "rollback", "statements": [{"execute": insert, "params": [3, "c@example.com"]}]}),
+    )
+    .await;
+    assert_eq!(rolled_back["tx"], "rolled back");
+    assert_eq!(count().await, 2, "a rolled-back insert leaves nothing");
+
+    // A constraint failure inside a transaction: the guest rolls back, and the earlier
+    // statement of the same transaction is gone too.
+    let failed = run(
+        &node,
+        "/accounts",
+        json!({"tx": "commit", "statements": [
+            {"execute": insert, "params": [4, "d@example.com"]},
+            {"execute": insert, "params": [5, "a@example.com"]},
+        ]}),
+    )
+    .await;
+    assert_eq!(
+        failed["results"][1]["error"]["constraint"], "unique",
+        "{failed}"
+    );
+    assert_eq!(failed["tx"], "rolled back");
+    assert_eq!(count().await, 2);
+}
+
+async fn each_component_has_its_own_tables_and_they_persist(mut options: NodeOptions) {
+    let data_dir = tempfile::tempdir().unwrap();
+    options.data_dir = Some(data_dir.path().to_path_buf());
+
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    one(&node, "/accounts", "execute", SCHEMA, json!([])).await;
+    one(
+        &node,
+        "/accounts",
+        "execute",
+        "INSERT INTO users (id, email) VALUES (1, 'kept@example.com')",
+        json!([]),
+    )
+    .await;
+
+    // Another component asking for the same table finds none: its database is its own.
+    let other = one(
+        &node,
+        "/billing",
+        "query",
+        "SELECT email FROM users",
+        json!([]),
+    )
+    .await;
+    assert_eq!(other["error"]["kind"], "invalid-statement", "{other}");
+    // And it can create its own table of that name without touching the first.
+    one(&node, "/billing", "execute", SCHEMA, json!([])).await;
+    let empty = one(
+        &node,
+        "/billing",
+        "query",
+        "SELECT email FROM users",
+        json!([]),
+    )
+    .await;
+    assert_eq!(empty["rows"], json!([]));
+
+    // No grant, no SQL.
+    let denied = one(&node, "/plain", "query", "SELECT 1", json!([])).await;
+    assert_eq!(denied["error"]["kind"], "access-denied");
+    drop(node);
+
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    let kept = one(
+        &node,
+        "/accounts",
+        "query",
+        "SELECT email FROM users",
+        json!([]),
+    )
+    .await;
+    assert_eq!(
+        kept["rows"],
+        json!([["kept@example.com"]]),
+        "data survives a restart"
+    );
+}
