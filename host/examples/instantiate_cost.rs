@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let loaded = manifest::load(&manifest_path)?;
-    let host = Host::new(&loaded).await?;
+    let host = Host::new(&loaded, false).await?;
     let metrics = Metrics::default();
     let deployment = host
         .load_component(&loaded, "hello", &metrics, None)
@@ -86,7 +86,11 @@ async fn one_request(deployment: &Deployment) -> anyhow::Result<()> {
             http.new_response_outparam(sender)?,
         )
     };
-    let proxy = deployment.pre().instantiate_async(&mut store).await?;
+    let proxy = deployment
+        .http()
+        .expect("hello serves HTTP")
+        .instantiate_async(&mut store)
+        .await?;
     proxy
         .wasi_http_incoming_handler()
         .call_handle(&mut store, guest_request, out)

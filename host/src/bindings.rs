@@ -1,6 +1,7 @@
 //! The host side of the project's WIT world (`wit/world.wit`): the one `bindgen!` for every
 //! interface Trellis implements itself (WASI, wasi:http and wasi:config come from the
-//! wasmtime crates). Each capability module implements the generated traits.
+//! wasmtime crates), and the message-handler export. Each capability module implements the
+//! generated traits.
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -15,3 +16,15 @@ wasmtime::component::bindgen!({
         "trellis:platform/sql.error" => crate::sql::SqlError,
     },
 });
+
+/// The export side of messaging: calling a component's `handle-message`.
+pub mod handler {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "trellis:platform/message-handler",
+        exports: { default: async },
+        with: {
+            "wasmcloud:messaging/types": crate::bindings::wasmcloud::messaging::types,
+        },
+    });
+}

@@ -12,14 +12,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::bindings::handler::MessageHandlerPre;
+use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::instance::{Grants, InstanceState};
 use crate::keyvalue::KeyValueGrant;
 use crate::manifest::{ComponentSpec, Limits};
+use crate::messaging::{MessageBus, MessagingGrant};
 use crate::metrics::ComponentMetrics;
 use crate::outbound::{InternalCalls, OutboundPolicy};
 use crate::sql::SqlGrant;
@@ -33,6 +36,7 @@ pub fn build_linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
     crate::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
     crate::sql::add_to_linker(&mut linker, InstanceState::sql)?;
+    crate::messaging::add_to_linker(&mut linker, InstanceState::messaging)?;
     Ok(linker)
 }
 
@@ -53,11 +57,20 @@ pub enum LoadError {
     #[error("component {component:?}: needs an import this host does not provide: {reason}")]
     MissingImport { component: String, reason: String },
     #[error("component {component:?}: {reason}")]
-    NotAnHttpComponent { component: String, reason: String },
+    MissingExport { component: String, reason: String },
     #[error("component {component:?}: cannot open its storage: {reason}")]
     Storage { component: String, reason: String },
     #[error("component {component:?}: fails to instantiate: {reason}")]
     Instantiate { component: String, reason: String },
+}
+
+/// What the node provides a deployment beyond its manifest entry.
+pub struct NodeServices {
+    pub metrics: ComponentMetrics,
+    pub storage: StorageGrants,
+    /// Where its `NAME.internal` calls go (none: refused).
+    pub internal_calls: Option<InternalCalls>,
+    pub bus: Arc<dyn MessageBus>,
 }
 
 /// The storage capabilities a deployment was granted, prepared before it is compiled.
@@ -79,7 +92,11 @@ pub struct Deployment {
     pub source: PathBuf,
     pub limits: Limits,
     pub metrics: ComponentMetrics,
-    pre: ProxyPre<InstanceState>,
+    instance_pre: InstancePre<InstanceState>,
+    /// Present when the component exports `wasi:http/incoming-handler`.
+    http: Option<ProxyPre<InstanceState>>,
+    /// Present when the component exports `wasmcloud:messaging/handler`.
+    handler: Option<MessageHandlerPre<InstanceState>>,
     grants: Grants,
     admission: Arc<Semaphore>,
 }
@@ -92,10 +109,14 @@ impl Deployment {
         linker: &Linker<InstanceState>,
         name: &str,
         spec: &ComponentSpec,
-        metrics: ComponentMetrics,
-        storage: StorageGrants,
-        internal_calls: Option<InternalCalls>,
+        services: NodeServices,
     ) -> Result<Self, LoadError> {
+        let NodeServices {
+            metrics,
+            storage,
+            internal_calls,
+            bus,
+        } = services;
         let component_name = name.to_string();
         let bytes = std::fs::read(&spec.source).map_err(|e| LoadError::Read {
             component: component_name.clone(),
@@ -114,10 +135,27 @@ impl Deployment {
                     component: component_name.clone(),
                     reason: format!("{e:#}"),
                 })?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| LoadError::NotAnHttpComponent {
+        let http = ProxyPre::new(instance_pre.clone()).ok();
+        let handler = MessageHandlerPre::new(instance_pre.clone()).ok();
+        let missing_export = |reason: String| LoadError::MissingExport {
             component: component_name.clone(),
-            reason: format!("does not export wasi:http/incoming-handler@0.2.x ({e:#})"),
-        })?;
+            reason,
+        };
+        if http.is_none() && !spec.routes.is_empty() {
+            return Err(missing_export(
+                "it has routes but does not export wasi:http/incoming-handler@0.2.x".into(),
+            ));
+        }
+        if handler.is_none() && !spec.subscriptions.is_empty() {
+            return Err(missing_export(
+                "it has subscriptions but does not export wasmcloud:messaging/handler@0.2.0".into(),
+            ));
+        }
+        if http.is_none() && handler.is_none() {
+            return Err(missing_export(
+                "it exports neither wasi:http/incoming-handler@0.2.x nor wasmcloud:messaging/handler@0.2.0".into(),
+            ));
+        }
 
         let tenant: Arc<str> = spec.tenant.as_str().into();
         let name: Arc<str> = name.into();
@@ -139,6 +177,11 @@ impl Deployment {
             outbound: OutboundPolicy::new(&spec.outbound, internal_calls),
             keyvalue: storage.keyvalue,
             sql: storage.sql,
+            messaging: Arc::new(MessagingGrant {
+                bus,
+                tenant: tenant.clone(),
+                publish: spec.publish.clone(),
+            }),
         };
         Ok(Self {
             name,
@@ -146,7 +189,9 @@ impl Deployment {
             source: spec.source.clone(),
             limits: spec.limits,
             metrics,
-            pre,
+            instance_pre,
+            http,
+            handler,
             grants,
             admission: Arc::new(Semaphore::new(spec.limits.max_concurrent as usize)),
         })
@@ -162,7 +207,7 @@ impl Deployment {
         let mut store = self
             .new_store(Instant::now() + self.limits.deadline)
             .map_err(|e| fail(format!("{e:#}")))?;
-        match self.pre.instantiate_async(&mut store).await {
+        match self.instance_pre.instantiate_async(&mut store).await {
             Ok(_) => Ok(()),
             Err(_) if store.data().limiter.refused => Err(fail(format!(
                 "its initial memory is above limits.memory ({})",
@@ -178,14 +223,63 @@ impl Deployment {
         self.admission.clone().try_acquire_owned().ok()
     }
 
-    pub fn pre(&self) -> &ProxyPre<InstanceState> {
-        &self.pre
+    /// Waits for one of the component's slots (message delivery: backpressure, not refusal).
+    pub async fn admit_waiting(&self) -> OwnedSemaphorePermit {
+        self.admission
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the admission semaphore is never closed")
+    }
+
+    /// The HTTP pre-instance, when the component serves HTTP.
+    pub fn http(&self) -> Option<&ProxyPre<InstanceState>> {
+        self.http.as_ref()
+    }
+
+    /// Runs `handle-message` in a fresh instance, under the component's limits. The error
+    /// says why the message was not handled: the guest's own error, a trap, the deadline.
+    pub async fn handle_message(&self, message: BrokerMessage) -> Result<(), String> {
+        let Some(handler) = &self.handler else {
+            return Err("the component does not export wasmcloud:messaging/handler".into());
+        };
+        let deadline = Instant::now() + self.limits.deadline;
+        let mut store = self.new_store(deadline).map_err(|e| format!("{e:#}"))?;
+        let run = async {
+            let instance = handler.instantiate_async(&mut store).await?;
+            instance
+                .wasmcloud_messaging_handler()
+                .call_handle_message(&mut store, &message)
+                .await
+        };
+        match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(guest_error))) => {
+                Err(format!("the handler returned an error: {guest_error}"))
+            }
+            Ok(Err(_)) if store.data().limiter.refused => Err(format!(
+                "the handler exceeded its memory limit of {}",
+                self.limits.memory
+            )),
+            Ok(Err(e)) if e.downcast_ref::<DeadlineExceeded>().is_some() => Err(format!(
+                "the handler ran past its deadline of {:?}",
+                self.limits.deadline
+            )),
+            Ok(Err(e)) => Err(format!("the handler trapped: {}", e.root_cause())),
+            Err(_) => Err(format!(
+                "the handler ran past its deadline of {:?}",
+                self.limits.deadline
+            )),
+        }
     }
 
     /// A fresh store for one call: the memory limiter installed and an epoch callback
     /// that yields to the executor every tick and traps once `deadline` has passed.
     pub fn new_store(&self, deadline: Instant) -> wasmtime::Result<Store<InstanceState>> {
-        let mut store = Store::new(self.pre.engine(), InstanceState::new(&self.grants)?);
+        let mut store = Store::new(
+            self.instance_pre.engine(),
+            InstanceState::new(&self.grants)?,
+        );
         store.limiter(|state| &mut state.limiter);
         // At least one tick, so that even instantiation runs under the deadline.
         store.set_epoch_deadline(1);

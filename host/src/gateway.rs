@@ -299,7 +299,10 @@ impl Gateway {
             let _in_flight = InFlight::enter(&instance.metrics);
             let run = async {
                 let instantiating = Instant::now();
-                let proxy = instance.pre().instantiate_async(&mut store).await?;
+                let Some(http) = instance.http() else {
+                    wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+                };
+                let proxy = http.instantiate_async(&mut store).await?;
                 instance
                     .metrics
                     .instantiation_duration

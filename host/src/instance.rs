@@ -18,6 +18,7 @@ use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::keyvalue::{KeyValue, KeyValueGrant};
+use crate::messaging::{Messaging, MessagingGrant};
 use crate::outbound::OutboundPolicy;
 use crate::sql::{Sql, SqlGrant};
 
@@ -36,6 +37,8 @@ pub struct Grants {
     pub keyvalue: Option<Arc<KeyValueGrant>>,
     /// Relational storage, when the manifest grants it.
     pub sql: Option<Arc<SqlGrant>>,
+    /// The bus, and the subjects the component may publish on.
+    pub messaging: Arc<MessagingGrant>,
 }
 
 /// The data inside one instance's `Store`.
@@ -47,6 +50,7 @@ pub struct InstanceState {
     outbound: OutboundPolicy,
     keyvalue: Option<Arc<KeyValueGrant>>,
     sql: Option<Arc<SqlGrant>>,
+    messaging: Arc<MessagingGrant>,
     pub limiter: MemoryLimiter,
 }
 
@@ -76,6 +80,7 @@ impl InstanceState {
             outbound: grants.outbound.clone(),
             keyvalue: grants.keyvalue.clone(),
             sql: grants.sql.clone(),
+            messaging: grants.messaging.clone(),
             limiter: MemoryLimiter {
                 limit: grants.memory_limit,
                 refused: false,
@@ -85,6 +90,12 @@ impl InstanceState {
 
     pub fn config(&mut self) -> WasiConfig<'_> {
         WasiConfig::new(&self.config)
+    }
+
+    pub fn messaging(&mut self) -> Messaging<'_> {
+        Messaging {
+            grant: &self.messaging,
+        }
     }
 
     pub fn sql(&mut self) -> Sql<'_> {

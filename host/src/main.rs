@@ -42,6 +42,10 @@ enum Command {
         /// node.database_url or SQLite files.
         #[arg(long, env = "TRELLIS_DATABASE_URL")]
         database_url: Option<String>,
+        /// Carry messages over this NATS server (nats://...) instead of node.nats_url or the
+        /// in-process bus.
+        #[arg(long, env = "TRELLIS_NATS_URL")]
+        nats_url: Option<String>,
     },
     /// Validate a manifest and every component it names (compile, link, instantiate)
     /// without serving. Exits 0 when everything is valid, 1 otherwise.
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
                 listen,
                 data_dir,
                 database_url,
+                nats_url,
             } => {
                 let mut manifest = trellis::manifest::load(&manifest)?;
                 if let Some(listen) = listen {
@@ -87,6 +92,9 @@ fn main() -> ExitCode {
                 }
                 if database_url.is_some() {
                     manifest.manifest.node.database_url = database_url;
+                }
+                if nats_url.is_some() {
+                    manifest.manifest.node.nats_url = nats_url;
                 }
                 trellis::node::up(manifest).await.map(|()| true)
             }

@@ -51,6 +51,8 @@ pub struct NodeSettings {
     /// `postgres://` URL of the database components' data lives in; unset: SQLite files
     /// under `data_dir`.
     pub database_url: Option<String>,
+    /// `nats://` URL of the NATS server messages go through; unset: the in-process bus.
+    pub nats_url: Option<String>,
 }
 
 impl Default for NodeSettings {
@@ -61,6 +63,7 @@ impl Default for NodeSettings {
             max_instances: 1000,
             max_instance_memory: ByteSize::mib(256),
             database_url: None,
+            nats_url: None,
         }
     }
 }
@@ -102,6 +105,12 @@ pub struct ComponentSpec {
     /// Whether the component may use relational storage (`trellis:platform/sql`).
     #[serde(default)]
     pub sql: bool,
+    /// Subjects (NATS wildcards allowed) whose messages call its `handle-message`.
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    /// Subjects (NATS wildcards allowed) it may publish and send requests on.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 fn default_tenant() -> String {
@@ -120,6 +129,8 @@ pub struct Limits {
     pub max_concurrent: u32,
     /// Largest request body accepted; more gets 413.
     pub max_body: ByteSize,
+    /// Times a message is offered to the handler before it is dead-lettered.
+    pub message_attempts: u32,
 }
 
 impl Default for Limits {
@@ -129,6 +140,7 @@ impl Default for Limits {
             deadline: Duration::from_secs(10),
             max_concurrent: 100,
             max_body: ByteSize::mib(2),
+            message_attempts: 3,
         }
     }
 }
@@ -428,6 +440,19 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                     format!("no such directory: {}", grant.host.display()),
                 );
             }
+        }
+        for (field, patterns) in [
+            ("subscriptions", &component.subscriptions),
+            ("publish", &component.publish),
+        ] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Some(reason) = crate::messaging::subject_problem(pattern, true) {
+                    problem(at(&format!("{field}[{i}]")), reason);
+                }
+            }
+        }
+        if limits.message_attempts == 0 {
+            problem(at("limits.message_attempts"), "must be at least 1".into());
         }
         for (i, bucket) in component.keyvalue.iter().enumerate() {
             if bucket.is_empty() || bucket.len() > 255 || bucket.chars().any(char::is_control) {

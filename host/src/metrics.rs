@@ -39,6 +39,9 @@ pub struct Metrics {
     deadline_kills: Family<ComponentLabels, Counter>,
     memory_limit_kills: Family<ComponentLabels, Counter>,
     admission_rejections: Family<ComponentLabels, Counter>,
+    messages_handled: Family<ComponentLabels, Counter>,
+    message_failures: Family<ComponentLabels, Counter>,
+    messages_dead_lettered: Family<ComponentLabels, Counter>,
     unrouted: Counter,
 }
 
@@ -59,7 +62,25 @@ impl Default for Metrics {
         let deadline_kills = Family::<ComponentLabels, Counter>::default();
         let memory_limit_kills = Family::<ComponentLabels, Counter>::default();
         let admission_rejections = Family::<ComponentLabels, Counter>::default();
+        let messages_handled = Family::<ComponentLabels, Counter>::default();
+        let message_failures = Family::<ComponentLabels, Counter>::default();
+        let messages_dead_lettered = Family::<ComponentLabels, Counter>::default();
         let unrouted = Counter::default();
+        registry.register(
+            "messages_handled",
+            "Messages a handler accepted",
+            messages_handled.clone(),
+        );
+        registry.register(
+            "message_failures",
+            "Handler attempts that returned an error, trapped or ran out of time",
+            message_failures.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Messages sent to the dead-letter subject after their last attempt",
+            messages_dead_lettered.clone(),
+        );
         registry.register(
             "requests",
             "HTTP requests answered, by tenant, component and status",
@@ -115,6 +136,9 @@ impl Default for Metrics {
             deadline_kills,
             memory_limit_kills,
             admission_rejections,
+            messages_handled,
+            message_failures,
+            messages_dead_lettered,
             unrouted,
         }
     }
@@ -135,6 +159,9 @@ impl Metrics {
             deadline_kills: self.deadline_kills.get_or_create(&labels).clone(),
             memory_limit_kills: self.memory_limit_kills.get_or_create(&labels).clone(),
             admission_rejections: self.admission_rejections.get_or_create(&labels).clone(),
+            messages_handled: self.messages_handled.get_or_create(&labels).clone(),
+            message_failures: self.message_failures.get_or_create(&labels).clone(),
+            messages_dead_lettered: self.messages_dead_lettered.get_or_create(&labels).clone(),
             labels,
         }
     }
@@ -171,4 +198,7 @@ pub struct ComponentMetrics {
     pub deadline_kills: Counter,
     pub memory_limit_kills: Counter,
     pub admission_rejections: Counter,
+    pub messages_handled: Counter,
+    pub message_failures: Counter,
+    pub messages_dead_lettered: Counter,
 }

@@ -12,11 +12,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use wasmtime::component::Linker;
 
-use crate::component::{Deployment, LoadError, StorageGrants, build_linker};
+use crate::component::{Deployment, LoadError, NodeServices, StorageGrants, build_linker};
 use crate::gateway::Gateway;
 use crate::instance::InstanceState;
 use crate::keyvalue::KeyValueGrant;
 use crate::manifest::{ComponentSpec, LoadedManifest};
+use crate::messaging::MessageBus;
 use crate::metrics::Metrics;
 use crate::outbound::InternalCalls;
 use crate::router::Router;
@@ -29,10 +30,13 @@ pub struct Host {
     pub runtime: Runtime,
     pub linker: Arc<Linker<InstanceState>>,
     pub storage: Storage,
+    pub bus: Arc<dyn MessageBus>,
 }
 
 impl Host {
-    pub async fn new(manifest: &LoadedManifest) -> Result<Self> {
+    /// `serving`: whether the node will serve (connects NATS if configured); `check` and
+    /// tools pass false and get the in-process bus, which touches no network.
+    pub async fn new(manifest: &LoadedManifest, serving: bool) -> Result<Self> {
         let node = &manifest.manifest.node;
         let runtime = Runtime::new(&EngineSettings {
             max_instances: node.max_instances,
@@ -42,10 +46,17 @@ impl Host {
         let linker =
             Arc::new(build_linker(&runtime.engine).context("linking the host interfaces")?);
         let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
+        let bus = crate::messaging::connect(if serving {
+            node.nats_url.as_deref()
+        } else {
+            None
+        })
+        .await?;
         Ok(Self {
             runtime,
             linker,
             storage,
+            bus,
         })
     }
 
@@ -61,6 +72,7 @@ impl Host {
         let spec = &manifest.manifest.components[name];
         let component_metrics = metrics.for_component(&spec.tenant, name);
         let storage = self.storage_grants(name, spec).await?;
+        let bus = self.bus.clone();
         let internal_calls = gateway.map(|gateway| InternalCalls {
             gateway,
             tenant: spec.tenant.as_str().into(),
@@ -69,15 +81,13 @@ impl Host {
         let (engine, linker) = (self.runtime.engine.clone(), self.linker.clone());
         let (owned_name, owned_spec) = (name.to_string(), spec.clone());
         let deployment = tokio::task::spawn_blocking(move || {
-            Deployment::load(
-                &engine,
-                &linker,
-                &owned_name,
-                &owned_spec,
-                component_metrics,
+            let services = NodeServices {
+                metrics: component_metrics,
                 storage,
                 internal_calls,
-            )
+                bus,
+            };
+            Deployment::load(&engine, &linker, &owned_name, &owned_spec, services)
         })
         .await
         .map_err(|e| LoadError::Compile {
@@ -173,13 +183,21 @@ pub async fn up(manifest: LoadedManifest) -> Result<()> {
     tracing::info!(manifest = %manifest.path.display(), %local_addr, "node starting");
 
     let server = tokio::spawn(gateway.clone().serve(listener, shutdown_signal()));
-    let host = Host::new(&manifest).await?;
+    let host = Host::new(&manifest, true).await?;
     match host
         .load_all(&manifest, &gateway.metrics, Some(Arc::downgrade(&gateway)))
         .await
     {
         Ok(router) => {
             let count = router.deployments().len();
+            for deployment in router.deployments() {
+                let patterns = &manifest.manifest.components[&*deployment.name].subscriptions;
+                if !patterns.is_empty() {
+                    crate::messaging::start_subscriptions(&host.bus, deployment.clone(), patterns)
+                        .await?;
+                    tracing::info!(component = %deployment.name, subscriptions = ?patterns, "subscribed");
+                }
+            }
             let _ = gateway.router.set(router);
             tracing::info!(components = count, "node ready");
         }
@@ -207,7 +225,7 @@ pub async fn up(manifest: LoadedManifest) -> Result<()> {
 /// `trellis check`: load every component without serving. Prints a report; returns whether
 /// everything loaded.
 pub async fn check(manifest: LoadedManifest) -> Result<bool> {
-    let host = Host::new(&manifest).await?;
+    let host = Host::new(&manifest, false).await?;
     let metrics = Metrics::default();
     let mut ok = true;
     println!("manifest {}: valid", manifest.path.display());

@@ -61,6 +61,8 @@ pub struct NodeOptions {
     pub data_dir: Option<PathBuf>,
     /// `postgres://` URL for components' data (default: SQLite under the data dir).
     pub database_url: Option<String>,
+    /// `nats://` URL of the message bus (default: the in-process bus).
+    pub nats_url: Option<String>,
 }
 
 pub struct TestNode {
@@ -113,6 +115,9 @@ impl TestNode {
             .args(["--data-dir", data_dir.to_str().unwrap()]);
         if let Some(url) = &options.database_url {
             command.args(["--database-url", url]);
+        }
+        if let Some(url) = &options.nats_url {
+            command.args(["--nats-url", url]);
         }
         let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
@@ -397,5 +402,66 @@ impl Drop for Postgres {
         let _ = postgres_tool(&self.bin.join("pg_ctl"))
             .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
             .output();
+    }
+}
+
+/// A real nats-server (Debian's package, installed by `cargo xtask test`) on a free
+/// loopback port, stopped on drop. `restart` kills it and starts a new one on the same port.
+pub struct Nats {
+    child: Child,
+    pub port: u16,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Nats {
+            child: Self::spawn(port),
+            port,
+        }
+    }
+
+    fn spawn(port: u16) -> Child {
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("nats-server not found: run `cargo xtask test`, which installs Debian's nats-server");
+        let child = Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start listening on port {port} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (clients see the connection drop) and starts a fresh one.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -200,7 +200,15 @@ fn ensure_rust_target(target: &str) -> Result<()> {
 /// A Debian package, and how to tell it is already installed.
 type Requirement = (&'static str, fn() -> bool);
 
-const TEST_PACKAGES: &[Requirement] = &[("postgresql", postgres_installed)];
+const TEST_PACKAGES: &[Requirement] = &[
+    ("postgresql", postgres_installed),
+    ("nats-server", nats_installed),
+];
+
+fn nats_installed() -> bool {
+    // Debian installs it in /usr/sbin, which is not on every PATH.
+    Path::new("/usr/sbin/nats-server").is_file() || which("nats-server").is_some()
+}
 
 fn postgres_installed() -> bool {
     // The server binaries live under /usr/lib/postgresql/VERSION/bin, off PATH.
