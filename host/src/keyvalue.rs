@@ -91,6 +91,11 @@ impl KeyValueGrant {
             backend,
         })
     }
+
+    /// The backend itself (the benchmark's native baseline calls it directly).
+    pub fn backend(&self) -> Arc<dyn KeyValueBackend> {
+        self.backend.clone()
+    }
 }
 
 /// The view a store gives the key-value host functions.

@@ -51,6 +51,7 @@ pub fn run(root: &Path) -> Result<()> {
         "native hyper (baseline)",
         Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
         port,
+        "/hello/ready",
     )?;
     let port = free_port()?;
     let serve = Server::start(
@@ -59,6 +60,7 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
             .arg(&hello),
         port,
+        "/hello/ready",
     )?;
     let port = free_port()?;
     let manifest = out_dir.join("trellis.toml");
@@ -78,6 +80,7 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["up", manifest.to_str().unwrap()])
             .env("TRELLIS_LOG", "warn"),
         port,
+        "/health/ready",
     )?;
     let servers = [&native, &serve, &trellis];
     let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
@@ -108,7 +111,8 @@ pub fn run(root: &Path) -> Result<()> {
         .context("running the instantiate_cost example")?;
     let cost = String::from_utf8_lossy(&cost.stdout).trim().to_string();
 
-    let report = render(&results, &cost, &metrics);
+    let mut report = render(&results, &cost, &metrics);
+    report.push_str(&capabilities(&release, &out_dir)?);
     println!("\n{report}");
     std::fs::write(out_dir.join("results.md"), &report)?;
     Ok(())
@@ -160,6 +164,211 @@ fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String
     out
 }
 
+/// Messages in the NATS benchmark, and key-value / SQL operations per load.
+const MESSAGES: u64 = 20_000;
+const STORAGE_OPS: u64 = 2_000;
+
+/// Messages/s from NATS into a handler, key-value and SQL operations/s from inside a
+/// component, each against a native baseline run on the same infrastructure.
+fn capabilities(release: &Path, out_dir: &Path) -> Result<String> {
+    if !Path::new("/usr/sbin/nats-server").is_file() && super::which("nats-server").is_none() {
+        super::apt_install(&["nats-server"])?;
+    }
+    let nats_port = free_port()?;
+    let nats_binary = if Path::new("/usr/sbin/nats-server").is_file() {
+        "/usr/sbin/nats-server".into()
+    } else {
+        "nats-server".to_string()
+    };
+    let mut nats = Command::new(nats_binary)
+        .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server")?;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = nats.kill();
+            bail!("nats-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = capability_runs(release, out_dir, &nats_url);
+    let _ = nats.kill();
+    let _ = nats.wait();
+    result
+}
+
+fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<String> {
+    let baseline = release.join("examples/capability_baseline");
+    let native_nats =
+        run_baseline(Command::new(&baseline).args(["nats", nats_url, &MESSAGES.to_string()]))?;
+    let storage_dir = out_dir.join("baseline-data");
+    let _ = std::fs::remove_dir_all(&storage_dir);
+    let native_storage = run_baseline(
+        Command::new(&baseline)
+            .arg("storage")
+            .arg(&storage_dir)
+            .arg(STORAGE_OPS.to_string()),
+    )?;
+
+    let port = free_port()?;
+    let data = out_dir.join("capability-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let wasm = release.parent().unwrap().join("wasm");
+    let manifest = out_dir.join("capabilities.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nnats_url = \"{nats_url}\"\n\n\
+             [components.producer]\nsource = \"{msg}\"\nroutes = [\"/producer\"]\nkeyvalue = [\"default\"]\npublish = [\"bench.>\"]\n\n\
+             [components.sink]\nsource = \"{msg}\"\nroutes = [\"/sink\"]\nkeyvalue = [\"default\"]\nsubscriptions = [\"bench.>\"]\n\
+             limits = {{ max_concurrent = 64 }}\n\n\
+             [components.kv]\nsource = \"{kv}\"\nroutes = [\"/store\"]\nkeyvalue = [\"default\"]\nlimits = {{ deadline = \"60s\" }}\n\n\
+             [components.sql]\nsource = \"{sql}\"\nroutes = [\"/sql\"]\nsql = true\nlimits = {{ deadline = \"60s\", max_body = \"16MiB\" }}\n",
+            data = data.display(),
+            msg = wasm.join("msg-probe.wasm").display(),
+            kv = wasm.join("kv-probe.wasm").display(),
+            sql = wasm.join("sql-probe.wasm").display(),
+        ),
+    )?;
+    let node = Server::start(
+        "trellis capabilities",
+        Command::new(release.join("trellis"))
+            .args(["up", manifest.to_str().unwrap()])
+            .env("TRELLIS_LOG", "warn"),
+        port,
+        "/health/ready",
+    )?;
+
+    // Messages: one guest publishes them all; count what the sink's handler accepted.
+    let started = Instant::now();
+    http_post(
+        port,
+        &format!("/producer/publish-many/bench.load?n={MESSAGES}"),
+        "",
+    )?;
+    let handled_line = "trellis_messages_handled_total{tenant=\"default\",component=\"sink\"}";
+    loop {
+        let metrics = http_get(port, "/metrics")?;
+        let handled = metrics
+            .lines()
+            .find(|l| l.starts_with(handled_line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if handled >= MESSAGES as f64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("only {handled} of {MESSAGES} messages were handled within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let messages_per_sec = MESSAGES as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    http_post(port, &format!("/store/bench/default?n={STORAGE_OPS}"), "")?;
+    let kv_per_sec = (2 * STORAGE_OPS) as f64 / started.elapsed().as_secs_f64();
+
+    let mut statements =
+        vec![r#"{"execute":"CREATE TABLE bench (id BIGINT PRIMARY KEY, name TEXT)"}"#.to_string()];
+    statements.extend((0..STORAGE_OPS).map(|i| {
+        format!(r#"{{"execute":"INSERT INTO bench (id, name) VALUES ($1, $2)","params":[{i},"row {i}"]}}"#)
+    }));
+    statements.extend((0..STORAGE_OPS).map(|i| {
+        format!(r#"{{"query":"SELECT id, name FROM bench WHERE id = $1","params":[{i}]}}"#)
+    }));
+    let script = format!(r#"{{"statements":[{}]}}"#, statements.join(","));
+    let started = Instant::now();
+    let answer = http_post(port, "/sql", &script)?;
+    let sql_per_sec = (2 * STORAGE_OPS + 1) as f64 / started.elapsed().as_secs_f64();
+    if answer.contains("\"error\"") {
+        bail!(
+            "the SQL load failed: {}",
+            answer.lines().last().unwrap_or_default()
+        );
+    }
+    drop(node);
+
+    let native = |text: &str, key: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let rows = [
+        (
+            "messages from NATS into a handler component (one node)",
+            messages_per_sec,
+            native(&native_nats, "messages_per_sec"),
+            "async-nats queue subscriber",
+        ),
+        (
+            "key-value set/get from inside a component (SQLite)",
+            kv_per_sec,
+            native(&native_storage, "kv_ops_per_sec"),
+            "the same backend called natively",
+        ),
+        (
+            "SQL insert/select by key from inside a component (SQLite)",
+            sql_per_sec,
+            native(&native_storage, "sql_ops_per_sec"),
+            "the same statements through sqlx",
+        ),
+    ];
+    let mut out = format!(
+        "\nCapabilities: {MESSAGES} messages published by one guest into NATS and handled by another \
+         (a fresh instance each); {STORAGE_OPS} sets + {STORAGE_OPS} gets, and {STORAGE_OPS} inserts + \
+         {STORAGE_OPS} selects, each a host call from one guest request\n\n\
+         | load | trellis ops/s | native ops/s | trellis vs native | native baseline |\n|---|---|---|---|---|\n"
+    );
+    for (load, trellis, native, baseline) in rows {
+        out.push_str(&format!(
+            "| {load} | {trellis:.0} | {native:.0} | {:.2}x | {baseline} |\n",
+            trellis / native
+        ));
+    }
+    Ok(out)
+}
+
+fn run_baseline(command: &mut Command) -> Result<String> {
+    let output = command
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A minimal POST for the benchmark's loads.
+fn http_post(port: u16, path: &str, body: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.1 200") {
+        bail!(
+            "POST {path}: {}",
+            response.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(response)
+}
+
 /// A server process, killed on drop.
 struct Server {
     name: &'static str,
@@ -168,7 +377,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(name: &'static str, command: &mut Command, port: u16) -> Result<Self> {
+    /// Starts the server and waits until `ready_path` answers 200.
+    fn start(
+        name: &'static str,
+        command: &mut Command,
+        port: u16,
+        ready_path: &str,
+    ) -> Result<Self> {
         // A developer's RUST_BACKTRACE=1 makes every error capture a backtrace, which
         // costs real time per request in every server; measure without it.
         command
@@ -182,7 +397,7 @@ impl Server {
         let mut server = Server { name, port, child };
         let started = Instant::now();
         loop {
-            if http_get(port, "/hello/ready").is_ok() {
+            if http_get(port, ready_path).is_ok() {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
