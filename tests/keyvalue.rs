@@ -2,7 +2,7 @@
 //! real PostgreSQL: the same suite runs against both backends.
 
 mod common;
-use common::{NodeOptions, Postgres, TestNode};
+use common::{NodeOptions, TestNode, on_both_backends};
 
 const MANIFEST: &str = r#"
 [tenants.shop]
@@ -34,28 +34,6 @@ tenant = "shop"
 source = "{wasm:kv-probe}"
 routes = ["/nothing"]
 "#;
-
-/// Runs a suite function against SQLite and against a fresh PostgreSQL.
-macro_rules! on_both_backends {
-    ($suite:ident) => {
-        mod $suite {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$suite(super::NodeOptions::default()).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let postgres = super::Postgres::start();
-                let options = super::NodeOptions {
-                    database_url: Some(postgres.url()),
-                    ..Default::default()
-                };
-                super::$suite(options).await;
-            }
-        }
-    };
-}
 
 on_both_backends!(crud_atomics_and_batch);
 on_both_backends!(components_and_tenants_cannot_see_each_others_keys);

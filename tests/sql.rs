@@ -3,7 +3,7 @@
 //! and persistence. The same suite runs against both backends.
 
 mod common;
-use common::{NodeOptions, Postgres, TestNode};
+use common::{NodeOptions, TestNode, on_both_backends};
 use serde_json::{Value, json};
 
 const MANIFEST: &str = r#"
@@ -30,27 +30,6 @@ const SCHEMA: &str = "CREATE TABLE users (
     score DOUBLE PRECISION,
     avatar BYTEA,
     note TEXT)";
-
-macro_rules! on_both_backends {
-    ($suite:ident) => {
-        mod $suite {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$suite(super::NodeOptions::default()).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let postgres = super::Postgres::start();
-                let options = super::NodeOptions {
-                    database_url: Some(postgres.url()),
-                    ..Default::default()
-                };
-                super::$suite(options).await;
-            }
-        }
-    };
-}
 
 on_both_backends!(tables_constraints_and_typed_values);
 on_both_backends!(transactions_commit_or_roll_back_as_a_whole);

@@ -129,15 +129,7 @@ impl Gateway {
             );
             return error(StatusCode::NOT_FOUND, "no_route", &message, None);
         };
-        let started = Instant::now();
-        let response = self.dispatch(deployment, request).await;
-        deployment
-            .metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .count_response(&deployment.metrics, response.status().as_u16());
-        response
+        self.dispatch_counted(deployment, request).await
     }
 
     fn readiness(&self) -> Response<GatewayBody> {
@@ -179,6 +171,19 @@ impl Gateway {
         request: Request<WasiBody>,
     ) -> Option<Response<GatewayBody>> {
         let deployment = self.router.get()?.component(tenant, component)?;
+        Some(self.dispatch_counted(deployment, request).await)
+    }
+
+    /// [`dispatch`](Self::dispatch), with the request's latency and status recorded.
+    async fn dispatch_counted<B>(
+        &self,
+        deployment: &Arc<Deployment>,
+        request: Request<B>,
+    ) -> Response<GatewayBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
+    {
         let started = Instant::now();
         let response = self.dispatch(deployment, request).await;
         deployment
@@ -187,7 +192,7 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
         self.metrics
             .count_response(&deployment.metrics, response.status().as_u16());
-        Some(response)
+        response
     }
 
     async fn dispatch<B>(

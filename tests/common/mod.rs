@@ -17,6 +17,32 @@ use hyper_util::rt::TokioExecutor;
 
 pub const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
+/// Runs the suite function `$suite(NodeOptions)` twice: on SQLite, and on a PostgreSQL
+/// server started for the test.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($suite:ident) => {
+        mod $suite {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$suite(super::common::NodeOptions::default()).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let postgres = super::common::Postgres::start();
+                let options = super::common::NodeOptions {
+                    database_url: Some(postgres.url()),
+                    ..Default::default()
+                };
+                super::$suite(options).await;
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
+
 /// Path of a guest component built by `cargo xtask build`/`cargo xtask test`.
 pub fn wasm(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -348,27 +348,6 @@ fn run_baseline(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// A minimal POST for the benchmark's loads.
-fn http_post(port: u16, path: &str, body: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    if !response.starts_with("HTTP/1.1 200") {
-        bail!(
-            "POST {path}: {}",
-            response.lines().next().unwrap_or_default()
-        );
-    }
-    Ok(response)
-}
-
 /// A server process, killed on drop.
 struct Server {
     name: &'static str,
@@ -524,20 +503,31 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A minimal GET used only to see whether a server is up and to read /metrics.
+/// A minimal GET: whether a server is up, and /metrics.
 fn http_get(port: u16, path: &str) -> Result<String> {
+    http(port, "GET", path, "")
+}
+
+/// A minimal POST for the benchmark's loads.
+fn http_post(port: u16, path: &str, body: &str) -> Result<String> {
+    http(port, "POST", path, body)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; the response must be a 200.
+fn http(port: u16, method: &str, path: &str, body: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if !response.starts_with("HTTP/1.1 200") {
         bail!(
-            "GET {path}: {}",
+            "{method} {path}: {}",
             response.lines().next().unwrap_or_default()
         );
     }
