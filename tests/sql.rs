@@ -252,6 +252,31 @@ async fn each_component_has_its_own_tables_and_they_persist(mut options: NodeOpt
     .await;
     assert_eq!(empty["rows"], json!([]));
 
+    // Not even by naming the other database or schema outright.
+    for table in [
+        "trellis_default__accounts.users",
+        "main.users",
+        "public.users",
+    ] {
+        let sneaky = one(
+            &node,
+            "/billing",
+            "query",
+            &format!("SELECT email FROM {table} WHERE id = 1"),
+            json!([]),
+        )
+        .await;
+        assert!(
+            sneaky["error"].is_object() || sneaky["rows"] == json!([]),
+            "{table}: {sneaky}"
+        );
+        assert_ne!(
+            sneaky["rows"],
+            json!([["kept@example.com"]]),
+            "{table} reached another component's data"
+        );
+    }
+
     // No grant, no SQL.
     let denied = one(&node, "/plain", "query", "SELECT 1", json!([])).await;
     assert_eq!(denied["error"]["kind"], "access-denied");

@@ -5,7 +5,9 @@
 //!
 //! Names are derived from the tenant and the component, which the manifest restricts to
 //! `[a-z0-9-]`, so they cannot be chosen by a guest and cannot collide: a component has no
-//! way to name another component's or another tenant's database.
+//! way to name another component's or another tenant's database. On PostgreSQL, where SQL
+//! could name another schema outright, each component's connections run as a role that owns
+//! its schema and has no rights anywhere else.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -91,11 +93,13 @@ impl Storage {
             Storage::Postgres { options, admin } => {
                 let schema = schema_name(tenant, component);
                 create_schema(admin, &schema).await?;
-                // search_path as a startup parameter: set once per connection, so it cannot
-                // leak between components through a shared pool.
+                // Startup parameters, set once per connection so nothing leaks through a
+                // shared pool: search_path makes the schema the default namespace, and the
+                // schema's own role (which owns nothing else) makes PostgreSQL refuse any
+                // other schema a guest might name explicitly.
                 let options = (**options)
                     .clone()
-                    .options([("search_path", schema.as_str())]);
+                    .options([("search_path", schema.as_str()), ("role", schema.as_str())]);
                 let pool = PgPoolOptions::new()
                     .max_connections(4)
                     .min_connections(0)
@@ -118,18 +122,27 @@ fn schema_name(tenant: &str, component: &str) -> String {
     )
 }
 
+/// Creates the component's schema and a role of the same name that owns it and nothing
+/// else (no login, no inherited rights), so the component's connections can reach only it.
 async fn create_schema(admin: &PgPool, schema: &str) -> Result<()> {
-    let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
-    match admin.execute(AssertSqlSafe(sql)).await {
-        Ok(_) => Ok(()),
-        // Two nodes creating the same schema at once: the loser sees a unique violation.
-        Err(sqlx::Error::Database(e))
-            if matches!(e.code().as_deref(), Some("23505") | Some("42P06")) =>
-        {
-            Ok(())
+    let statements = [
+        format!("CREATE ROLE \"{schema}\" NOLOGIN NOINHERIT"),
+        // The node's own user must be able to switch to the role.
+        format!("GRANT \"{schema}\" TO CURRENT_USER"),
+        format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\" AUTHORIZATION \"{schema}\""),
+        format!("ALTER SCHEMA \"{schema}\" OWNER TO \"{schema}\""),
+    ];
+    for sql in statements {
+        match admin.execute(AssertSqlSafe(sql.clone())).await {
+            Ok(_) => {}
+            // Already there (another node, an earlier run): 42710 duplicate role, 42P06
+            // duplicate schema, 23505 a concurrent creation.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42710" | "42P06" | "23505")) => {}
+            Err(e) => return Err(e).with_context(|| format!("preparing schema {schema}: {sql}")),
         }
-        Err(e) => Err(e).with_context(|| format!("creating schema {schema}")),
     }
+    Ok(())
 }
 
 /// A URL fit for a log line: the password replaced.
