@@ -205,3 +205,32 @@ keyvalue = ["default", ""]
         ],
     );
 }
+
+#[test]
+fn relative_paths_work_from_any_directory() {
+    // What `cargo xtask run` does: a relative manifest path whose data_dir and source are
+    // relative to the manifest, started from another directory.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    std::fs::copy(common::wasm("hello"), dir.path().join("hello.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("site/trellis.toml"),
+        "[node]\ndata_dir = \"../state\"\n[components.hello]\nsource = \"../hello.wasm\"\nroutes = [\"/\"]\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(common::TRELLIS)
+        .args(["check", "site/trellis.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{report}");
+    assert!(
+        dir.path().join("state/compile-cache").is_dir(),
+        "the cache lands under the manifest's data_dir"
+    );
+}

@@ -240,12 +240,15 @@ pub fn parse(path: &Path, text: &str) -> Result<LoadedManifest, ManifestError> {
         }
     })?;
 
+    // Paths in a manifest are relative to the manifest's directory, made absolute so they
+    // mean the same thing wherever they are used (wasmtime's cache insists on it).
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() {
         PathBuf::from(".")
     } else {
         base
     };
+    let base = std::path::absolute(&base).unwrap_or(base);
     absolutize(&mut manifest, &base);
 
     let problems = validate(&manifest);

@@ -105,6 +105,8 @@ fn engine_config(settings: &EngineSettings) -> Result<Config> {
 }
 
 fn compile_cache(dir: &Path) -> Result<Cache> {
+    // wasmtime's cache refuses relative directories (e.g. from `--data-dir data`).
+    let dir = &std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the compile cache {}", dir.display()))?;
     let mut cache_config = CacheConfig::new();
