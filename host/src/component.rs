@@ -239,7 +239,7 @@ impl Deployment {
 
     /// Runs `handle-message` in a fresh instance, under the component's limits. The error
     /// says why the message was not handled: the guest's own error, a trap, the deadline.
-    pub async fn handle_message(&self, message: BrokerMessage) -> Result<(), String> {
+    pub async fn handle_message(&self, message: &BrokerMessage) -> Result<(), String> {
         let Some(handler) = &self.handler else {
             return Err("the component does not export wasmcloud:messaging/handler".into());
         };
@@ -249,7 +249,7 @@ impl Deployment {
             let instance = handler.instantiate_async(&mut store).await?;
             instance
                 .wasmcloud_messaging_handler()
-                .call_handle_message(&mut store, &message)
+                .call_handle_message(&mut store, message)
                 .await
         };
         match tokio::time::timeout_at(deadline.into(), run).await {

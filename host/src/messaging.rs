@@ -263,7 +263,7 @@ async fn deliver(bus: &Arc<dyn MessageBus>, deployment: &Deployment, message: Me
     let attempts = deployment.limits.message_attempts.max(1);
     let guest_message = to_guest(&deployment.tenant, message.clone());
     for attempt in 1..=attempts {
-        match deployment.handle_message(guest_message.clone()).await {
+        match deployment.handle_message(&guest_message).await {
             Ok(()) => {
                 deployment.metrics.messages_handled.inc();
                 return;

@@ -74,14 +74,7 @@ pub fn run(root: &Path) -> Result<()> {
             hello = hello.display()
         ),
     )?;
-    let trellis = Server::start(
-        "trellis gateway",
-        Command::new(release.join("trellis"))
-            .args(["up", manifest.to_str().unwrap()])
-            .env("TRELLIS_LOG", "warn"),
-        port,
-        "/health/ready",
-    )?;
+    let trellis = start_trellis("trellis gateway", &release, &manifest, port)?;
     let servers = [&native, &serve, &trellis];
     let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
     for round in 1..=ROUNDS {
@@ -234,14 +227,7 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
             sql = wasm.join("sql-probe.wasm").display(),
         ),
     )?;
-    let node = Server::start(
-        "trellis capabilities",
-        Command::new(release.join("trellis"))
-            .args(["up", manifest.to_str().unwrap()])
-            .env("TRELLIS_LOG", "warn"),
-        port,
-        "/health/ready",
-    )?;
+    let node = start_trellis("trellis capabilities", release, &manifest, port)?;
 
     // Messages: one guest publishes them all; count what the sink's handler accepted.
     let started = Instant::now();
@@ -346,6 +332,19 @@ fn run_baseline(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A release Trellis node on `manifest`, ready when its `/health/ready` says so.
+fn start_trellis(name: &'static str, release: &Path, manifest: &Path, port: u16) -> Result<Server> {
+    Server::start(
+        name,
+        Command::new(release.join("trellis"))
+            .arg("up")
+            .arg(manifest)
+            .env("TRELLIS_LOG", "warn"),
+        port,
+        "/health/ready",
+    )
 }
 
 /// A server process, killed on drop.
