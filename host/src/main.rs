@@ -46,13 +46,27 @@ enum Command {
         /// in-process bus.
         #[arg(long, env = "TRELLIS_NATS_URL")]
         nats_url: Option<String>,
+        /// Cache compiled components here instead of node.cache_dir (nodes on one machine
+        /// may share one).
+        #[arg(long, env = "TRELLIS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// Validate a manifest and every component it names (compile, link, instantiate)
     /// without serving. Exits 0 when everything is valid, 1 otherwise.
     Check {
         /// The manifest to check.
         manifest: PathBuf,
+        /// Cache compiled components here instead of node.cache_dir.
+        #[arg(long, env = "TRELLIS_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
+}
+
+fn override_cache_dir(manifest: &mut trellis::manifest::LoadedManifest, dir: Option<PathBuf>) {
+    if let Some(dir) = dir {
+        // wasmtime's cache insists on an absolute directory.
+        manifest.manifest.node.cache_dir = Some(std::path::absolute(&dir).unwrap_or(dir));
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +96,7 @@ fn main() -> ExitCode {
                 data_dir,
                 database_url,
                 nats_url,
+                cache_dir,
             } => {
                 let mut manifest = trellis::manifest::load(&manifest)?;
                 if let Some(listen) = listen {
@@ -96,10 +111,17 @@ fn main() -> ExitCode {
                 if nats_url.is_some() {
                     manifest.manifest.node.nats_url = nats_url;
                 }
+                override_cache_dir(&mut manifest, cache_dir);
                 trellis::node::up(manifest).await.map(|()| true)
             }
-            Command::Check { manifest } => match trellis::manifest::load(&manifest) {
-                Ok(manifest) => trellis::node::check(manifest).await,
+            Command::Check {
+                manifest,
+                cache_dir,
+            } => match trellis::manifest::load(&manifest) {
+                Ok(mut manifest) => {
+                    override_cache_dir(&mut manifest, cache_dir);
+                    trellis::node::check(manifest).await
+                }
                 Err(e) => {
                     println!("FAILED  {e}");
                     Ok(false)

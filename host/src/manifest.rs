@@ -53,6 +53,9 @@ pub struct NodeSettings {
     pub database_url: Option<String>,
     /// `nats://` URL of the NATS server messages go through; unset: the in-process bus.
     pub nats_url: Option<String>,
+    /// Where compiled components are cached (default: `data_dir/compile-cache`); nodes
+    /// on one machine may share it.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for NodeSettings {
@@ -64,6 +67,7 @@ impl Default for NodeSettings {
             max_instance_memory: ByteSize::mib(256),
             database_url: None,
             nats_url: None,
+            cache_dir: None,
         }
     }
 }
@@ -74,6 +78,10 @@ pub struct TenantSpec {
     /// Host names this tenant is served on: exact (`shop.example.com`), a wildcard
     /// subdomain (`*.example.com`) or `*` for every host no other tenant claims.
     pub hosts: Vec<String>,
+    /// Config every component of the tenant gets (a component's own `config` wins), so a
+    /// value the services share, such as a token secret, is written once.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +113,10 @@ pub struct ComponentSpec {
     /// Whether the component may use relational storage (`trellis:platform/sql`).
     #[serde(default)]
     pub sql: bool,
+    /// A directory of `*.sql` files applied to the component's database in name order at
+    /// deploy, each once (needs `sql = true`).
+    #[serde(default)]
+    pub migrations: Option<PathBuf>,
     /// Subjects (NATS wildcards allowed) whose messages call its `handle-message`.
     #[serde(default)]
     pub subscriptions: Vec<String>,
@@ -251,6 +263,7 @@ pub fn parse(path: &Path, text: &str) -> Result<LoadedManifest, ManifestError> {
     let base = std::path::absolute(&base).unwrap_or(base);
     absolutize(&mut manifest, &base);
 
+    inherit_tenant_config(&mut manifest);
     let problems = validate(&manifest);
     if !problems.is_empty() {
         return Err(ManifestError::Invalid { file, problems });
@@ -278,6 +291,19 @@ fn one_line(message: &str) -> String {
     }
 }
 
+fn inherit_tenant_config(manifest: &mut Manifest) {
+    for component in manifest.components.values_mut() {
+        if let Some(tenant) = manifest.tenants.get(&component.tenant) {
+            for (key, value) in &tenant.config {
+                component
+                    .config
+                    .entry(key.clone())
+                    .or_insert_with(|| value.clone());
+            }
+        }
+    }
+}
+
 fn absolutize(manifest: &mut Manifest, base: &Path) {
     let abs = |p: &Path| {
         if p.is_absolute() {
@@ -287,8 +313,14 @@ fn absolutize(manifest: &mut Manifest, base: &Path) {
         }
     };
     manifest.node.data_dir = abs(&manifest.node.data_dir);
+    if let Some(dir) = &mut manifest.node.cache_dir {
+        *dir = abs(dir);
+    }
     for component in manifest.components.values_mut() {
         component.source = abs(&component.source);
+        if let Some(dir) = &mut component.migrations {
+            *dir = abs(dir);
+        }
         for grant in component.dirs.values_mut() {
             grant.host = abs(&grant.host);
         }
@@ -369,6 +401,20 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                 at("source"),
                 format!("no such file: {}", component.source.display()),
             );
+        }
+        if let Some(dir) = &component.migrations {
+            if !component.sql {
+                problem(
+                    at("migrations"),
+                    "migrations need relational storage: set sql = true".to_string(),
+                );
+            }
+            if !dir.is_dir() {
+                problem(
+                    at("migrations"),
+                    format!("no such directory: {}", dir.display()),
+                );
+            }
         }
         for (i, route) in component.routes.iter().enumerate() {
             let field = format!("components.{name}.routes[{i}]");

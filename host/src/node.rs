@@ -41,7 +41,11 @@ impl Host {
         let runtime = Runtime::new(&EngineSettings {
             max_instances: node.max_instances,
             max_instance_memory: node.max_instance_memory.as_u64(),
-            cache_dir: Some(node.data_dir.join("compile-cache")),
+            cache_dir: Some(
+                node.cache_dir
+                    .clone()
+                    .unwrap_or_else(|| node.data_dir.join("compile-cache")),
+            ),
         })?;
         let linker =
             Arc::new(build_linker(&runtime.engine).context("linking the host interfaces")?);
@@ -127,6 +131,12 @@ impl Host {
                     .map_err(storage_error)?,
             ))
         };
+        if let Some(dir) = &spec.migrations {
+            let applied = database.migrate(dir).await.map_err(storage_error)?;
+            if !applied.is_empty() {
+                tracing::info!(component = name, ?applied, "applied migrations");
+            }
+        }
         let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database)));
         Ok(StorageGrants { keyvalue, sql })
     }

@@ -112,6 +112,82 @@ impl Storage {
     }
 }
 
+impl ComponentDatabase {
+    /// Applies the `*.sql` files of `dir` that this database has not seen yet, in name
+    /// order, each in a transaction of its own together with its entry in
+    /// `trellis_migrations`; returns the names it applied. A failing file stops the deploy
+    /// with its name and the database's reason, and leaves nothing of itself behind.
+    pub async fn migrate(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading migrations in {}", dir.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+            .collect();
+        files.sort();
+        const LEDGER: &str = "CREATE TABLE IF NOT EXISTS trellis_migrations \
+            (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)";
+        let mut applied = Vec::new();
+        for path in files {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let script = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading migration {}", path.display()))?;
+            let context = || format!("migration {name}");
+            let now = humantime_serde::re::humantime::format_rfc3339_seconds(
+                std::time::SystemTime::now(),
+            )
+            .to_string();
+            // The same steps on either backend; only how a writer takes its turn differs.
+            macro_rules! apply_once {
+                ($pool:expr, $begin:expr, $take_turn:expr) => {{
+                    $pool.execute(LEDGER).await.with_context(context)?;
+                    let mut tx = $begin.await?;
+                    if let Some(lock) = $take_turn {
+                        sqlx::query(lock).execute(&mut *tx).await?;
+                    }
+                    let seen: Option<(String,)> =
+                        sqlx::query_as("SELECT name FROM trellis_migrations WHERE name = $1")
+                            .bind(&name)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if seen.is_none() {
+                        sqlx::raw_sql(AssertSqlSafe(script))
+                            .execute(&mut *tx)
+                            .await
+                            .with_context(context)?;
+                        sqlx::query(
+                            "INSERT INTO trellis_migrations (name, applied_at) VALUES ($1, $2)",
+                        )
+                        .bind(&name)
+                        .bind(&now)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await.with_context(context)?;
+                    }
+                    seen.is_none()
+                }};
+            }
+            let done = match self {
+                // IMMEDIATE takes SQLite's write lock first, so two nodes on one file take turns.
+                ComponentDatabase::Sqlite(pool) => {
+                    apply_once!(pool, pool.begin_with("BEGIN IMMEDIATE"), None::<&str>)
+                }
+                ComponentDatabase::Postgres(pool) => apply_once!(
+                    pool,
+                    pool.begin(),
+                    Some("LOCK TABLE trellis_migrations IN EXCLUSIVE MODE")
+                ),
+            };
+            if done {
+                applied.push(name);
+            }
+        }
+        Ok(applied)
+    }
+}
+
 /// `trellis_<tenant>__<component>`, with '-' as '_'. Manifest names contain no '_', so the
 /// mapping cannot make two components share a schema.
 fn schema_name(tenant: &str, component: &str) -> String {

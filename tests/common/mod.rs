@@ -43,6 +43,11 @@ macro_rules! on_both_backends {
 #[allow(unused_imports)]
 pub(crate) use on_both_backends;
 
+/// The compile cache the test nodes share, under the workspace's `target/`.
+pub fn shared_compile_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-compile-cache")
+}
+
 /// Path of a guest component built by `cargo xtask build`/`cargo xtask test`.
 pub fn wasm(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -147,6 +152,8 @@ impl TestNode {
         }
         let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
+            // One compile cache for every test node: each guest is compiled once per run.
+            .env("TRELLIS_CACHE_DIR", shared_compile_cache())
             // A host secret no guest may see (the sandbox tests look for it).
             .env("TRELLIS_TEST_HOST_SECRET", "must-not-leak")
             .stdout(Stdio::piped())

@@ -1,0 +1,281 @@
+//! The shop's **payment** service: charges each order at most once.
+//!
+//! An order is charged from its `order.created` event, or through `POST /api/v1/payments`
+//! (e.g. when the event was lost); whichever comes first makes the payment, the other gets
+//! that same payment back (the database's UNIQUE `order_id` decides). The outcome is
+//! published as `payment.succeeded` or `payment.failed` for the order service. When a paid
+//! order is cancelled (`order.cancelled`) its payment becomes `refunded`.
+//!
+//! There is no card network behind it: the decline rules are deterministic and documented
+//! in this crate's README, so tests and demos can choose the outcome with the token.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shop_common::api::{required, serve};
+use shop_common::auth;
+use shop_common::call;
+use shop_common::db::{self, Db, Sql};
+use shop_common::events;
+use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
+use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
+
+wit_bindgen::generate!({
+    world: "trellis:platform/message-handler",
+    path: "../../wit",
+    with: { "wasmcloud:messaging/types@0.2.0": shop_common::wasmcloud::messaging::types },
+});
+
+use shop_common::wasmcloud::messaging::types::BrokerMessage;
+
+struct PaymentService;
+
+wasip2::http::proxy::export!(PaymentService);
+export!(PaymentService);
+
+impl wasip2::exports::http::incoming_handler::Guest for PaymentService {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        serve(request, out, route);
+    }
+}
+
+impl exports::wasmcloud::messaging::handler::Guest for PaymentService {
+    fn handle_message(message: BrokerMessage) -> Result<(), String> {
+        let order: OrderEvent = events::parse(&message.subject, &message.body)?;
+        let outcome = match message.subject.as_str() {
+            "order.created" => {
+                let token = order
+                    .payment_token
+                    .clone()
+                    .unwrap_or_else(|| "tok_visa".into());
+                charge(&order, &token).and_then(|(payment, created)| {
+                    // A repeated event may mean the first outcome was never published.
+                    if !created {
+                        publish_outcome(&payment)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            "order.cancelled" => refund(&order.order_id),
+            other => return Err(format!("payment does not handle {other}")),
+        };
+        outcome.map_err(|e| format!("{}: {}", e.code, e.message))
+    }
+}
+
+fn route(request: &Request) -> ApiResult {
+    let Some(segments) = request.segments_after("/api/v1/payments") else {
+        return Err(ApiError::no_such_path());
+    };
+    match (request.method.as_str(), segments.as_slice()) {
+        ("POST", []) => pay(request),
+        ("GET", []) => list(request),
+        ("GET", [id]) => {
+            let claims = auth::authenticate(request)?;
+            let payment = Db
+                .row(
+                    &format!("SELECT {COLUMNS} FROM payments WHERE id = $1"),
+                    params![*id],
+                )?
+                .ok_or_else(|| ApiError::not_found("payment"))?;
+            claims.require_owner_or_admin(&db::text(&payment, 2))?;
+            Ok(Response::ok(&payment_json(&payment)))
+        }
+        (_, [] | [_]) => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::no_such_path()),
+    }
+}
+
+const COLUMNS: &str =
+    "id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at";
+
+fn payment_json(row: &[db::Value]) -> Value {
+    json!({
+        "id": db::text(row, 0),
+        "order_id": db::text(row, 1),
+        "user_id": db::text(row, 2),
+        "amount_cents": db::int(row, 4),
+        "currency": db::text(row, 5),
+        "status": db::text(row, 6),
+        "decline_reason": db::opt_text(row, 7),
+        "created_at": db::text(row, 8),
+    })
+}
+
+/// What a payment needs to know about an order (from its event or the order service).
+#[derive(Deserialize)]
+struct OrderEvent {
+    order_id: String,
+    user_id: String,
+    #[serde(default)]
+    email: String,
+    total_cents: i64,
+    currency: String,
+    #[serde(default)]
+    payment_token: Option<String>,
+}
+
+/// The decline rules (see README.md): `Err(reason)` when the charge is declined.
+fn decide(token: &str, amount_cents: i64) -> Result<(), &'static str> {
+    let limit: i64 = shop_common::config("MAX_AMOUNT_CENTS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    match token {
+        "tok_decline" => Err("card_declined"),
+        "tok_insufficient_funds" => Err("insufficient_funds"),
+        t if !t.starts_with("tok_") => Err("invalid_token"),
+        _ if amount_cents > limit => Err("amount_over_limit"),
+        _ => Ok(()),
+    }
+}
+
+/// Charges `order` once: `(payment, true)` when this call made it, `(payment, false)` when
+/// the order already had one.
+fn charge(order: &OrderEvent, token: &str) -> Result<(Vec<db::Value>, bool), ApiError> {
+    if let Some(existing) = by_order(&order.order_id)? {
+        return Ok((existing, false));
+    }
+    let (status, reason) = match decide(token, order.total_cents) {
+        Ok(()) => ("succeeded", None),
+        Err(reason) => ("failed", Some(reason)),
+    };
+    let id = shop_common::new_id("pay");
+    let now = shop_common::now();
+    let inserted = Db.raw_execute(
+        "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        params![&id, &order.order_id, &order.user_id, &order.email, order.total_cents, &order.currency, status, reason, now],
+    );
+    match inserted {
+        Ok(_) => {}
+        // The event and an API call raced; the other one made the payment.
+        Err(e) if db::is_unique_violation(&e) => {
+            let existing =
+                by_order(&order.order_id)?.ok_or_else(|| ApiError::internal("payment vanished"))?;
+            return Ok((existing, false));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let payment =
+        by_order(&order.order_id)?.ok_or_else(|| ApiError::internal("payment vanished"))?;
+    publish_outcome(&payment)?;
+    Ok((payment, true))
+}
+
+fn by_order(order_id: &str) -> Result<Option<Vec<db::Value>>, ApiError> {
+    Db.row(
+        &format!("SELECT {COLUMNS} FROM payments WHERE order_id = $1"),
+        params![order_id],
+    )
+}
+
+/// `payment.succeeded` / `payment.failed` / `payment.refunded`, with the payment.
+fn publish_outcome(payment: &[db::Value]) -> Result<(), ApiError> {
+    let mut event = payment_json(payment);
+    event["payment_id"] = event["id"].clone();
+    event["email"] = json!(db::text(payment, 3));
+    events::publish(&format!("payment.{}", db::text(payment, 6)), &event)
+}
+
+#[derive(Deserialize)]
+struct PayRequest {
+    order_id: Option<String>,
+    payment_token: Option<String>,
+}
+
+fn pay(request: &Request) -> ApiResult {
+    let claims = auth::authenticate(request)?;
+    let body: PayRequest = request.json()?;
+    let order_id = required(body.order_id, "order_id")?;
+    let token = required(body.payment_token, "payment_token")?;
+    if let Some(existing) = by_order(&order_id)? {
+        claims.require_owner_or_admin(&db::text(&existing, 2))?;
+        return Ok(Response::ok(&payment_json(&existing)));
+    }
+    // The order service applies its own rules: not found, or not the caller's.
+    let reply = call::internal(
+        Method::Get,
+        "order",
+        &format!("/api/v1/orders/{order_id}"),
+        request.header("authorization"),
+        None,
+    )?;
+    match reply.status {
+        200 => {}
+        404 => return Err(ApiError::not_found("order").on("order_id")),
+        403 => return Err(ApiError::forbidden("this order belongs to another user")),
+        status => {
+            return Err(ApiError::new(
+                503,
+                "dependency_unavailable",
+                format!("the order service answered {status}"),
+            ));
+        }
+    }
+    let order = &reply.body;
+    if order["status"] != "pending" {
+        return Err(ApiError::new(
+            409,
+            "order_not_payable",
+            format!(
+                "the order is {}, only pending orders are paid",
+                order["status"].as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    let order = OrderEvent {
+        order_id: order_id.clone(),
+        user_id: order["user_id"].as_str().unwrap_or_default().to_string(),
+        email: claims.email.clone(),
+        total_cents: order["total_cents"].as_i64().unwrap_or(0),
+        currency: order["currency"].as_str().unwrap_or("USD").to_string(),
+        payment_token: None,
+    };
+    let (payment, created) = charge(&order, &token)?;
+    let body = payment_json(&payment);
+    Ok(if created {
+        Response::created(&body)
+    } else {
+        Response::ok(&body)
+    })
+}
+
+fn refund(order_id: &str) -> Result<(), ApiError> {
+    let changed = Db.execute(
+        "UPDATE payments SET status = 'refunded', updated_at = $2 WHERE order_id = $1 AND status = 'succeeded'",
+        params![order_id, shop_common::now()],
+    )?;
+    if changed == 1
+        && let Some(payment) = by_order(order_id)?
+    {
+        publish_outcome(&payment)?;
+    }
+    Ok(())
+}
+
+fn list(request: &Request) -> ApiResult {
+    let claims = auth::authenticate(request)?;
+    let page = Page::from_query(request)?;
+    // Customers see their own payments; an admin sees everyone's.
+    let user = if claims.is_admin() {
+        None
+    } else {
+        Some(claims.sub.clone())
+    };
+    let order = request.query("order_id").map(str::to_string);
+    // The casts give PostgreSQL a type for parameters that may be NULL.
+    let filter = "(CAST($1 AS TEXT) IS NULL OR user_id = $1) AND (CAST($2 AS TEXT) IS NULL OR order_id = $2)";
+    let total = Db.count(
+        &format!("SELECT COUNT(*) FROM payments WHERE {filter}"),
+        params![user.clone(), order.clone()],
+    )?;
+    let items = Db
+        .rows(
+            &format!("SELECT {COLUMNS} FROM payments WHERE {filter} ORDER BY created_at, id LIMIT $3 OFFSET $4"),
+            params![user, order, page.limit, page.offset],
+        )?
+        .iter()
+        .map(|row| payment_json(row))
+        .collect();
+    Ok(page.answer(items, total))
+}

@@ -1,0 +1,1053 @@
+//! The shop example (`examples/shop/trellis.toml`): the five real service components
+//! (user, product, order, payment, notification) on a real node, driven only through the
+//! gateway, on the in-process bus and SQLite by default, and on a real nats-server and
+//! PostgreSQL. The OpenAPI document (`examples/shop/openapi.json`) is checked against the
+//! responses the services really give.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Nats, NodeOptions, Postgres, TestNode};
+use serde_json::{Value, json};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The example's manifest as the README runs it, with its repository-relative paths
+/// made absolute (the test node writes it into a directory of its own).
+fn shop_manifest() -> String {
+    let text = std::fs::read_to_string(repo().join("examples/shop/trellis.toml")).unwrap();
+    text.replace("\"../../", &format!("\"{}/", repo().display()))
+}
+
+const ADMIN_EMAIL: &str = "admin@shop.example";
+const PASSWORD: &str = "correct horse battery";
+
+/// One request and its answer, kept for the OpenAPI check.
+#[derive(Debug, Clone)]
+struct Exchange {
+    method: String,
+    path: String,
+    status: u16,
+    body: Value,
+}
+
+/// A shop node and a JSON client for it.
+struct Shop {
+    node: TestNode,
+    exchanges: Mutex<Vec<Exchange>>,
+}
+
+impl Shop {
+    async fn start(options: &NodeOptions) -> Shop {
+        Shop {
+            node: TestNode::start_with(&shop_manifest(), options).await,
+            exchanges: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends `body` (raw text) and returns the status and the JSON answer (`null` when
+    /// the answer is empty).
+    async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(bearer) = &bearer {
+            headers.push(("authorization", bearer.as_str()));
+        }
+        let response = self
+            .node
+            .request(method, path, body.map(Into::into), &headers)
+            .await;
+        let value = if response.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&response.body).unwrap_or_else(|e| {
+                panic!(
+                    "{method} {path}: answer is not JSON ({e}): {}\n{}",
+                    response.body,
+                    self.node.log()
+                )
+            })
+        };
+        self.exchanges.lock().unwrap().push(Exchange {
+            method: method.to_string(),
+            path: path.to_string(),
+            status: response.status,
+            body: value.clone(),
+        });
+        (response.status, value)
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.send_raw(method, path, token, body.map(|b| b.to_string()))
+            .await
+    }
+
+    /// Registers and logs in; returns (token, user id).
+    async fn user(&self, email: &str, name: &str) -> (String, String) {
+        let (status, user) = self
+            .send(
+                "POST",
+                "/api/v1/users",
+                None,
+                Some(json!({"email": email, "password": PASSWORD, "name": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "registering {email}: {user}");
+        (self.login(email).await, user["id"].as_str().unwrap().into())
+    }
+
+    async fn login(&self, email: &str) -> String {
+        let (status, login) = self
+            .send(
+                "POST",
+                "/api/v1/auth/login",
+                None,
+                Some(json!({"email": email, "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(status, 200, "logging in {email}: {login}");
+        login["token"].as_str().unwrap().to_string()
+    }
+
+    /// The admin's token (its email is in the manifest's ADMIN_EMAILS).
+    async fn admin(&self) -> String {
+        self.user(ADMIN_EMAIL, "Ada Admin").await.0
+    }
+
+    async fn product(&self, admin: &str, sku: &str, price_cents: i64, stock: i64) -> String {
+        let (status, product) = self
+            .send(
+                "POST",
+                "/api/v1/products",
+                Some(admin),
+                Some(json!({"sku": sku, "name": format!("Product {sku}"),
+                            "description": "made for the tests",
+                            "price_cents": price_cents, "stock": stock})),
+            )
+            .await;
+        assert_eq!(status, 201, "creating {sku}: {product}");
+        product["id"].as_str().unwrap().to_string()
+    }
+
+    async fn stock(&self, product: &str) -> i64 {
+        let (status, product) = self
+            .send("GET", &format!("/api/v1/products/{product}"), None, None)
+            .await;
+        assert_eq!(status, 200, "{product}");
+        product["stock"].as_i64().unwrap()
+    }
+
+    async fn order(
+        &self,
+        token: &str,
+        items: &[(&str, i64)],
+        payment_token: Option<&str>,
+    ) -> (u16, Value) {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(product, quantity)| json!({"product_id": product, "quantity": quantity}))
+            .collect();
+        let mut body = json!({"items": items});
+        if let Some(payment_token) = payment_token {
+            body["payment_token"] = json!(payment_token);
+        }
+        self.send("POST", "/api/v1/orders", Some(token), Some(body))
+            .await
+    }
+
+    /// Polls the order until it has `status` (events are asynchronous); panics after 20 s.
+    async fn wait_for_order(&self, token: &str, order: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = self
+                .send("GET", &format!("/api/v1/orders/{order}"), Some(token), None)
+                .await;
+            assert_eq!(code, 200, "{body}");
+            if body["status"] == status {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "order {order} is still {} after 20 s, expected {status}\n{}",
+                body["status"],
+                self.node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls the caller's notifications until there are at least `count`.
+    async fn wait_for_notifications(&self, token: &str, count: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, page) = self
+                .send("GET", "/api/v1/notifications", Some(token), None)
+                .await;
+            assert_eq!(code, 200, "{page}");
+            let items = page["items"].as_array().unwrap().clone();
+            if items.len() >= count {
+                return items;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} notifications after 20 s, expected {count}: {page}\n{}",
+                items.len(),
+                self.node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn templates(notifications: &[Value]) -> BTreeSet<String> {
+    notifications
+        .iter()
+        .map(|n| n["template"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A whole purchase, from registration to delivery. Returns the customer's token and the
+/// order id.
+async fn purchase(shop: &Shop) -> (String, String) {
+    let admin = shop.admin().await;
+    let (carol, carol_id) = shop.user("carol@example.com", "Carol").await;
+    let mug = shop.product(&admin, "MUG-1", 1250, 5).await;
+    let tee = shop.product(&admin, "TEE-1", 2000, 3).await;
+
+    let (status, order) = shop.order(&carol, &[(&mug, 2), (&tee, 1)], None).await;
+    assert_eq!(status, 201, "{order}");
+    assert_eq!(order["status"], "pending");
+    assert_eq!(order["user_id"], carol_id.as_str());
+    assert_eq!(order["total_cents"], 2 * 1250 + 2000);
+    assert_eq!(order["items"].as_array().unwrap().len(), 2);
+    let order_id = order["id"].as_str().unwrap().to_string();
+    assert_eq!(shop.stock(&mug).await, 3, "the order reserved its stock");
+    assert_eq!(shop.stock(&tee).await, 2);
+
+    // order.created → payment charges it → payment.succeeded → the order is confirmed.
+    shop.wait_for_order(&carol, &order_id, "confirmed").await;
+    let (status, payments) = shop
+        .send(
+            "GET",
+            &format!("/api/v1/payments?order_id={order_id}"),
+            Some(&carol),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{payments}");
+    assert_eq!(payments["total"], 1, "{payments}");
+    let payment = &payments["items"][0];
+    assert_eq!(payment["status"], "succeeded");
+    assert_eq!(payment["amount_cents"], 4500);
+
+    // Paying again through the API gives the same payment: one charge per order.
+    let (status, again) = shop
+        .send(
+            "POST",
+            "/api/v1/payments",
+            Some(&carol),
+            Some(json!({"order_id": order_id, "payment_token": "tok_visa"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], payment["id"]);
+
+    let notifications = shop.wait_for_notifications(&carol, 2).await;
+    assert_eq!(
+        templates(&notifications),
+        BTreeSet::from(["order_created".into(), "order_confirmed".into()])
+    );
+    for notification in &notifications {
+        assert_eq!(notification["recipient"], "carol@example.com");
+        assert_eq!(notification["status"], "delivered");
+        assert!(
+            notification["body"].as_str().unwrap().contains(&order_id),
+            "{notification}"
+        );
+    }
+    let confirmed = notifications
+        .iter()
+        .find(|n| n["template"] == "order_confirmed")
+        .unwrap();
+    assert!(
+        confirmed["body"].as_str().unwrap().contains("45.00 USD"),
+        "{confirmed}"
+    );
+
+    // Fulfilment is the admin's; the customer may not ship their own order.
+    let status_path = format!("/api/v1/orders/{order_id}/status");
+    let (status, refused) = shop
+        .send(
+            "POST",
+            &status_path,
+            Some(&carol),
+            Some(json!({"status": "shipped"})),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (403, Some("forbidden"))
+    );
+    for next in ["shipped", "delivered"] {
+        let (status, order) = shop
+            .send(
+                "POST",
+                &status_path,
+                Some(&admin),
+                Some(json!({"status": next})),
+            )
+            .await;
+        assert_eq!(status, 200, "{order}");
+        assert_eq!(order["status"], next);
+    }
+    let (status, refused) = shop
+        .send(
+            "POST",
+            &status_path,
+            Some(&carol),
+            Some(json!({"status": "cancelled"})),
+        )
+        .await;
+    assert_eq!(
+        status, 409,
+        "a delivered order cannot be cancelled: {refused}"
+    );
+    assert_eq!(refused["error"], "illegal_transition");
+
+    let notifications = shop.wait_for_notifications(&carol, 4).await;
+    assert!(templates(&notifications).contains("order_delivered"));
+
+    let (status, mine) = shop.send("GET", "/api/v1/orders", Some(&carol), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["total"], 1);
+    assert_eq!(mine["items"][0]["status"], "delivered");
+    (carol, order_id)
+}
+
+#[tokio::test]
+async fn a_whole_purchase_on_the_in_process_bus() {
+    let shop = Shop::start(&NodeOptions::default()).await;
+    purchase(&shop).await;
+}
+
+/// The scale-out setup: two nodes sharing a real nats-server and a real PostgreSQL. The
+/// purchase runs on one node; the other sees the same data, and each event is handled
+/// once across both (one payment, two notifications, not four).
+#[tokio::test]
+async fn a_whole_purchase_over_nats_and_postgres_on_two_nodes() {
+    let nats = Nats::start();
+    let postgres = Postgres::start();
+    let options = NodeOptions {
+        nats_url: Some(nats.url()),
+        database_url: Some(postgres.url()),
+        ..Default::default()
+    };
+    let first = Shop::start(&options).await;
+    let second = Shop::start(&options).await;
+    let (carol, order_id) = purchase(&first).await;
+
+    let (status, order) = second
+        .send(
+            "GET",
+            &format!("/api/v1/orders/{order_id}"),
+            Some(&carol),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{order}");
+    assert_eq!(order["status"], "delivered");
+    let (_, payments) = second
+        .send("GET", "/api/v1/payments", Some(&carol), None)
+        .await;
+    assert_eq!(payments["total"], 1, "{payments}");
+    // Give stray duplicates a moment to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, notifications) = second
+        .send("GET", "/api/v1/notifications", Some(&carol), None)
+        .await;
+    assert_eq!(notifications["total"], 4, "{notifications}");
+}
+
+#[tokio::test]
+async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
+    let shop = Shop::start(&NodeOptions::default()).await;
+    let admin = shop.admin().await;
+    let (dave, _) = shop.user("dave@example.com", "Dave").await;
+    let lamp = shop.product(&admin, "LAMP-1", 4999, 4).await;
+    let sofa = shop.product(&admin, "SOFA-1", 600_000, 2).await;
+
+    // The documented test token that every charge declines.
+    let (status, order) = shop.order(&dave, &[(&lamp, 3)], Some("tok_decline")).await;
+    assert_eq!(status, 201, "{order}");
+    assert_eq!(shop.stock(&lamp).await, 1);
+    let order_id = order["id"].as_str().unwrap();
+    let cancelled = shop.wait_for_order(&dave, order_id, "cancelled").await;
+    assert!(
+        cancelled["cancel_reason"]
+            .as_str()
+            .unwrap()
+            .contains("card_declined"),
+        "{cancelled}"
+    );
+    let (_, payments) = shop
+        .send(
+            "GET",
+            &format!("/api/v1/payments?order_id={order_id}"),
+            Some(&dave),
+            None,
+        )
+        .await;
+    assert_eq!(payments["items"][0]["status"], "failed");
+    assert_eq!(payments["items"][0]["decline_reason"], "card_declined");
+    // Stock is given back when the order is cancelled, asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shop.stock(&lamp).await != 4 {
+        assert!(Instant::now() < deadline, "stock was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notifications = shop.wait_for_notifications(&dave, 3).await;
+    assert!(
+        templates(&notifications).is_superset(&BTreeSet::from([
+            "payment_failed".into(),
+            "order_cancelled".into()
+        ])),
+        "{notifications:?}"
+    );
+
+    // The other documented rule: more than MAX_AMOUNT_CENTS (10,000.00) is declined.
+    let (status, order) = shop.order(&dave, &[(&sofa, 2)], None).await;
+    assert_eq!(status, 201, "{order}");
+    let cancelled = shop
+        .wait_for_order(&dave, order["id"].as_str().unwrap(), "cancelled")
+        .await;
+    assert!(
+        cancelled["cancel_reason"]
+            .as_str()
+            .unwrap()
+            .contains("amount_over_limit"),
+        "{cancelled}"
+    );
+}
+
+/// 50 orders at once for the last 10 units: exactly 10 are placed, the others are told
+/// there is not enough stock, and the stock ends at zero, never below.
+async fn last_units(options: NodeOptions) {
+    let shop = Arc::new(Shop::start(&options).await);
+    let admin = shop.admin().await;
+    let mut customers = Vec::new();
+    for i in 0..5 {
+        let (token, _) = shop
+            .user(&format!("buyer{i}@example.com"), &format!("Buyer {i}"))
+            .await;
+        customers.push(token);
+    }
+    let widget = shop.product(&admin, "WIDGET", 999, 10).await;
+
+    let mut orders = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let shop = shop.clone();
+        let token = customers[i % customers.len()].clone();
+        let widget = widget.clone();
+        orders.spawn(async move { shop.order(&token, &[(&widget, 1)], None).await });
+    }
+    let mut placed = Vec::new();
+    while let Some(result) = orders.join_next().await {
+        let (status, body) = result.unwrap();
+        match status {
+            201 => placed.push(body),
+            409 => assert_eq!(body["error"], "insufficient_stock", "{body}"),
+            other => panic!("unexpected {other}: {body}\n{}", shop.node.log()),
+        }
+    }
+    assert_eq!(placed.len(), 10, "exactly the last 10 units are sold");
+    assert_eq!(shop.stock(&widget).await, 0);
+    for order in &placed {
+        shop.wait_for_order(&admin, order["id"].as_str().unwrap(), "confirmed")
+            .await;
+    }
+    assert_eq!(shop.stock(&widget).await, 0);
+}
+
+common::on_both_backends!(last_units);
+
+#[tokio::test]
+async fn bad_requests_get_the_documented_errors() {
+    let shop = Shop::start(&NodeOptions::default()).await;
+    let admin = shop.admin().await;
+    let (erin, erin_id) = shop.user("erin@example.com", "Erin").await;
+    let (_, frank_id) = shop.user("frank@example.com", "Frank").await;
+    let pen = shop.product(&admin, "PEN-1", 150, 100).await;
+    let expect = |(status, body): (u16, Value), want: u16, error: &str| {
+        assert_eq!(status, want, "{body}");
+        assert_eq!(body["error"], error, "{body}");
+        assert!(body["message"].is_string(), "{body}");
+        body
+    };
+
+    // Malformed bodies: 400.
+    expect(
+        shop.send_raw("POST", "/api/v1/users", None, Some("{\"email\":".into()))
+            .await,
+        400,
+        "bad_json",
+    );
+    expect(
+        shop.send_raw(
+            "POST",
+            "/api/v1/orders",
+            Some(&erin),
+            Some("not json".into()),
+        )
+        .await,
+        400,
+        "bad_json",
+    );
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/orders",
+            Some(&erin),
+            Some(json!({"items": "pen"})),
+        )
+        .await,
+        400,
+        "bad_json",
+    );
+    // Missing or invalid fields: 422, naming the field.
+    let missing = expect(
+        shop.send(
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"email": "gina@example.com", "name": "Gina"})),
+        )
+        .await,
+        422,
+        "validation_failed",
+    );
+    assert_eq!(missing["field"], "password");
+    let invalid = expect(
+        shop.send(
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"email": "not-an-email", "password": PASSWORD, "name": "Gina"})),
+        )
+        .await,
+        422,
+        "validation_failed",
+    );
+    assert_eq!(invalid["field"], "email");
+    let short = expect(
+        shop.send(
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"email": "gina@example.com", "password": "short", "name": "Gina"})),
+        )
+        .await,
+        422,
+        "validation_failed",
+    );
+    assert_eq!(short["field"], "password");
+    let quantity = expect(
+        shop.order(&erin, &[(&pen, 0)], None).await,
+        422,
+        "validation_failed",
+    );
+    assert_eq!(quantity["field"], "items[0].quantity");
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/orders",
+            Some(&erin),
+            Some(json!({"items": []})),
+        )
+        .await,
+        422,
+        "validation_failed",
+    );
+    let unknown = expect(
+        shop.order(&erin, &[(&pen, 1), ("prd_0000000000000000", 1)], None)
+            .await,
+        422,
+        "unknown_product",
+    );
+    assert_eq!(unknown["field"], "items[1].product_id");
+    assert_eq!(
+        shop.stock(&pen).await,
+        100,
+        "a refused order reserves nothing"
+    );
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/orders/ord_0000000000000000/status",
+            Some(&admin),
+            Some(json!({"status": "lost"})),
+        )
+        .await,
+        422,
+        "validation_failed",
+    );
+
+    // Conflicts: 409.
+    let taken = expect(
+        shop.send(
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"email": "ERIN@example.com", "password": PASSWORD, "name": "Erin 2"})),
+        )
+        .await,
+        409,
+        "email_taken",
+    );
+    assert_eq!(taken["field"], "email");
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/products",
+            Some(&admin),
+            Some(json!({"sku": "PEN-1", "name": "Pen again", "price_cents": 1, "stock": 1})),
+        )
+        .await,
+        409,
+        "sku_taken",
+    );
+    expect(
+        shop.order(&erin, &[(&pen, 101)], None).await,
+        409,
+        "insufficient_stock",
+    );
+
+    // Authentication: 401.
+    expect(
+        shop.send("GET", "/api/v1/orders", None, None).await,
+        401,
+        "unauthorized",
+    );
+    expect(
+        shop.send("GET", "/api/v1/orders", Some("not-a-token"), None)
+            .await,
+        401,
+        "unauthorized",
+    );
+    // A token whose signature does not match (one character of it changed).
+    let mut forged = erin.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    expect(
+        shop.send("GET", "/api/v1/users/me", Some(&forged), None)
+            .await,
+        401,
+        "unauthorized",
+    );
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "erin@example.com", "password": "wrong password"})),
+        )
+        .await,
+        401,
+        "invalid_credentials",
+    );
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "nobody@example.com", "password": PASSWORD})),
+        )
+        .await,
+        401,
+        "invalid_credentials",
+    );
+
+    // Authorization: 403.
+    expect(
+        shop.send(
+            "GET",
+            &format!("/api/v1/users/{frank_id}"),
+            Some(&erin),
+            None,
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/products",
+            Some(&erin),
+            Some(json!({"sku": "X", "name": "X", "price_cents": 1, "stock": 1})),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    expect(
+        shop.send("GET", "/api/v1/users", Some(&erin), None).await,
+        403,
+        "forbidden",
+    );
+    expect(
+        shop.send(
+            "GET",
+            &format!("/api/v1/orders?user_id={frank_id}"),
+            Some(&erin),
+            None,
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+
+    // Unknown ids: 404.
+    for path in [
+        "/api/v1/products/prd_0000000000000000",
+        "/api/v1/orders/ord_0000000000000000",
+        "/api/v1/payments/pay_0000000000000000",
+        "/api/v1/notifications/ntf_0000000000000000",
+        "/api/v1/users/usr_0000000000000000",
+    ] {
+        expect(
+            shop.send("GET", path, Some(&admin), None).await,
+            404,
+            "not_found",
+        );
+    }
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/payments",
+            Some(&erin),
+            Some(json!({"order_id": "ord_0000000000000000", "payment_token": "tok_visa"})),
+        )
+        .await,
+        404,
+        "not_found",
+    );
+
+    // Paging: limit is 1..100.
+    expect(
+        shop.send("GET", "/api/v1/products?limit=500", None, None)
+            .await,
+        400,
+        "bad_query",
+    );
+    let (status, page) = shop
+        .send("GET", "/api/v1/users?limit=2&offset=1", Some(&admin), None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["items"][0]["id"], erin_id.as_str());
+
+    // Stock reservations are for sibling components only: the gateway has no route there.
+    expect(
+        shop.send(
+            "POST",
+            "/internal/v1/reservations",
+            Some(&admin),
+            Some(json!({"order_id": "x", "items": [{"product_id": pen, "quantity": 100}]})),
+        )
+        .await,
+        404,
+        "no_route",
+    );
+    assert_eq!(shop.stock(&pen).await, 100);
+}
+
+#[tokio::test]
+async fn the_data_is_still_there_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    };
+    let (product, order_id, notifications) = {
+        let shop = Shop::start(&options).await;
+        let admin = shop.admin().await;
+        let (hana, _) = shop.user("hana@example.com", "Hana").await;
+        let product = shop.product(&admin, "BOOK-1", 1999, 7).await;
+        let (status, order) = shop.order(&hana, &[(&product, 2)], None).await;
+        assert_eq!(status, 201, "{order}");
+        let order_id = order["id"].as_str().unwrap().to_string();
+        shop.wait_for_order(&hana, &order_id, "confirmed").await;
+        let notifications = shop.wait_for_notifications(&hana, 2).await;
+        (product, order_id, notifications)
+        // The node stops here.
+    };
+
+    let shop = Shop::start(&options).await;
+    // Same password, same account; the migrations are not applied twice.
+    let hana = shop.login("hana@example.com").await;
+    let order = shop.wait_for_order(&hana, &order_id, "confirmed").await;
+    assert_eq!(order["total_cents"], 2 * 1999);
+    assert_eq!(shop.stock(&product).await, 5);
+    let (_, page) = shop
+        .send("GET", "/api/v1/notifications", Some(&hana), None)
+        .await;
+    assert_eq!(page["items"].as_array().unwrap(), &notifications);
+    let (status, _) = shop
+        .send(
+            "POST",
+            "/api/v1/users",
+            None,
+            Some(json!({"email": "hana@example.com", "password": PASSWORD, "name": "Hana"})),
+        )
+        .await;
+    assert_eq!(status, 409, "the email is still registered");
+}
+
+/// Every operation of `examples/shop/openapi.json` is exercised, and every answer the
+/// services give has a status the document lists for it and a body its schema accepts.
+#[tokio::test]
+async fn the_openapi_document_matches_the_real_responses() {
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/shop/openapi.json")).unwrap(),
+    )
+    .expect("openapi.json is JSON");
+
+    let shop = Shop::start(&NodeOptions::default()).await;
+    // Every operation, succeeding and failing, through the scenarios above...
+    let (carol, order_id) = purchase(&shop).await;
+    let admin = shop.login(ADMIN_EMAIL).await;
+    // ...and the operations they do not reach.
+    let (status, me) = shop
+        .send("GET", "/api/v1/users/me", Some(&carol), None)
+        .await;
+    assert_eq!(status, 200);
+    let carol_id = me["id"].as_str().unwrap().to_string();
+    shop.send(
+        "GET",
+        &format!("/api/v1/users/{carol_id}"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    shop.send(
+        "PATCH",
+        &format!("/api/v1/users/{carol_id}"),
+        Some(&carol),
+        Some(json!({"name": "Carol Q."})),
+    )
+    .await;
+    shop.send("GET", "/api/v1/users?limit=5", Some(&admin), None)
+        .await;
+    let (_, products) = shop.send("GET", "/api/v1/products", None, None).await;
+    let product = products["items"][0]["id"].as_str().unwrap().to_string();
+    shop.send(
+        "PATCH",
+        &format!("/api/v1/products/{product}"),
+        Some(&admin),
+        Some(json!({"price_cents": 1300, "stock": 50})),
+    )
+    .await;
+    shop.send("GET", &format!("/api/v1/products/{product}"), None, None)
+        .await;
+    shop.send("GET", "/api/v1/orders?limit=1", Some(&admin), None)
+        .await;
+    let (_, payments) = shop
+        .send("GET", "/api/v1/payments", Some(&carol), None)
+        .await;
+    let payment = payments["items"][0]["id"].as_str().unwrap().to_string();
+    shop.send(
+        "GET",
+        &format!("/api/v1/payments/{payment}"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    // A pending order paid through the API (201), then cancelled by its owner.
+    let (status, pending) = shop
+        .order(&carol, &[(&product, 1)], Some("tok_decline"))
+        .await;
+    assert_eq!(status, 201);
+    let pending_id = pending["id"].as_str().unwrap().to_string();
+    shop.send(
+        "POST",
+        "/api/v1/payments",
+        Some(&carol),
+        Some(json!({"order_id": pending_id, "payment_token": "tok_visa"})),
+    )
+    .await;
+    let (_, notifications) = shop
+        .send("GET", "/api/v1/notifications", Some(&carol), None)
+        .await;
+    let notification = notifications["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    shop.send(
+        "GET",
+        &format!("/api/v1/notifications/{notification}"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    shop.send(
+        "POST",
+        "/api/v1/notifications",
+        Some(&admin),
+        Some(
+            json!({"user_id": carol_id, "recipient": "carol@example.com",
+                    "template": "message",
+                    "data": {"subject": "Hello", "body": "Spring sale"}}),
+        ),
+    )
+    .await;
+    shop.send(
+        "POST",
+        "/api/v1/notifications",
+        Some(&admin),
+        Some(
+            json!({"user_id": carol_id, "recipient": "carol@example.com",
+                    "template": "no_such_template"}),
+        ),
+    )
+    .await;
+    shop.send(
+        "POST",
+        &format!("/api/v1/orders/{order_id}/status"),
+        Some(&carol),
+        Some(json!({"status": "cancelled"})),
+    )
+    .await;
+    shop.send("GET", "/api/v1/orders", None, None).await;
+    shop.send("GET", "/api/v1/products?offset=-1", None, None)
+        .await;
+    let (status, _) = shop
+        .send(
+            "DELETE",
+            &format!("/api/v1/users/{carol_id}"),
+            Some(&carol),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+
+    let exchanges = shop.exchanges.lock().unwrap().clone();
+    let mut exercised = BTreeSet::new();
+    let mut problems = Vec::new();
+    for exchange in &exchanges {
+        let Some((template, operation)) = operation_for(&spec, exchange) else {
+            problems.push(format!(
+                "{} {} is not in the document",
+                exchange.method, exchange.path
+            ));
+            continue;
+        };
+        exercised.insert(format!("{} {template}", exchange.method));
+        let Some(response) = operation["responses"].get(exchange.status.to_string()) else {
+            problems.push(format!(
+                "{} {template}: status {} is not documented ({})",
+                exchange.method, exchange.status, exchange.body
+            ));
+            continue;
+        };
+        let schema = &response["content"]["application/json"]["schema"];
+        match (schema.is_null(), exchange.body.is_null()) {
+            (true, true) => {}
+            (true, false) => problems.push(format!(
+                "{} {template} {}: documented without a body, got {}",
+                exchange.method, exchange.status, exchange.body
+            )),
+            (false, true) => problems.push(format!(
+                "{} {template} {}: documented with a body, got none",
+                exchange.method, exchange.status
+            )),
+            (false, false) => {
+                let mut rooted = schema.clone();
+                rooted["components"] = spec["components"].clone();
+                let validator = jsonschema::validator_for(&rooted)
+                    .unwrap_or_else(|e| panic!("schema of {template}: {e}"));
+                for error in validator.iter_errors(&exchange.body) {
+                    problems.push(format!(
+                        "{} {template} {}: {error} at {} in {}",
+                        exchange.method,
+                        exchange.status,
+                        error.instance_path(),
+                        exchange.body
+                    ));
+                }
+            }
+        }
+    }
+    let documented: BTreeSet<String> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| HTTP_METHODS.contains(&k.as_str()))
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    for missing in documented.difference(&exercised) {
+        problems.push(format!("{missing} is documented but never exercised"));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
+
+/// The document's path template and operation for a request: the template whose literal
+/// segments match most (so `/users/me` wins over `/users/{id}`).
+fn operation_for<'a>(spec: &'a Value, exchange: &Exchange) -> Option<(String, &'a Value)> {
+    let path = exchange.path.split('?').next().unwrap();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    spec["paths"]
+        .as_object()?
+        .iter()
+        .filter_map(|(template, item)| {
+            let parts: Vec<&str> = template.split('/').filter(|s| !s.is_empty()).collect();
+            if parts.len() != segments.len() {
+                return None;
+            }
+            let mut literal = 0;
+            for (part, segment) in parts.iter().zip(&segments) {
+                if part.starts_with('{') {
+                    continue;
+                }
+                if part != segment {
+                    return None;
+                }
+                literal += 1;
+            }
+            let operation = item.get(exchange.method.to_lowercase())?;
+            Some((literal, template.clone(), operation))
+        })
+        .max_by_key(|(literal, _, _)| *literal)
+        .map(|(_, template, operation)| (template, operation))
+}
