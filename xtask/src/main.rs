@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 mod bench;
 
 /// The example `cargo xtask run` starts when given no manifest.
-const DEFAULT_EXAMPLE: &str = "examples/hello/trellis.toml";
+const DEFAULT_EXAMPLE: &str = "examples/shop/trellis.toml";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
