@@ -198,10 +198,13 @@ database_url = "mysql://db/shop"
 [components.hello]
 source = "{wasm:hello}"
 keyvalue = ["default", ""]
+migrations = "no-such-dir"
 "#,
         &[
             "node.database_url: must be a postgres:// URL",
             "components.hello.keyvalue[1]: \"\" is not a bucket name",
+            "components.hello.migrations: migrations need relational storage: set sql = true",
+            "components.hello.migrations: no such directory",
         ],
     );
 }

@@ -45,6 +45,52 @@ config = { GREETING = "hello", DATABASE_NAME = "orders" }
     );
 }
 
+/// `tenants.T.config` reaches every component of the tenant, under the component's own
+/// values, and no component of another tenant.
+#[tokio::test]
+async fn tenant_config_is_shared_by_its_components_and_overridden_by_theirs() {
+    let node = TestNode::start(
+        r#"
+[tenants.shop]
+hosts = ["shop.test"]
+config = { JWT_SECRET = "shared", REGION = "eu" }
+
+[tenants.other]
+hosts = ["other.test"]
+
+[components.a]
+tenant = "shop"
+source = "{wasm:probe}"
+routes = ["/"]
+
+[components.b]
+tenant = "shop"
+source = "{wasm:probe}"
+routes = ["/b"]
+config = { REGION = "us" }
+
+[components.c]
+tenant = "other"
+source = "{wasm:probe}"
+routes = ["/"]
+"#,
+    )
+    .await;
+    let env = |host: &'static str, path: &'static str| {
+        let node = &node;
+        async move { node.get_host(host, path).await.json()["env"].clone() }
+    };
+    assert_eq!(
+        env("shop.test", "/env").await,
+        serde_json::json!([["JWT_SECRET", "shared"], ["REGION", "eu"]])
+    );
+    assert_eq!(
+        env("shop.test", "/b/env").await,
+        serde_json::json!([["JWT_SECRET", "shared"], ["REGION", "us"]])
+    );
+    assert_eq!(env("other.test", "/env").await, serde_json::json!([]));
+}
+
 #[tokio::test]
 async fn granted_directories_are_visible_read_only_unless_marked_writable() {
     let shared = tempfile::tempdir().unwrap();

@@ -432,6 +432,40 @@ async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
         "{notifications:?}"
     );
 
+    // A paid order its owner cancels: stock back, payment refunded.
+    let (status, order) = shop.order(&dave, &[(&lamp, 2)], None).await;
+    assert_eq!(status, 201, "{order}");
+    let paid_id = order["id"].as_str().unwrap();
+    shop.wait_for_order(&dave, paid_id, "confirmed").await;
+    assert_eq!(shop.stock(&lamp).await, 2);
+    let (status, cancelled) = shop
+        .send(
+            "POST",
+            &format!("/api/v1/orders/{paid_id}/status"),
+            Some(&dave),
+            Some(json!({"status": "cancelled", "reason": "changed my mind"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["cancel_reason"], "changed my mind");
+    assert_eq!(shop.stock(&lamp).await, 4, "cancelling released the stock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, payments) = shop
+            .send(
+                "GET",
+                &format!("/api/v1/payments?order_id={paid_id}"),
+                Some(&dave),
+                None,
+            )
+            .await;
+        if payments["items"][0]["status"] == "refunded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refunded: {payments}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The other documented rule: more than MAX_AMOUNT_CENTS (10,000.00) is declined.
     let (status, order) = shop.order(&dave, &[(&sofa, 2)], None).await;
     assert_eq!(status, 201, "{order}");

@@ -34,6 +34,7 @@ const SCHEMA: &str = "CREATE TABLE users (
 on_both_backends!(tables_constraints_and_typed_values);
 on_both_backends!(transactions_commit_or_roll_back_as_a_whole);
 on_both_backends!(each_component_has_its_own_tables_and_they_persist);
+on_both_backends!(migrations_run_once_at_deploy_and_a_failing_one_stops_it);
 
 /// Posts a script to the sql-probe at `path`; returns its answer.
 async fn run(node: &TestNode, path: &str, script: Value) -> Value {
@@ -296,4 +297,74 @@ async fn each_component_has_its_own_tables_and_they_persist(mut options: NodeOpt
         json!([["kept@example.com"]]),
         "data survives a restart"
     );
+}
+
+/// `migrations = DIR`: the files run in name order at deploy, each once across restarts;
+/// a failing file stops the deploy naming itself and leaves nothing behind.
+async fn migrations_run_once_at_deploy_and_a_failing_one_stops_it(mut options: NodeOptions) {
+    let data_dir = tempfile::tempdir().unwrap();
+    options.data_dir = Some(data_dir.path().to_path_buf());
+    let migrations = tempfile::tempdir().unwrap();
+    let write = |name: &str, sql: &str| std::fs::write(migrations.path().join(name), sql).unwrap();
+    // Written out of order on purpose: names decide the order, and 0002 needs 0001.
+    write(
+        "0002_tags.sql",
+        "ALTER TABLE notes ADD COLUMN tag TEXT;\nUPDATE notes SET tag = 'first';",
+    );
+    write(
+        "0001_notes.sql",
+        "CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT NOT NULL);\n\
+         INSERT INTO notes (id, body) VALUES (1, 'seeded');",
+    );
+    write("README.txt", "not SQL, not applied");
+    let manifest = format!(
+        r#"
+[components.notes]
+source = "{{wasm:sql-probe}}"
+routes = ["/notes"]
+sql = true
+migrations = "{}"
+"#,
+        migrations.path().display()
+    );
+    let select = "SELECT id, body, tag FROM notes ORDER BY id";
+
+    let node = TestNode::start_with(&manifest, &options).await;
+    let rows = one(&node, "/notes", "query", select, json!([])).await;
+    assert_eq!(rows["rows"], json!([[1, "seeded", "first"]]), "{rows}");
+    drop(node);
+
+    // Again on the same data: nothing re-runs (the seed row would be a duplicate key).
+    let node = TestNode::start_with(&manifest, &options).await;
+    let rows = one(&node, "/notes", "query", select, json!([])).await;
+    assert_eq!(rows["rows"], json!([[1, "seeded", "first"]]), "{rows}");
+    drop(node);
+
+    // A new migration that fails halfway: the deploy stops and says which file and why.
+    write(
+        "0003_broken.sql",
+        "INSERT INTO notes (id, body) VALUES (2, 'half');\nINSERT INTO no_such_table VALUES (1);",
+    );
+    let output = match TestNode::try_start_with(&manifest, &options).await {
+        Ok(_) => panic!("a failing migration must stop the deploy"),
+        Err(output) => output,
+    };
+    assert!(output.contains("0003_broken.sql"), "{output}");
+    assert!(output.contains("no_such_table"), "{output}");
+
+    // Fixed, it applies, and its failed first attempt left nothing behind.
+    write(
+        "0003_broken.sql",
+        "INSERT INTO notes (id, body) VALUES (2, 'whole');",
+    );
+    let node = TestNode::start_with(&manifest, &options).await;
+    let rows = one(
+        &node,
+        "/notes",
+        "query",
+        "SELECT body FROM notes ORDER BY id",
+        json!([]),
+    )
+    .await;
+    assert_eq!(rows["rows"], json!([["seeded"], ["whole"]]), "{rows}");
 }
