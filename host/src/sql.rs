@@ -12,10 +12,13 @@
 //!   On PostgreSQL a failed statement aborts its transaction (only `rollback` is possible
 //!   afterwards); SQLite undoes just the statement. Both roll back a dropped transaction.
 
+use std::sync::Arc;
+
 use sqlx::error::ErrorKind;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{Arguments, AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
 use crate::bindings::trellis::platform::sql::{
@@ -25,7 +28,9 @@ use crate::storage::ComponentDatabase;
 
 /// An open transaction, held in the instance's resource table.
 pub enum Transaction {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    /// With the component's write turn, held until the transaction ends (fields drop in
+    /// order: the transaction first).
+    Sqlite(sqlx::Transaction<'static, Sqlite>, OwnedMutexGuard<()>),
     Postgres(sqlx::Transaction<'static, Postgres>),
 }
 
@@ -87,11 +92,18 @@ fn guest_error(e: sqlx::Error) -> wit::Error {
 /// What a deployment grants: its database.
 pub struct SqlGrant {
     database: ComponentDatabase,
+    /// SQLite allows one writer per database at a time. Writers queue here, in the async
+    /// runtime, instead of inside SQLite, whose busy handler sleeps 1, 2, 5, 10... ms
+    /// between retries and made concurrent writes slow (p99 > 100 ms under load).
+    sqlite_writer: Arc<Mutex<()>>,
 }
 
 impl SqlGrant {
     pub fn new(database: ComponentDatabase) -> Self {
-        Self { database }
+        Self {
+            database,
+            sqlite_writer: Arc::new(Mutex::new(())),
+        }
     }
 }
 
@@ -115,16 +127,41 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl Sql<'_> {
+    fn grant(&self) -> Result<&SqlGrant, SqlError> {
+        self.grant.ok_or(SqlError::Guest(wit::Error::AccessDenied))
+    }
+
     fn database(&self) -> Result<ComponentDatabase, SqlError> {
-        self.grant
-            .map(|g| g.database.clone())
-            .ok_or(SqlError::Guest(wit::Error::AccessDenied))
+        Ok(self.grant()?.database.clone())
+    }
+
+    /// The SQLite write turn, waited for as long as SQLite itself would (its busy timeout):
+    /// a guest that writes outside the transaction it holds gets "busy", not a hang.
+    fn write_turn(
+        &self,
+    ) -> Result<impl Future<Output = Result<OwnedMutexGuard<()>, SqlError>> + use<>, SqlError> {
+        let writer = self.grant()?.sqlite_writer.clone();
+        Ok(async move {
+            tokio::time::timeout(crate::storage::SQLITE_BUSY_TIMEOUT, writer.lock_owned())
+                .await
+                .map_err(|_| {
+                    SqlError::Guest(wit::Error::Other(
+                        "database is busy: another writer held it too long".into(),
+                    ))
+                })
+        })
     }
 }
 
 impl wit::Host for Sql<'_> {
     async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<RowSet, SqlError> {
         match self.database()? {
+            // `INSERT/UPDATE/DELETE ... RETURNING` writes through `query`: it waits for the
+            // write turn too. Plain reads never wait (WAL readers do not block writers).
+            ComponentDatabase::Sqlite(pool) if !is_read_only(&statement) => {
+                let _turn = self.write_turn()?.await?;
+                sqlite::query(&pool, statement, &params).await
+            }
             ComponentDatabase::Sqlite(pool) => sqlite::query(&pool, statement, &params).await,
             ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
         }
@@ -132,7 +169,11 @@ impl wit::Host for Sql<'_> {
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, SqlError> {
         match self.database()? {
-            ComponentDatabase::Sqlite(pool) => sqlite::execute(&pool, statement, &params).await,
+            // `execute` is how guests write; it waits for the write turn like a transaction.
+            ComponentDatabase::Sqlite(pool) => {
+                let _turn = self.write_turn()?.await?;
+                sqlite::execute(&pool, statement, &params).await
+            }
             ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
         }
     }
@@ -142,7 +183,8 @@ impl wit::Host for Sql<'_> {
             // IMMEDIATE takes SQLite's write lock up front; a deferred transaction that
             // writes later can fail at once with SQLITE_BUSY under WAL.
             ComponentDatabase::Sqlite(pool) => {
-                Transaction::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)
+                let turn = self.write_turn()?.await?;
+                Transaction::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, turn)
             }
             ComponentDatabase::Postgres(pool) => Transaction::Postgres(pool.begin().await?),
         };
@@ -157,6 +199,14 @@ impl wit::Host for Sql<'_> {
     }
 }
 
+/// Whether a statement only reads: it starts with SELECT (a `WITH` may hide a write).
+fn is_read_only(statement: &str) -> bool {
+    statement
+        .trim_start()
+        .get(..6)
+        .is_some_and(|keyword| keyword.eq_ignore_ascii_case("select"))
+}
+
 impl wit::HostTransaction for Sql<'_> {
     async fn query(
         &mut self,
@@ -165,7 +215,7 @@ impl wit::HostTransaction for Sql<'_> {
         params: Vec<Value>,
     ) -> Result<RowSet, SqlError> {
         match self.table.get_mut(&this)? {
-            Transaction::Sqlite(tx) => sqlite::query(&mut **tx, statement, &params).await,
+            Transaction::Sqlite(tx, _) => sqlite::query(&mut **tx, statement, &params).await,
             Transaction::Postgres(tx) => postgres::query(&mut **tx, statement, &params).await,
         }
     }
@@ -177,14 +227,14 @@ impl wit::HostTransaction for Sql<'_> {
         params: Vec<Value>,
     ) -> Result<u64, SqlError> {
         match self.table.get_mut(&this)? {
-            Transaction::Sqlite(tx) => sqlite::execute(&mut **tx, statement, &params).await,
+            Transaction::Sqlite(tx, _) => sqlite::execute(&mut **tx, statement, &params).await,
             Transaction::Postgres(tx) => postgres::execute(&mut **tx, statement, &params).await,
         }
     }
 
     async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
         match self.table.delete(this)? {
-            Transaction::Sqlite(tx) => tx.commit().await?,
+            Transaction::Sqlite(tx, _turn) => tx.commit().await?,
             Transaction::Postgres(tx) => tx.commit().await?,
         }
         Ok(())
@@ -192,7 +242,7 @@ impl wit::HostTransaction for Sql<'_> {
 
     async fn rollback(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
         match self.table.delete(this)? {
-            Transaction::Sqlite(tx) => tx.rollback().await?,
+            Transaction::Sqlite(tx, _turn) => tx.rollback().await?,
             Transaction::Postgres(tx) => tx.rollback().await?,
         }
         Ok(())

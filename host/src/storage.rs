@@ -20,6 +20,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Executor};
 
+/// How long a SQLite writer waits for another to finish before it gets "busy".
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The node's storage backend, chosen by `node.database_url` / `--database-url`.
 pub enum Storage {
     Sqlite {
@@ -78,10 +81,16 @@ impl Storage {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(5))
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    // Pages are read through a mapping instead of read(2) copies; each
+                    // connection re-reads what another one changed, so this is often.
+                    .pragma("mmap_size", "268435456")
                     .foreign_keys(true);
                 // Every SQLite connection is a thread of its own; idle ones are closed.
                 let pool = SqlitePoolOptions::new()
+                    // No ping before each use: it is a round trip to the connection's
+                    // thread per statement, and a broken file fails the statement anyway.
+                    .test_before_acquire(false)
                     .max_connections(4)
                     .min_connections(0)
                     .idle_timeout(Duration::from_secs(60))
@@ -101,6 +110,9 @@ impl Storage {
                     .clone()
                     .options([("search_path", schema.as_str()), ("role", schema.as_str())]);
                 let pool = PgPoolOptions::new()
+                    // No ping before each use (a network round trip per statement); a
+                    // dropped connection fails its statement and is replaced.
+                    .test_before_acquire(false)
                     .max_connections(4)
                     .min_connections(0)
                     .idle_timeout(Duration::from_secs(60))

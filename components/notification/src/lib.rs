@@ -188,37 +188,43 @@ fn send(
     let body = render(&body, data).map_err(|e| ApiError::invalid("data", e))?;
     let (channel, outcome) = deliver(recipient, &subject, &body);
     let id = shop_common::new_id("ntf");
+    let status = if outcome.is_ok() {
+        "delivered"
+    } else {
+        "failed"
+    };
+    // The row as COLUMNS lists it.
+    let row: Vec<db::Value> = vec![
+        id.as_str().into(),
+        user_id.into(),
+        recipient.into(),
+        channel.into(),
+        template_name.into(),
+        subject.into(),
+        body.into(),
+        event.map(|(subject, _)| subject).into(),
+        status.into(),
+        outcome.err().into(),
+        shop_common::now().into(),
+    ];
+    let mut values = row.clone();
+    values.push(event.map(|(_, key)| key).into());
     let inserted = Db.raw_execute(
-        "INSERT INTO notifications (id, user_id, recipient, channel, template, subject, body, event, event_key, status, error, created_at) \
+        "INSERT INTO notifications (id, user_id, recipient, channel, template, subject, body, event, status, error, created_at, event_key) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        params![
-            &id,
-            user_id,
-            recipient,
-            channel,
-            template_name,
-            subject,
-            body,
-            event.map(|(subject, _)| subject),
-            event.map(|(_, key)| key),
-            if outcome.is_ok() { "delivered" } else { "failed" },
-            outcome.err(),
-            shop_common::now()
-        ],
+        &values,
     );
-    match inserted {
-        Ok(_) => {}
+    match (inserted, event) {
+        (Ok(_), _) => Ok(row),
         // A concurrent delivery of the same event recorded it first.
-        Err(e) if db::is_unique_violation(&e) => {}
-        Err(e) => return Err(e.into()),
+        (Err(e), Some((_, key))) if db::is_unique_violation(&e) => Db
+            .row(
+                &format!("SELECT {COLUMNS} FROM notifications WHERE event_key = $1"),
+                params![key],
+            )?
+            .ok_or_else(|| ApiError::internal("notification vanished")),
+        (Err(e), _) => Err(e.into()),
     }
-    let by = if event.is_some() { "event_key" } else { "id" };
-    let value = event.map(|(_, key)| key.to_string()).unwrap_or(id);
-    Db.row(
-        &format!("SELECT {COLUMNS} FROM notifications WHERE {by} = $1"),
-        params![value],
-    )?
-    .ok_or_else(|| ApiError::internal("notification vanished"))
 }
 
 /// Sends it on the configured channel: (channel, Ok or why it failed).

@@ -148,16 +148,20 @@ fn find(sql: &impl Sql, id: &str) -> Result<Order, ApiError> {
         )?
         .ok_or_else(|| ApiError::not_found("order"))?;
     let mut order = Order::from_row(&row);
-    order.items = sql
+    order.items = items_of(sql, id)?;
+    Ok(order)
+}
+
+fn items_of(sql: &impl Sql, order_id: &str) -> Result<Vec<Value>, ApiError> {
+    Ok(sql
         .rows(
             "SELECT order_id, product_id, name, quantity, unit_price_cents FROM order_items \
              WHERE order_id = $1 ORDER BY product_id",
-            params![id],
+            params![order_id],
         )?
         .iter()
         .map(|row| item_json(row))
-        .collect();
-    Ok(order)
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -292,22 +296,59 @@ fn store(
          VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $7)",
         params![order_id, &claims.sub, &claims.email, total, currency, payment_token, &now],
     )?;
+    // Every line in one statement.
+    let mut rows = Vec::new();
+    let mut values: Vec<db::Value> = Vec::new();
     for item in items {
-        tx.execute(
-            "INSERT INTO order_items (order_id, product_id, name, quantity, unit_price_cents) \
-             VALUES ($1, $2, $3, $4, $5)",
-            params![
-                order_id,
-                item["product_id"].as_str().unwrap_or_default(),
-                item["name"].as_str().unwrap_or_default(),
-                item["quantity"].as_i64().unwrap_or(0),
-                item["unit_price_cents"].as_i64().unwrap_or(0)
-            ],
-        )?;
+        let n = values.len();
+        rows.push(format!(
+            "(${}, ${}, ${}, ${}, ${})",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5
+        ));
+        values.extend([
+            db::Value::from(order_id),
+            db::Value::from(item["product_id"].as_str().unwrap_or_default()),
+            db::Value::from(item["name"].as_str().unwrap_or_default()),
+            db::Value::Integer(item["quantity"].as_i64().unwrap_or(0)),
+            db::Value::Integer(item["unit_price_cents"].as_i64().unwrap_or(0)),
+        ]);
     }
-    let order = find(&tx, order_id)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO order_items (order_id, product_id, name, quantity, unit_price_cents) VALUES {}",
+            rows.join(", ")
+        ),
+        &values,
+    )?;
     db::commit(tx)?;
-    Ok(order)
+    let mut items: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            json!({
+                "product_id": item["product_id"],
+                "name": item["name"],
+                "quantity": item["quantity"],
+                "unit_price_cents": item["unit_price_cents"],
+            })
+        })
+        .collect();
+    items.sort_by(|a, b| a["product_id"].as_str().cmp(&b["product_id"].as_str()));
+    Ok(Order {
+        id: order_id.to_string(),
+        user_id: claims.sub.clone(),
+        email: claims.email.clone(),
+        status: "pending".into(),
+        total_cents: total,
+        currency: currency.to_string(),
+        cancel_reason: None,
+        created_at: now.clone(),
+        updated_at: now,
+        items,
+    })
 }
 
 /// Another service's error, passed on with its message and field.
@@ -492,14 +533,19 @@ struct PaymentEvent {
 }
 
 fn payment_succeeded(event: &PaymentEvent) -> Result<(), ApiError> {
-    let changed = Db.execute(
-        "UPDATE orders SET status = 'confirmed', updated_at = $2 WHERE id = $1 AND status = 'pending'",
+    let confirmed = Db.row(
+        &format!(
+            "UPDATE orders SET status = 'confirmed', updated_at = $2 \
+             WHERE id = $1 AND status = 'pending' RETURNING {COLUMNS}"
+        ),
         params![&event.order_id, shop_common::now()],
     )?;
-    // Zero: a repeated event, or an order cancelled before its payment arrived (the
+    // None: a repeated event, or an order cancelled before its payment arrived (the
     // payment service refunds those when it sees `order.cancelled`).
-    if changed == 1 {
-        announce(&find(&Db, &event.order_id)?)?;
+    if let Some(row) = confirmed {
+        let mut order = Order::from_row(&row);
+        order.items = items_of(&Db, &order.id)?;
+        announce(&order)?;
     }
     Ok(())
 }

@@ -132,34 +132,45 @@ fn decide(token: &str, amount_cents: i64) -> Result<(), &'static str> {
 /// Charges `order` once: `(payment, true)` when this call made it, `(payment, false)` when
 /// the order already had one.
 fn charge(order: &OrderEvent, token: &str) -> Result<(Vec<db::Value>, bool), ApiError> {
-    if let Some(existing) = by_order(&order.order_id)? {
-        return Ok((existing, false));
-    }
     let (status, reason) = match decide(token, order.total_cents) {
         Ok(()) => ("succeeded", None),
         Err(reason) => ("failed", Some(reason)),
     };
     let id = shop_common::new_id("pay");
     let now = shop_common::now();
+    // The row as COLUMNS lists it.
+    let payment: Vec<db::Value> = vec![
+        id.as_str().into(),
+        order.order_id.as_str().into(),
+        order.user_id.as_str().into(),
+        order.email.as_str().into(),
+        order.total_cents.into(),
+        order.currency.as_str().into(),
+        status.into(),
+        reason.into(),
+        now.as_str().into(),
+    ];
+    let mut values = payment.clone();
+    values.push(now.as_str().into());
     let inserted = Db.raw_execute(
         "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
-        params![&id, &order.order_id, &order.user_id, &order.email, order.total_cents, &order.currency, status, reason, now],
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &values,
     );
     match inserted {
-        Ok(_) => {}
-        // The event and an API call raced; the other one made the payment.
+        Ok(_) => {
+            publish_outcome(&payment)?;
+            Ok((payment, true))
+        }
+        // The order already has its payment (a repeated event, or the event and an API
+        // call racing): that one stands.
         Err(e) if db::is_unique_violation(&e) => {
             let existing =
                 by_order(&order.order_id)?.ok_or_else(|| ApiError::internal("payment vanished"))?;
-            return Ok((existing, false));
+            Ok((existing, false))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(e.into()),
     }
-    let payment =
-        by_order(&order.order_id)?.ok_or_else(|| ApiError::internal("payment vanished"))?;
-    publish_outcome(&payment)?;
-    Ok((payment, true))
 }
 
 fn by_order(order_id: &str) -> Result<Option<Vec<db::Value>>, ApiError> {

@@ -258,20 +258,15 @@ fn reserve(request: &Request) -> ApiResult {
     wanted.sort_by(|a, b| a.1.cmp(&b.1));
 
     let tx = db::begin()?;
-    let already = tx.count(
-        "SELECT COUNT(*) FROM reservations WHERE order_id = $1",
-        params![&order_id],
-    )?;
-    if already > 0 {
-        return Ok(Response::ok(&reservation_json(&tx, &order_id)?));
-    }
     let now = shop_common::now();
+    let mut reserved = Vec::new();
     for (i, product_id, quantity) in &wanted {
-        let taken = tx.execute(
-            "UPDATE products SET stock = stock - $1, updated_at = $3 WHERE id = $2 AND stock >= $1",
+        let taken = tx.rows(
+            "UPDATE products SET stock = stock - $1, updated_at = $3 \
+             WHERE id = $2 AND stock >= $1 RETURNING name, price_cents, currency",
             params![*quantity, product_id, &now],
         )?;
-        if taken == 0 {
+        let Some(product) = taken.first() else {
             // Dropping `tx` rolls back whatever this order took so far.
             return Err(
                 match tx.row(
@@ -293,16 +288,35 @@ fn reserve(request: &Request) -> ApiResult {
                     .on(format!("items[{i}].quantity")),
                 },
             );
-        }
-        tx.execute(
+        };
+        let price = db::int(product, 1);
+        let inserted = tx.raw_execute(
             "INSERT INTO reservations (order_id, product_id, quantity, unit_price_cents, status, created_at) \
-             SELECT $1, id, $3, price_cents, 'reserved', $4 FROM products WHERE id = $2",
-            params![&order_id, product_id, *quantity, &now],
-        )?;
+             VALUES ($1, $2, $3, $4, 'reserved', $5)",
+            params![&order_id, product_id, *quantity, price, &now],
+        );
+        match inserted {
+            Ok(_) => {}
+            // This order was reserved before (a retry): undo this attempt, answer that one.
+            Err(e) if db::is_unique_violation(&e) => {
+                drop(tx);
+                return Ok(Response::ok(&reservation_json(&Db, &order_id)?));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        reserved.push(json!({
+            "product_id": product_id,
+            "name": db::text(product, 0),
+            "quantity": quantity,
+            "unit_price_cents": price,
+            "currency": db::text(product, 2),
+            "status": "reserved",
+        }));
     }
-    let answer = reservation_json(&tx, &order_id)?;
     db::commit(tx)?;
-    Ok(Response::created(&answer))
+    Ok(Response::created(
+        &json!({"order_id": order_id, "items": reserved}),
+    ))
 }
 
 fn release(order_id: &str) -> ApiResult {
