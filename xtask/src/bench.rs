@@ -24,6 +24,8 @@ const CONNECTIONS: &str = "32";
 const WARMUP: &str = "2s";
 const DURATION: &str = "8s";
 const ROUNDS: usize = 3;
+/// Connections for the shop's latency-when-not-saturated run.
+const LIGHT_CONNECTIONS: &str = "4";
 
 struct Measured {
     name: &'static str,
@@ -106,6 +108,7 @@ pub fn run(root: &Path) -> Result<()> {
 
     let mut report = render(&results, &cost, &metrics);
     report.push_str(&capabilities(&release, &out_dir)?);
+    report.push_str(&shop_orders(root, &release, &out_dir)?);
     println!("\n{report}");
     std::fs::write(out_dir.join("results.md"), &report)?;
     Ok(())
@@ -320,6 +323,184 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     Ok(out)
 }
 
+/// Order placement through the gateway on the shop example (SQLite, in-process bus): the
+/// whole flow of `POST /api/v1/orders` (token check, user check, stock reservation, the
+/// order stored, `order.created` published), with the events' work (payment,
+/// confirmation, notifications) running on the same cores. Against the native storage
+/// floor (`order_baseline`): the same SQL on the same databases, with no HTTP or Wasm.
+fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let data = out_dir.join("shop-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port()?;
+    let shop = Server::start(
+        "trellis shop",
+        Command::new(release.join("trellis"))
+            .arg("up")
+            .arg(root.join("examples/shop/trellis.toml"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("TRELLIS_LOG", "warn"),
+        port,
+        "/health/ready",
+    )?;
+    let json = "content-type: application/json";
+    for (email, password) in [
+        ("admin@shop.example", "admin-password"),
+        ("bench@example.com", "bench-password"),
+    ] {
+        let body = format!(r#"{{"email":"{email}","password":"{password}","name":"Bench"}}"#);
+        exchange(port, "POST", "/api/v1/users", &[json], &body, 201)?;
+    }
+    let login = |email: &str, password: &str| -> Result<String> {
+        let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
+        let answer = exchange(port, "POST", "/api/v1/auth/login", &[json], &body, 200)?;
+        json_string_field(&answer, "token").context("login answered no token")
+    };
+    let admin = format!(
+        "authorization: Bearer {}",
+        login("admin@shop.example", "admin-password")?
+    );
+    let customer = login("bench@example.com", "bench-password")?;
+    let product = exchange(
+        port,
+        "POST",
+        "/api/v1/products",
+        &[json, &admin],
+        r#"{"sku":"BENCH","name":"Bench","price_cents":100,"stock":1000000000}"#,
+        201,
+    )?;
+    let product = json_string_field(&product, "id").context("no product id")?;
+    let script = out_dir.join("order.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"content-type\"] = \"application/json\"\n\
+             wrk.headers[\"authorization\"] = \"Bearer {customer}\"\n\
+             wrk.body = '{{\"items\":[{{\"product_id\":\"{product}\",\"quantity\":1}}]}}'\n"
+        ),
+    )?;
+    let url = format!("http://127.0.0.1:{port}/api/v1/orders");
+    let load_with = |connections: &str, duration: &str| -> Result<String> {
+        let output = Command::new("wrk")
+            .args([
+                "-t",
+                THREADS,
+                "-c",
+                connections,
+                "-d",
+                duration,
+                "--latency",
+                "-s",
+            ])
+            .arg(&script)
+            .arg(&url)
+            .output()
+            .context("running wrk")?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let load = |duration: &str| load_with(CONNECTIONS, duration);
+    eprintln!("== shop: order placement");
+    load(WARMUP)?;
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let output = load(DURATION)?;
+        rounds.push((
+            field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?,
+            latency(&output, "50%").context("no p50")?,
+            latency(&output, "99%").context("no p99")?,
+            field(&output, "Non-2xx or 3xx responses:").unwrap_or(0.0),
+        ));
+    }
+    // Latency when the node is not saturated: a few clients at a time.
+    let light = load_with(LIGHT_CONNECTIONS, DURATION)?;
+    let light = (
+        field(&light, "Requests/sec:").context("wrk printed no Requests/sec")?,
+        latency(&light, "50%").context("no p50")?,
+        latency(&light, "99%").context("no p99")?,
+    );
+    let metrics = http_get(port, "/metrics")?;
+    drop(shop);
+    rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (orders, p50, p99, non_2xx) = rounds[rounds.len() / 2];
+
+    let baseline_dir = out_dir.join("order-baseline");
+    let _ = std::fs::remove_dir_all(&baseline_dir);
+    let native = run_baseline(
+        Command::new(release.join("examples/order_baseline"))
+            .arg(&baseline_dir)
+            .arg(root.join("components"))
+            .arg(DURATION.trim_end_matches('s'))
+            .arg(CONNECTIONS),
+    )?;
+    let value = |name: &str| -> Result<f64> {
+        native
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("order_baseline printed no {name}: {native}"))
+    };
+    let (native_orders, native_p50, native_p99) =
+        (value("orders_per_sec")?, value("p50_ms")?, value("p99_ms")?);
+    let handled = metrics
+        .lines()
+        .filter(|l| l.starts_with("trellis_messages_handled_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    let all: Vec<String> = rounds.iter().map(|r| format!("{:.0}", r.0)).collect();
+    Ok(format!(
+        "\n### Shop: order placement (SQLite, in-process bus)\n\n\
+         wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION} --latency, POST /api/v1/orders (one line), after a {WARMUP} warm-up, \
+         {ROUNDS} rounds, median shown; the events' work runs on the same cores\n\n\
+         | what | orders/s | p50 | p99 | vs native | non-2xx | all rounds |\n|---|---|---|---|---|---|---|\n\
+         | native storage floor (order_baseline: same SQL, same databases, no HTTP/Wasm) | {native_orders:.0} | {native_p50:.2} ms | {native_p99:.2} ms | 1.00x | - | - |\n\
+         | trellis shop, whole flow through the gateway | {orders:.0} | {p50:.2} ms | {p99:.2} ms | {:.2}x | {non_2xx:.0} | {} |\n\
+         | the same, {LIGHT_CONNECTIONS} connections (not saturated) | {:.0} | {:.2} ms | {:.2} ms | - | - | - |\n\n\
+         Messages handled by the shop's components during the run: {handled:.0}.\n",
+        orders / native_orders,
+        all.join(", "),
+        light.0,
+        light.1,
+        light.2
+    ))
+}
+
+/// `"name":"value"` out of a JSON answer (the xtask has no JSON parser).
+fn json_string_field(body: &str, name: &str) -> Option<String> {
+    let start = body.find(&format!("\"{name}\":\""))? + name.len() + 4;
+    let end = start + body[start..].find('"')?;
+    Some(body[start..end].to_string())
+}
+
+/// One request with extra headers; fails unless the status is `expect`. Returns the body.
+fn exchange(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+    expect: u16,
+) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with(&format!("HTTP/1.1 {expect}")) {
+        bail!("{method} {path}: {response}");
+    }
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
+}
+
 fn run_baseline(command: &mut Command) -> Result<String> {
     let output = command
         .env_remove("RUST_BACKTRACE")
@@ -512,25 +693,9 @@ fn http_post(port: u16, path: &str, body: &str) -> Result<String> {
     http(port, "POST", path, body)
 }
 
-/// One HTTP/1.1 exchange on a fresh connection; the response must be a 200.
+/// One HTTP/1.1 exchange on a fresh connection; the response must be a 200. Returns the body.
 fn http(port: u16, method: &str, path: &str, body: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    if !response.starts_with("HTTP/1.1 200") {
-        bail!(
-            "{method} {path}: {}",
-            response.lines().next().unwrap_or_default()
-        );
-    }
-    Ok(response)
+    exchange(port, method, path, &[], body, 200)
 }
 
 fn ensure_wrk() -> Result<()> {
