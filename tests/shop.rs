@@ -449,6 +449,18 @@ async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
     assert_eq!(status, 200, "{cancelled}");
     assert_eq!(cancelled["cancel_reason"], "changed my mind");
     assert_eq!(shop.stock(&lamp).await, 4, "cancelling released the stock");
+    // Asking again (a client retrying a lost answer) changes nothing and answers the same.
+    let (status, again) = shop
+        .send(
+            "POST",
+            &format!("/api/v1/orders/{paid_id}/status"),
+            Some(&dave),
+            Some(json!({"status": "cancelled"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["cancel_reason"], "changed my mind");
+    assert_eq!(shop.stock(&lamp).await, 4, "the stock is given back once");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, payments) = shop
@@ -813,6 +825,23 @@ async fn bad_requests_get_the_documented_errors() {
         "no_route",
     );
     assert_eq!(shop.stock(&pen).await, 100);
+
+    // An order id must be exactly that: with anything appended it names no order (and
+    // cannot become a second payment of the same order).
+    let (status, order) = shop.order(&erin, &[(&pen, 1)], None).await;
+    assert_eq!(status, 201, "{order}");
+    let order_id = order["id"].as_str().unwrap();
+    expect(
+        shop.send(
+            "POST",
+            "/api/v1/payments",
+            Some(&erin),
+            Some(json!({"order_id": format!("{order_id}?again"), "payment_token": "tok_visa"})),
+        )
+        .await,
+        404,
+        "not_found",
+    );
 }
 
 #[tokio::test]

@@ -154,7 +154,14 @@ impl ComponentDatabase {
             // The same steps on either backend; only how a writer takes its turn differs.
             macro_rules! apply_once {
                 ($pool:expr, $begin:expr, $take_turn:expr) => {{
-                    $pool.execute(LEDGER).await.with_context(context)?;
+                    match $pool.execute(LEDGER).await {
+                        Ok(_) => {}
+                        // Another node created it at the same moment (PostgreSQL's IF NOT
+                        // EXISTS is not safe under concurrency).
+                        Err(sqlx::Error::Database(e))
+                            if matches!(e.code().as_deref(), Some("23505" | "42P07")) => {}
+                        Err(e) => return Err(e).with_context(context),
+                    }
                     let mut tx = $begin.await?;
                     if let Some(lock) = $take_turn {
                         sqlx::query(lock).execute(&mut *tx).await?;

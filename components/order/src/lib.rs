@@ -229,7 +229,11 @@ fn place(request: &Request) -> ApiResult {
         "/internal/v1/reservations",
         None,
         Some(&json!({"order_id": order_id, "items": wanted})),
-    )?;
+    )
+    .inspect_err(|_| {
+        // No answer (a timeout, say) does not mean nothing was reserved.
+        let _ = release(&order_id);
+    })?;
     match reservation.status {
         200 | 201 => {}
         // The product service's own answer (unknown product, not enough stock, a bad
@@ -237,7 +241,11 @@ fn place(request: &Request) -> ApiResult {
         404 => return Err(relay(422, "unknown_product", &reservation.body)),
         409 => return Err(relay(409, "insufficient_stock", &reservation.body)),
         422 => return Err(relay(422, "validation_failed", &reservation.body)),
-        status => return Err(dependency("product", status, &reservation.body)),
+        status => {
+            // It may have reserved before failing: give back whatever this order holds.
+            let _ = release(&order_id);
+            return Err(dependency("product", status, &reservation.body));
+        }
     }
     let items: Vec<Value> = reservation.body["items"]
         .as_array()
@@ -475,6 +483,11 @@ fn change_status(request: &Request, id: &str) -> ApiResult {
     if to != "cancelled" {
         claims.require_admin()?;
     }
+    if order.status == to {
+        // A retry of a change that was made but whose answer or event was lost: finish
+        // its side effects again (each is idempotent downstream) and answer as before.
+        return finish_transition(order);
+    }
     if !allowed_next(&order.status).contains(&to.as_str()) {
         return Err(illegal(&order.status, &to));
     }
@@ -490,11 +503,8 @@ fn change_status(request: &Request, id: &str) -> ApiResult {
             )
         })
     });
-    if to == "cancelled" {
-        // Stock first: releasing is idempotent, so a failure here changes nothing and the
-        // client can simply retry.
-        release(id)?;
-    }
+    // The transition first, the stock after: a cancellation that loses a race (a
+    // payment, an admin shipping it) must give nothing back.
     let changed = Db.execute(
         "UPDATE orders SET status = $2, cancel_reason = COALESCE($3, cancel_reason), updated_at = $4 \
          WHERE id = $1 AND status = $5",
@@ -505,7 +515,14 @@ fn change_status(request: &Request, id: &str) -> ApiResult {
         let now = find(&Db, id)?;
         return Err(illegal(&now.status, &to));
     }
-    let order = find(&Db, id)?;
+    finish_transition(find(&Db, id)?)
+}
+
+/// The side effects of reaching a status: stock back for a cancellation, the event.
+fn finish_transition(order: Order) -> ApiResult {
+    if order.status == "cancelled" {
+        release(&order.id)?;
+    }
     announce(&order)?;
     Ok(Response::ok(&order.to_json()))
 }
@@ -540,14 +557,23 @@ fn payment_succeeded(event: &PaymentEvent) -> Result<(), ApiError> {
         ),
         params![&event.order_id, shop_common::now()],
     )?;
-    // None: a repeated event, or an order cancelled before its payment arrived (the
-    // payment service refunds those when it sees `order.cancelled`).
-    if let Some(row) = confirmed {
-        let mut order = Order::from_row(&row);
-        order.items = items_of(&Db, &order.id)?;
-        announce(&order)?;
+    match confirmed {
+        Some(row) => {
+            let mut order = Order::from_row(&row);
+            order.items = items_of(&Db, &order.id)?;
+            announce(&order)
+        }
+        None => {
+            // A redelivery: if an earlier attempt confirmed it but failed to announce it,
+            // announce it now. (Cancelled first? The payment service refunds those when it
+            // sees `order.cancelled`.)
+            let order = find(&Db, &event.order_id)?;
+            if order.status == "confirmed" {
+                announce(&order)?;
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 fn payment_failed(event: &PaymentEvent) -> Result<(), ApiError> {
@@ -555,18 +581,17 @@ fn payment_failed(event: &PaymentEvent) -> Result<(), ApiError> {
         "payment failed: {}",
         event.decline_reason.as_deref().unwrap_or("declined")
     );
-    let changed = Db.execute(
+    Db.execute(
         "UPDATE orders SET status = 'cancelled', cancel_reason = $2, updated_at = $3 \
          WHERE id = $1 AND status = 'pending'",
         params![&event.order_id, &reason, shop_common::now()],
     )?;
     let order = find(&Db, &event.order_id)?;
-    // Released on every delivery of the event while the order is cancelled: if an earlier
-    // attempt failed after cancelling, its retry still gives the stock back.
+    // Released and announced on every delivery while the order is cancelled: if an
+    // earlier attempt failed after cancelling, its retry still finishes the job (both are
+    // idempotent downstream).
     if order.status == "cancelled" {
         release(&order.id)?;
-    }
-    if changed == 1 {
         announce(&order)?;
     }
     Ok(())

@@ -56,7 +56,7 @@ impl exports::wasmcloud::messaging::handler::Guest for PaymentService {
                     }
                 })
             }
-            "order.cancelled" => refund(&order.order_id),
+            "order.cancelled" => refund(&order),
             other => return Err(format!("payment does not handle {other}")),
         };
         outcome.map_err(|e| format!("{}: {}", e.code, e.message))
@@ -201,6 +201,9 @@ fn pay(request: &Request) -> ApiResult {
     let token = required(body.payment_token, "payment_token")?;
     if let Some(existing) = by_order(&order_id)? {
         claims.require_owner_or_admin(&db::text(&existing, 2))?;
+        // Paying again may mean the outcome's event was lost: send it again (whoever
+        // consumes it handles it once).
+        publish_outcome(&existing)?;
         return Ok(Response::ok(&payment_json(&existing)));
     }
     // The order service applies its own rules: not found, or not the caller's.
@@ -224,6 +227,15 @@ fn pay(request: &Request) -> ApiResult {
         }
     }
     let order = &reply.body;
+    // The id must be the order's own, character for character: anything else in the
+    // path (a query string, say) would make a second payment row for the same order.
+    if order["id"].as_str() != Some(order_id.as_str()) {
+        return Err(ApiError::not_found("order").on("order_id"));
+    }
+    // Only the customer pays (the payment's notices go to the payer's email).
+    if order["user_id"].as_str() != Some(claims.sub.as_str()) {
+        return Err(ApiError::forbidden("only the order's owner pays it"));
+    }
     if order["status"] != "pending" {
         return Err(ApiError::new(
             409,
@@ -251,17 +263,49 @@ fn pay(request: &Request) -> ApiResult {
     })
 }
 
-fn refund(order_id: &str) -> Result<(), ApiError> {
-    let changed = Db.execute(
-        "UPDATE payments SET status = 'refunded', updated_at = $2 WHERE order_id = $1 AND status = 'succeeded'",
-        params![order_id, shop_common::now()],
-    )?;
-    if changed == 1
-        && let Some(payment) = by_order(order_id)?
-    {
-        publish_outcome(&payment)?;
+/// An order was cancelled: refund its payment, or, when it has none yet (the cancellation
+/// overtook `order.created`), record a failed one so that it can never be charged.
+fn refund(order: &OrderEvent) -> Result<(), ApiError> {
+    // Twice at most: the void row can lose a race with a charge, which is then refunded.
+    for _ in 0..2 {
+        let refunded = Db.row(
+            &format!(
+                "UPDATE payments SET status = 'refunded', updated_at = $2 \
+                 WHERE order_id = $1 AND status = 'succeeded' RETURNING {COLUMNS}"
+            ),
+            params![&order.order_id, shop_common::now()],
+        )?;
+        if let Some(payment) = refunded {
+            return publish_outcome(&payment);
+        }
+        if by_order(&order.order_id)?.is_some() {
+            // Failed, or refunded before: nothing was taken, or it was given back.
+            return Ok(());
+        }
+        let now = shop_common::now();
+        let void = Db.raw_execute(
+            "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'failed', 'order_cancelled', $7, $7)",
+            params![
+                shop_common::new_id("pay"),
+                &order.order_id,
+                &order.user_id,
+                &order.email,
+                order.total_cents,
+                &order.currency,
+                now
+            ],
+        );
+        match void {
+            Ok(_) => return Ok(()),
+            Err(e) if db::is_unique_violation(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(())
+    Err(ApiError::internal(format!(
+        "could not settle the payment of cancelled order {}",
+        order.order_id
+    )))
 }
 
 fn list(request: &Request) -> ApiResult {

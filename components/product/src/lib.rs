@@ -258,6 +258,17 @@ fn reserve(request: &Request) -> ApiResult {
     wanted.sort_by(|a, b| a.1.cmp(&b.1));
 
     let tx = db::begin()?;
+    // A retry of a reservation that was made: the same answer, not a second reservation
+    // (nor "insufficient stock" because the first one took the last units).
+    if tx
+        .row(
+            "SELECT 1 FROM reservations WHERE order_id = $1 LIMIT 1",
+            params![&order_id],
+        )?
+        .is_some()
+    {
+        return Ok(Response::ok(&reservation_json(&tx, &order_id)?));
+    }
     let now = shop_common::now();
     let mut reserved = Vec::new();
     for (i, product_id, quantity) in &wanted {
@@ -321,8 +332,11 @@ fn reserve(request: &Request) -> ApiResult {
 
 fn release(order_id: &str) -> ApiResult {
     let tx = db::begin()?;
+    // Marked released first, restocked from exactly the rows that this call changed: two
+    // concurrent releases of one order cannot both give the stock back.
     let held = tx.rows(
-        "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND status = 'reserved'",
+        "UPDATE reservations SET status = 'released' WHERE order_id = $1 AND status = 'reserved' \
+         RETURNING product_id, quantity",
         params![order_id],
     )?;
     let now = shop_common::now();
@@ -332,10 +346,6 @@ fn release(order_id: &str) -> ApiResult {
             params![db::int(row, 1), db::text(row, 0), &now],
         )?;
     }
-    tx.execute(
-        "UPDATE reservations SET status = 'released' WHERE order_id = $1 AND status = 'reserved'",
-        params![order_id],
-    )?;
     db::commit(tx)?;
     Ok(Response::ok(
         &json!({"order_id": order_id, "released": !held.is_empty()}),
