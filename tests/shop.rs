@@ -685,91 +685,91 @@ async fn bad_requests_get_the_documented_errors() {
         "insufficient_stock",
     );
 
-    // Authentication: 401.
-    expect(
-        shop.send("GET", "/api/v1/orders", None, None).await,
-        401,
-        "unauthorized",
-    );
-    expect(
-        shop.send("GET", "/api/v1/orders", Some("not-a-token"), None)
-            .await,
-        401,
-        "unauthorized",
-    );
-    // A token whose signature does not match (one character of it changed).
+    // Authentication (401) and authorization (403), as (method, path, token, body,
+    // status, error).
     let mut forged = erin.clone().into_bytes();
     let last = forged.len() - 2;
+    // A token whose signature does not match: one character of it changed.
     forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
-    expect(
-        shop.send("GET", "/api/v1/users/me", Some(&forged), None)
-            .await,
-        401,
-        "unauthorized",
-    );
-    expect(
-        shop.send(
-            "POST",
-            "/api/v1/auth/login",
-            None,
-            Some(json!({"email": "erin@example.com", "password": "wrong password"})),
-        )
-        .await,
-        401,
-        "invalid_credentials",
-    );
-    expect(
-        shop.send(
-            "POST",
-            "/api/v1/auth/login",
-            None,
-            Some(json!({"email": "nobody@example.com", "password": PASSWORD})),
-        )
-        .await,
-        401,
-        "invalid_credentials",
-    );
-
-    // Authorization: 403.
-    expect(
-        shop.send(
+    let login = |email: &str, password: &str| Some(json!({"email": email, "password": password}));
+    let cases = [
+        (
             "GET",
-            &format!("/api/v1/users/{frank_id}"),
-            Some(&erin),
+            "/api/v1/orders".to_string(),
             None,
-        )
-        .await,
-        403,
-        "forbidden",
-    );
-    expect(
-        shop.send(
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "GET",
+            "/api/v1/orders".into(),
+            Some("not-a-token"),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "GET",
+            "/api/v1/users/me".into(),
+            Some(forged.as_str()),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
             "POST",
-            "/api/v1/products",
-            Some(&erin),
+            "/api/v1/auth/login".into(),
+            None,
+            login("erin@example.com", "wrong password"),
+            401,
+            "invalid_credentials",
+        ),
+        (
+            "POST",
+            "/api/v1/auth/login".into(),
+            None,
+            login("nobody@example.com", PASSWORD),
+            401,
+            "invalid_credentials",
+        ),
+        (
+            "GET",
+            format!("/api/v1/users/{frank_id}"),
+            Some(erin.as_str()),
+            None,
+            403,
+            "forbidden",
+        ),
+        (
+            "POST",
+            "/api/v1/products".into(),
+            Some(erin.as_str()),
             Some(json!({"sku": "X", "name": "X", "price_cents": 1, "stock": 1})),
-        )
-        .await,
-        403,
-        "forbidden",
-    );
-    expect(
-        shop.send("GET", "/api/v1/users", Some(&erin), None).await,
-        403,
-        "forbidden",
-    );
-    expect(
-        shop.send(
+            403,
+            "forbidden",
+        ),
+        (
             "GET",
-            &format!("/api/v1/orders?user_id={frank_id}"),
-            Some(&erin),
+            "/api/v1/users".into(),
+            Some(erin.as_str()),
             None,
-        )
-        .await,
-        403,
-        "forbidden",
-    );
+            403,
+            "forbidden",
+        ),
+        (
+            "GET",
+            format!("/api/v1/orders?user_id={frank_id}"),
+            Some(erin.as_str()),
+            None,
+            403,
+            "forbidden",
+        ),
+    ];
+    for (method, path, token, body, status, error) in cases {
+        expect(shop.send(method, &path, token, body).await, status, error);
+    }
 
     // Unknown ids: 404.
     for path in [

@@ -11,7 +11,7 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{required, serve};
+use shop_common::api::{order_line, required, serve};
 use shop_common::auth::{self, Claims};
 use shop_common::call;
 use shop_common::db::{self, Db, Sql};
@@ -190,14 +190,7 @@ fn place(request: &Request) -> ApiResult {
     }
     let mut wanted = Vec::new();
     for (i, line) in lines.into_iter().enumerate() {
-        let product_id = required(line.product_id, &format!("items[{i}].product_id"))?;
-        let quantity = required(line.quantity, &format!("items[{i}].quantity"))?;
-        if !(1..=1000).contains(&quantity) {
-            return Err(ApiError::invalid(
-                &format!("items[{i}].quantity"),
-                "quantity must be from 1 to 1000",
-            ));
-        }
+        let (product_id, quantity) = order_line(i, line.product_id, line.quantity)?;
         wanted.push(json!({"product_id": product_id, "quantity": quantity}));
     }
     let payment_token = body.payment_token.unwrap_or_else(|| "tok_visa".into());

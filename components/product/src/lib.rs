@@ -12,7 +12,7 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{required, serve};
+use shop_common::api::{order_line, required, serve};
 use shop_common::auth;
 use shop_common::db::{self, Db, Sql};
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
@@ -241,14 +241,7 @@ fn reserve(request: &Request) -> ApiResult {
     // Validate everything before touching stock; the same product twice is one line.
     let mut wanted: Vec<(usize, String, i64)> = Vec::new();
     for (i, line) in lines.into_iter().enumerate() {
-        let product_id = required(line.product_id, &format!("items[{i}].product_id"))?;
-        let quantity = required(line.quantity, &format!("items[{i}].quantity"))?;
-        if !(1..=1000).contains(&quantity) {
-            return Err(ApiError::invalid(
-                &format!("items[{i}].quantity"),
-                "quantity must be from 1 to 1000",
-            ));
-        }
+        let (product_id, quantity) = order_line(i, line.product_id, line.quantity)?;
         match wanted.iter_mut().find(|(_, id, _)| *id == product_id) {
             Some(line) => line.2 += quantity,
             None => wanted.push((i, product_id, quantity)),

@@ -114,6 +114,24 @@ pub fn required<T>(value: Option<T>, field: &str) -> Result<T, ApiError> {
     value.ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))
 }
 
+/// One line of an order (`items[i]`): its product id and a quantity from 1 to 1000, or 422
+/// naming the field.
+pub fn order_line(
+    i: usize,
+    product_id: Option<String>,
+    quantity: Option<i64>,
+) -> Result<(String, i64), ApiError> {
+    let product_id = required(product_id, &format!("items[{i}].product_id"))?;
+    let quantity = required(quantity, &format!("items[{i}].quantity"))?;
+    if !(1..=1000).contains(&quantity) {
+        return Err(ApiError::invalid(
+            &format!("items[{i}].quantity"),
+            "quantity must be from 1 to 1000",
+        ));
+    }
+    Ok((product_id, quantity))
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
