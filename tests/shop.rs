@@ -548,141 +548,163 @@ async fn bad_requests_get_the_documented_errors() {
         body
     };
 
-    // Malformed bodies: 400.
-    expect(
-        shop.send_raw("POST", "/api/v1/users", None, Some("{\"email\":".into()))
-            .await,
-        400,
-        "bad_json",
+    // Bad bodies, as (method, path, token, raw body, status, error, field): 400 when the
+    // body is not JSON or has a wrong JSON type, 422 naming a missing or invalid field,
+    // 409 when the state forbids it.
+    let line = |product: &str, quantity: i64| {
+        json!({"items": [{"product_id": product, "quantity": quantity}]}).to_string()
+    };
+    let user = |email: &str, password: Option<&str>| {
+        let mut body = json!({"email": email, "name": "Gina"});
+        if let Some(password) = password {
+            body["password"] = json!(password);
+        }
+        body.to_string()
+    };
+    let two_lines = json!({"items": [{"product_id": pen, "quantity": 1},
+                                     {"product_id": "prd_0000000000000000", "quantity": 1}]});
+    let erin_token = Some(erin.as_str());
+    let admin_token = Some(admin.as_str());
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        String,
+        u16,
+        &'a str,
+        Option<&'a str>,
     );
-    expect(
-        shop.send_raw(
-            "POST",
-            "/api/v1/orders",
-            Some(&erin),
-            Some("not json".into()),
-        )
-        .await,
-        400,
-        "bad_json",
-    );
-    expect(
-        shop.send(
-            "POST",
-            "/api/v1/orders",
-            Some(&erin),
-            Some(json!({"items": "pen"})),
-        )
-        .await,
-        400,
-        "bad_json",
-    );
-    // Missing or invalid fields: 422, naming the field.
-    let missing = expect(
-        shop.send(
+    let cases: Vec<Case> = vec![
+        (
             "POST",
             "/api/v1/users",
             None,
-            Some(json!({"email": "gina@example.com", "name": "Gina"})),
-        )
-        .await,
-        422,
-        "validation_failed",
-    );
-    assert_eq!(missing["field"], "password");
-    let invalid = expect(
-        shop.send(
-            "POST",
-            "/api/v1/users",
+            "{\"email\":".into(),
+            400,
+            "bad_json",
             None,
-            Some(json!({"email": "not-an-email", "password": PASSWORD, "name": "Gina"})),
-        )
-        .await,
-        422,
-        "validation_failed",
-    );
-    assert_eq!(invalid["field"], "email");
-    let short = expect(
-        shop.send(
-            "POST",
-            "/api/v1/users",
-            None,
-            Some(json!({"email": "gina@example.com", "password": "short", "name": "Gina"})),
-        )
-        .await,
-        422,
-        "validation_failed",
-    );
-    assert_eq!(short["field"], "password");
-    let quantity = expect(
-        shop.order(&erin, &[(&pen, 0)], None).await,
-        422,
-        "validation_failed",
-    );
-    assert_eq!(quantity["field"], "items[0].quantity");
-    expect(
-        shop.send(
+        ),
+        (
             "POST",
             "/api/v1/orders",
-            Some(&erin),
-            Some(json!({"items": []})),
-        )
-        .await,
-        422,
-        "validation_failed",
-    );
-    let unknown = expect(
-        shop.order(&erin, &[(&pen, 1), ("prd_0000000000000000", 1)], None)
-            .await,
-        422,
-        "unknown_product",
-    );
-    assert_eq!(unknown["field"], "items[1].product_id");
+            erin_token,
+            "not json".into(),
+            400,
+            "bad_json",
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/orders",
+            erin_token,
+            r#"{"items": "pen"}"#.into(),
+            400,
+            "bad_json",
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/users",
+            None,
+            user("gina@example.com", None),
+            422,
+            "validation_failed",
+            Some("password"),
+        ),
+        (
+            "POST",
+            "/api/v1/users",
+            None,
+            user("not-an-email", Some(PASSWORD)),
+            422,
+            "validation_failed",
+            Some("email"),
+        ),
+        (
+            "POST",
+            "/api/v1/users",
+            None,
+            user("gina@example.com", Some("short")),
+            422,
+            "validation_failed",
+            Some("password"),
+        ),
+        (
+            "POST",
+            "/api/v1/orders",
+            erin_token,
+            line(&pen, 0),
+            422,
+            "validation_failed",
+            Some("items[0].quantity"),
+        ),
+        (
+            "POST",
+            "/api/v1/orders",
+            erin_token,
+            r#"{"items": []}"#.into(),
+            422,
+            "validation_failed",
+            Some("items"),
+        ),
+        (
+            "POST",
+            "/api/v1/orders",
+            erin_token,
+            two_lines.to_string(),
+            422,
+            "unknown_product",
+            Some("items[1].product_id"),
+        ),
+        (
+            "POST",
+            "/api/v1/orders/ord_0000000000000000/status",
+            admin_token,
+            r#"{"status": "lost"}"#.into(),
+            422,
+            "validation_failed",
+            Some("status"),
+        ),
+        (
+            "POST",
+            "/api/v1/users",
+            None,
+            user("ERIN@example.com", Some(PASSWORD)),
+            409,
+            "email_taken",
+            Some("email"),
+        ),
+        (
+            "POST",
+            "/api/v1/products",
+            admin_token,
+            json!({"sku": "PEN-1", "name": "Pen again", "price_cents": 1, "stock": 1}).to_string(),
+            409,
+            "sku_taken",
+            Some("sku"),
+        ),
+        (
+            "POST",
+            "/api/v1/orders",
+            erin_token,
+            line(&pen, 101),
+            409,
+            "insufficient_stock",
+            Some("items[0].quantity"),
+        ),
+    ];
+    for (method, path, token, body, status, error, field) in cases {
+        let answer = expect(
+            shop.send_raw(method, path, token, Some(body)).await,
+            status,
+            error,
+        );
+        assert_eq!(answer["field"].as_str(), field, "{method} {path}: {answer}");
+    }
     assert_eq!(
         shop.stock(&pen).await,
         100,
         "a refused order reserves nothing"
-    );
-    expect(
-        shop.send(
-            "POST",
-            "/api/v1/orders/ord_0000000000000000/status",
-            Some(&admin),
-            Some(json!({"status": "lost"})),
-        )
-        .await,
-        422,
-        "validation_failed",
-    );
-
-    // Conflicts: 409.
-    let taken = expect(
-        shop.send(
-            "POST",
-            "/api/v1/users",
-            None,
-            Some(json!({"email": "ERIN@example.com", "password": PASSWORD, "name": "Erin 2"})),
-        )
-        .await,
-        409,
-        "email_taken",
-    );
-    assert_eq!(taken["field"], "email");
-    expect(
-        shop.send(
-            "POST",
-            "/api/v1/products",
-            Some(&admin),
-            Some(json!({"sku": "PEN-1", "name": "Pen again", "price_cents": 1, "stock": 1})),
-        )
-        .await,
-        409,
-        "sku_taken",
-    );
-    expect(
-        shop.order(&erin, &[(&pen, 101)], None).await,
-        409,
-        "insufficient_stock",
     );
 
     // Authentication (401) and authorization (403), as (method, path, token, body,

@@ -11,32 +11,22 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use shop_common::api::{required, serve};
+use shop_common::api::required;
 use shop_common::auth;
 use shop_common::call;
 use shop_common::db::{self, Db, Sql};
 use shop_common::events;
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
-use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
+use wasip2::http::types::Method;
 
-wit_bindgen::generate!({
-    world: "trellis:platform/message-handler",
-    path: "../../wit",
-    with: { "wasmcloud:messaging/types@0.2.0": shop_common::wasmcloud::messaging::types },
-});
+shop_common::message_handler_bindings!();
 
 use shop_common::wasmcloud::messaging::types::BrokerMessage;
 
 struct NotificationService;
 
-wasip2::http::proxy::export!(NotificationService);
+shop_common::export_http!(NotificationService, route);
 export!(NotificationService);
-
-impl wasip2::exports::http::incoming_handler::Guest for NotificationService {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        serve(request, out, route);
-    }
-}
 
 /// Built-in templates: (name, subject, body).
 const TEMPLATES: &[(&str, &str, &str)] = &[
@@ -317,15 +307,7 @@ fn send_api(request: &Request) -> ApiResult {
 fn list(request: &Request) -> ApiResult {
     let claims = auth::authenticate(request)?;
     let page = Page::from_query(request)?;
-    let user = match request.query("user_id") {
-        Some(user) if user != claims.sub => {
-            claims.require_admin()?;
-            Some(user.to_string())
-        }
-        Some(user) => Some(user.to_string()),
-        None if claims.is_admin() => None,
-        None => Some(claims.sub.clone()),
-    };
+    let user = claims.list_scope(request.query("user_id"))?;
     let filter = "CAST($1 AS TEXT) IS NULL OR user_id = $1";
     let total = Db.count(
         &format!("SELECT COUNT(*) FROM notifications WHERE {filter}"),

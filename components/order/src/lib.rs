@@ -11,32 +11,22 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{order_line, required, serve};
+use shop_common::api::{order_line, required};
 use shop_common::auth::{self, Claims};
 use shop_common::call;
 use shop_common::db::{self, Db, Sql};
 use shop_common::events;
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
-use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
+use wasip2::http::types::Method;
 
-wit_bindgen::generate!({
-    world: "trellis:platform/message-handler",
-    path: "../../wit",
-    with: { "wasmcloud:messaging/types@0.2.0": shop_common::wasmcloud::messaging::types },
-});
+shop_common::message_handler_bindings!();
 
 use shop_common::wasmcloud::messaging::types::BrokerMessage;
 
 struct OrderService;
 
-wasip2::http::proxy::export!(OrderService);
+shop_common::export_http!(OrderService, route);
 export!(OrderService);
-
-impl wasip2::exports::http::incoming_handler::Guest for OrderService {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        serve(request, out, route);
-    }
-}
 
 impl exports::wasmcloud::messaging::handler::Guest for OrderService {
     fn handle_message(message: BrokerMessage) -> Result<(), String> {
@@ -391,15 +381,7 @@ fn release(order_id: &str) -> Result<(), ApiError> {
 fn list(request: &Request) -> ApiResult {
     let claims = auth::authenticate(request)?;
     let page = Page::from_query(request)?;
-    let user_id = match request.query("user_id") {
-        Some(user) if user != claims.sub => {
-            claims.require_admin()?;
-            Some(user.to_string())
-        }
-        Some(user) => Some(user.to_string()),
-        None if claims.is_admin() => None,
-        None => Some(claims.sub.clone()),
-    };
+    let user_id = claims.list_scope(request.query("user_id"))?;
     let (total, rows) = match &user_id {
         Some(user) => (
             Db.count(

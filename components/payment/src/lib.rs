@@ -11,32 +11,22 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{required, serve};
+use shop_common::api::required;
 use shop_common::auth;
 use shop_common::call;
 use shop_common::db::{self, Db, Sql};
 use shop_common::events;
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
-use wasip2::http::types::{IncomingRequest, Method, ResponseOutparam};
+use wasip2::http::types::Method;
 
-wit_bindgen::generate!({
-    world: "trellis:platform/message-handler",
-    path: "../../wit",
-    with: { "wasmcloud:messaging/types@0.2.0": shop_common::wasmcloud::messaging::types },
-});
+shop_common::message_handler_bindings!();
 
 use shop_common::wasmcloud::messaging::types::BrokerMessage;
 
 struct PaymentService;
 
-wasip2::http::proxy::export!(PaymentService);
+shop_common::export_http!(PaymentService, route);
 export!(PaymentService);
-
-impl wasip2::exports::http::incoming_handler::Guest for PaymentService {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        serve(request, out, route);
-    }
-}
 
 impl exports::wasmcloud::messaging::handler::Guest for PaymentService {
     fn handle_message(message: BrokerMessage) -> Result<(), String> {

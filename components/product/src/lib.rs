@@ -12,21 +12,14 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{order_line, required, serve};
+use shop_common::api::{order_line, required};
 use shop_common::auth;
 use shop_common::db::{self, Db, Sql};
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
-use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
 struct ProductService;
 
-wasip2::http::proxy::export!(ProductService);
-
-impl wasip2::exports::http::incoming_handler::Guest for ProductService {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        serve(request, out, route);
-    }
-}
+shop_common::export_http!(ProductService, route);
 
 fn route(request: &Request) -> ApiResult {
     if let Some(segments) = request.segments_after("/internal/v1/reservations") {

@@ -38,6 +38,20 @@ impl Claims {
         }
     }
 
+    /// Whose items a list shows for `?user_id=requested`: that user (only an admin may ask
+    /// for someone else), or without it the caller's own (`None`: everyone's, for an admin).
+    pub fn list_scope(&self, requested: Option<&str>) -> Result<Option<String>, ApiError> {
+        match requested {
+            Some(user) if user != self.sub => {
+                self.require_admin()?;
+                Ok(Some(user.to_string()))
+            }
+            Some(user) => Ok(Some(user.to_string())),
+            None if self.is_admin() => Ok(None),
+            None => Ok(Some(self.sub.clone())),
+        }
+    }
+
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin() {
             Ok(())

@@ -41,3 +41,36 @@ pub fn now() -> String {
 pub fn config(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
+
+/// Makes `$service` the component's `wasi:http` export, answering every request through
+/// `$route` (see [`api::serve`]).
+#[macro_export]
+macro_rules! export_http {
+    ($service:ident, $route:path) => {
+        ::wasip2::http::proxy::export!($service);
+
+        impl ::wasip2::exports::http::incoming_handler::Guest for $service {
+            fn handle(
+                request: ::wasip2::http::types::IncomingRequest,
+                out: ::wasip2::http::types::ResponseOutparam,
+            ) {
+                $crate::api::serve(request, out, $route);
+            }
+        }
+    };
+}
+
+/// Generates, in the calling service, the bindings of the `message-handler` world, with
+/// the messaging types shared with this crate (so [`events`] and the handler agree).
+/// The service then calls the generated `export!` on its type and implements
+/// `exports::wasmcloud::messaging::handler::Guest`.
+#[macro_export]
+macro_rules! message_handler_bindings {
+    () => {
+        ::wit_bindgen::generate!({
+            world: "trellis:platform/message-handler",
+            path: "../../wit",
+            with: { "wasmcloud:messaging/types@0.2.0": ::shop_common::wasmcloud::messaging::types },
+        });
+    };
+}

@@ -11,21 +11,14 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shop_common::api::{required, serve};
+use shop_common::api::required;
 use shop_common::auth::{self, Claims};
 use shop_common::db::{self, Db, Sql};
 use shop_common::{ApiError, ApiResult, Page, Request, Response, params};
-use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
 struct UserService;
 
-wasip2::http::proxy::export!(UserService);
-
-impl wasip2::exports::http::incoming_handler::Guest for UserService {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        serve(request, out, route);
-    }
-}
+shop_common::export_http!(UserService, route);
 
 fn route(request: &Request) -> ApiResult {
     let Some(segments) = request.segments_after("/api/v1") else {
