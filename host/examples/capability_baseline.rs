@@ -72,9 +72,10 @@ async fn storage(dir: &std::path::Path, n: u64) -> anyhow::Result<()> {
     }
     let kv = (2 * n) as f64 / started.elapsed().as_secs_f64();
 
-    let ComponentDatabase::Sqlite(pool) = database else {
+    let ComponentDatabase::Sqlite(database) = database else {
         anyhow::bail!("the baseline runs on SQLite")
     };
+    let pool = database.pool;
     let started = Instant::now();
     sqlx::query("CREATE TABLE bench (id BIGINT PRIMARY KEY, name TEXT)")
         .execute(&pool)

@@ -18,23 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sqlx::sqlite::SqlitePool;
-use sqlx::{Row, SqlitePool as Pool};
-use tokio::sync::Mutex;
-use trellis::storage::{ComponentDatabase, Storage};
-
-/// A component's database and its writers' turn (as `trellis::sql` keeps it).
-struct Database {
-    pool: SqlitePool,
-    writer: Mutex<()>,
-}
+use sqlx::Row;
+use trellis::storage::{ComponentDatabase, SqliteDatabase, Storage};
 
 struct Shop {
-    user: Database,
-    product: Database,
-    order: Database,
-    payment: Database,
-    notification: Database,
+    user: SqliteDatabase,
+    product: SqliteDatabase,
+    order: SqliteDatabase,
+    payment: SqliteDatabase,
+    notification: SqliteDatabase,
 }
 
 #[tokio::main]
@@ -53,13 +45,10 @@ async fn main() -> Result<()> {
             database
                 .migrate(&Path::new(migrations).join(name).join("migrations"))
                 .await?;
-            let ComponentDatabase::Sqlite(pool) = database else {
+            let ComponentDatabase::Sqlite(database) = database else {
                 anyhow::bail!("the baseline runs on SQLite");
             };
-            Ok::<_, anyhow::Error>(Database {
-                pool,
-                writer: Mutex::new(()),
-            })
+            Ok::<_, anyhow::Error>(database)
         }
     };
     let shop = Arc::new(Shop {
@@ -127,7 +116,7 @@ async fn place(shop: &Shop, order_id: &str) -> Result<()> {
         .fetch_one(&shop.user.pool)
         .await?;
 
-    let turn = shop.product.writer.lock().await;
+    let turn = shop.product.write_turn().await;
     let mut tx = shop.product.pool.begin_with("BEGIN IMMEDIATE").await?;
     let product = sqlx::query(
         "UPDATE products SET stock = stock - $1, updated_at = $3 \
@@ -154,7 +143,7 @@ async fn place(shop: &Shop, order_id: &str) -> Result<()> {
     tx.commit().await?;
     drop(turn);
 
-    let turn = shop.order.writer.lock().await;
+    let turn = shop.order.write_turn().await;
     let mut tx = shop.order.pool.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query(
         "INSERT INTO orders (id, user_id, email, status, total_cents, currency, payment_token, created_at, updated_at) \
@@ -188,7 +177,7 @@ async fn place(shop: &Shop, order_id: &str) -> Result<()> {
 /// The events' storage work: payment, confirmation, two notifications.
 async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
     {
-        let _turn = shop.payment.writer.lock().await;
+        let _turn = shop.payment.write_turn().await;
         sqlx::query(
             "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
@@ -206,7 +195,7 @@ async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
         .await?;
     }
     {
-        let _turn = shop.order.writer.lock().await;
+        let _turn = shop.order.write_turn().await;
         sqlx::query(
             "UPDATE orders SET status = 'confirmed', updated_at = $2 WHERE id = $1 AND status = 'pending' \
              RETURNING id, user_id, email, status, total_cents, currency, cancel_reason, created_at, updated_at",
@@ -224,18 +213,13 @@ async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
     .fetch_all(&shop.order.pool)
     .await?;
     for event in ["order.created", "order.confirmed"] {
-        notify(
-            &shop.notification.pool,
-            &shop.notification.writer,
-            event,
-            order_id,
-        )
-        .await?;
+        notify(&shop.notification, event, order_id).await?;
     }
     Ok(())
 }
 
-async fn notify(pool: &Pool, writer: &Mutex<()>, event: &str, order_id: &str) -> Result<()> {
+async fn notify(database: &SqliteDatabase, event: &str, order_id: &str) -> Result<()> {
+    let pool = &database.pool;
     let key = format!("{event}:{order_id}");
     let seen = sqlx::query("SELECT id FROM notifications WHERE event_key = $1")
         .bind(&key)
@@ -244,7 +228,7 @@ async fn notify(pool: &Pool, writer: &Mutex<()>, event: &str, order_id: &str) ->
     if seen.is_some() {
         return Ok(());
     }
-    let _turn = writer.lock().await;
+    let _turn = database.write_turn().await;
     sqlx::query(
         "INSERT INTO notifications (id, user_id, recipient, channel, template, subject, body, event, status, error, created_at, event_key) \
          VALUES ($1, $2, $3, 'log', $4, $5, $6, $7, 'delivered', NULL, $8, $9)",

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::{Row, SqlitePool};
+use tokio::sync::OwnedMutexGuard;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
 use crate::bindings::wasi::keyvalue::{atomics, batch, store};
-use crate::storage::ComponentDatabase;
+use crate::storage::{ComponentDatabase, SqliteDatabase};
 
 /// Keys returned per `list-keys` page.
 const LIST_PAGE: u64 = 1000;
@@ -83,7 +84,7 @@ impl KeyValueGrant {
     /// Prepares the component's key-value table and the grant.
     pub async fn new(database: ComponentDatabase, buckets: &[String]) -> anyhow::Result<Self> {
         let backend: Arc<dyn KeyValueBackend> = match database {
-            ComponentDatabase::Sqlite(pool) => Arc::new(SqliteKeyValue::new(pool).await?),
+            ComponentDatabase::Sqlite(database) => Arc::new(SqliteKeyValue::new(database).await?),
             ComponentDatabase::Postgres(pool) => Arc::new(PostgresKeyValue::new(pool).await?),
         };
         Ok(Self {
@@ -270,9 +271,10 @@ fn add_to_counter(current: Option<&[u8]>, delta: u64) -> Result<u64, String> {
         .ok_or_else(|| "the counter would overflow u64".to_string())
 }
 
-/// Implements [`KeyValueBackend`] for a backend type with a `pool` field: the statements
-/// are the same SQL on SQLite and PostgreSQL (both take `$n` placeholders), so only the
-/// counter update, which locks differently, is written per backend (`increment_counter`).
+/// Implements [`KeyValueBackend`] for a backend type with `pool()` and `write_turn()`: the
+/// statements are the same SQL on SQLite and PostgreSQL (both take `$n` placeholders), so
+/// only the counter update, which locks differently, is written per backend
+/// (`increment_counter`). Writes hold the backend's write turn (SQLite's; none on PostgreSQL).
 macro_rules! sql_key_value_backend {
     ($backend:ty) => {
         #[async_trait]
@@ -282,26 +284,28 @@ macro_rules! sql_key_value_backend {
                     sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2")
                         .bind(bucket)
                         .bind(key)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(self.pool())
                         .await?;
                 row.map(|r| r.try_get::<Vec<u8>, _>(0)).transpose()
             }
 
             async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), sqlx::Error> {
+                let _turn = self.write_turn().await?;
                 sqlx::query(UPSERT)
                     .bind(bucket)
                     .bind(key)
                     .bind(value)
-                    .execute(&self.pool)
+                    .execute(self.pool())
                     .await?;
                 Ok(())
             }
 
             async fn delete(&self, bucket: &str, key: &str) -> Result<(), sqlx::Error> {
+                let _turn = self.write_turn().await?;
                 sqlx::query("DELETE FROM trellis_kv WHERE bucket = $1 AND key = $2")
                     .bind(bucket)
                     .bind(key)
-                    .execute(&self.pool)
+                    .execute(self.pool())
                     .await?;
                 Ok(())
             }
@@ -310,7 +314,7 @@ macro_rules! sql_key_value_backend {
                 let row = sqlx::query("SELECT 1 FROM trellis_kv WHERE bucket = $1 AND key = $2")
                     .bind(bucket)
                     .bind(key)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(self.pool())
                     .await?;
                 Ok(row.is_some())
             }
@@ -327,7 +331,7 @@ macro_rules! sql_key_value_backend {
                 .bind(bucket)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?;
                 rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
             }
@@ -348,21 +352,36 @@ const UPSERT: &str = "INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2
      ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value";
 
 struct SqliteKeyValue {
-    pool: SqlitePool,
+    database: SqliteDatabase,
 }
 
 sql_key_value_backend!(SqliteKeyValue);
 
 impl SqliteKeyValue {
-    async fn new(pool: SqlitePool) -> Result<Self, sqlx::Error> {
+    fn pool(&self) -> &SqlitePool {
+        &self.database.pool
+    }
+
+    async fn write_turn(&self) -> Result<Option<OwnedMutexGuard<()>>, sqlx::Error> {
+        match self.database.write_turn().await {
+            Some(turn) => Ok(Some(turn)),
+            None => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "database is busy: another writer held it too long",
+            ))),
+        }
+    }
+
+    async fn new(database: SqliteDatabase) -> Result<Self, sqlx::Error> {
+        let pool = &database.pool;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS trellis_kv (
                 bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
                 PRIMARY KEY (bucket, key)) WITHOUT ROWID",
         )
-        .execute(&pool)
+        .execute(pool)
         .await?;
-        Ok(Self { pool })
+        Ok(Self { database })
     }
 
     async fn increment_counter(
@@ -373,7 +392,8 @@ impl SqliteKeyValue {
     ) -> Result<Result<u64, String>, sqlx::Error> {
         // IMMEDIATE takes the write lock up front, so concurrent increments serialize
         // instead of failing with SQLITE_BUSY when they upgrade a read.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let _turn = self.write_turn().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let current: Option<Vec<u8>> =
             sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2")
                 .bind(bucket)
@@ -404,6 +424,15 @@ struct PostgresKeyValue {
 sql_key_value_backend!(PostgresKeyValue);
 
 impl PostgresKeyValue {
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    /// Writers need no turn: PostgreSQL locks rows.
+    async fn write_turn(&self) -> Result<Option<OwnedMutexGuard<()>>, sqlx::Error> {
+        Ok(None)
+    }
+
     async fn new(pool: sqlx::PgPool) -> Result<Self, sqlx::Error> {
         let created = sqlx::query(
             "CREATE TABLE IF NOT EXISTS trellis_kv (

@@ -12,19 +12,17 @@
 //!   On PostgreSQL a failed statement aborts its transaction (only `rollback` is possible
 //!   afterwards); SQLite undoes just the statement. Both roll back a dropped transaction.
 
-use std::sync::Arc;
-
 use sqlx::error::ErrorKind;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{Arguments, AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
 use crate::bindings::trellis::platform::sql::{
     self as wit, ConstraintKind, ConstraintViolation, RowSet, Value,
 };
-use crate::storage::ComponentDatabase;
+use crate::storage::{ComponentDatabase, SqliteDatabase};
 
 /// An open transaction, held in the instance's resource table.
 pub enum Transaction {
@@ -92,18 +90,11 @@ fn guest_error(e: sqlx::Error) -> wit::Error {
 /// What a deployment grants: its database.
 pub struct SqlGrant {
     database: ComponentDatabase,
-    /// SQLite allows one writer per database at a time. Writers queue here, in the async
-    /// runtime, instead of inside SQLite, whose busy handler sleeps 1, 2, 5, 10... ms
-    /// between retries and made concurrent writes slow (p99 > 100 ms under load).
-    sqlite_writer: Arc<Mutex<()>>,
 }
 
 impl SqlGrant {
     pub fn new(database: ComponentDatabase) -> Self {
-        Self {
-            database,
-            sqlite_writer: Arc::new(Mutex::new(())),
-        }
+        Self { database }
     }
 }
 
@@ -127,30 +118,20 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl Sql<'_> {
-    fn grant(&self) -> Result<&SqlGrant, SqlError> {
-        self.grant.ok_or(SqlError::Guest(wit::Error::AccessDenied))
-    }
-
     fn database(&self) -> Result<ComponentDatabase, SqlError> {
-        Ok(self.grant()?.database.clone())
+        self.grant
+            .map(|g| g.database.clone())
+            .ok_or(SqlError::Guest(wit::Error::AccessDenied))
     }
+}
 
-    /// The SQLite write turn, waited for as long as SQLite itself would (its busy timeout):
-    /// a guest that writes outside the transaction it holds gets "busy", not a hang.
-    fn write_turn(
-        &self,
-    ) -> Result<impl Future<Output = Result<OwnedMutexGuard<()>, SqlError>> + use<>, SqlError> {
-        let writer = self.grant()?.sqlite_writer.clone();
-        Ok(async move {
-            tokio::time::timeout(crate::storage::SQLITE_BUSY_TIMEOUT, writer.lock_owned())
-                .await
-                .map_err(|_| {
-                    SqlError::Guest(wit::Error::Other(
-                        "database is busy: another writer held it too long".into(),
-                    ))
-                })
-        })
-    }
+/// The database's write turn (see [`SqliteDatabase`]), or the guest's "busy" error.
+async fn write_turn(database: &SqliteDatabase) -> Result<OwnedMutexGuard<()>, SqlError> {
+    database.write_turn().await.ok_or_else(|| {
+        SqlError::Guest(wit::Error::Other(
+            "database is busy: another writer held it too long".into(),
+        ))
+    })
 }
 
 impl wit::Host for Sql<'_> {
@@ -158,11 +139,11 @@ impl wit::Host for Sql<'_> {
         match self.database()? {
             // `INSERT/UPDATE/DELETE ... RETURNING` writes through `query`: it waits for the
             // write turn too. Plain reads never wait (WAL readers do not block writers).
-            ComponentDatabase::Sqlite(pool) if !is_read_only(&statement) => {
-                let _turn = self.write_turn()?.await?;
-                sqlite::query(&pool, statement, &params).await
+            ComponentDatabase::Sqlite(db) if !is_read_only(&statement) => {
+                let _turn = write_turn(&db).await?;
+                sqlite::query(&db.pool, statement, &params).await
             }
-            ComponentDatabase::Sqlite(pool) => sqlite::query(&pool, statement, &params).await,
+            ComponentDatabase::Sqlite(db) => sqlite::query(&db.pool, statement, &params).await,
             ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
         }
     }
@@ -170,9 +151,9 @@ impl wit::Host for Sql<'_> {
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, SqlError> {
         match self.database()? {
             // `execute` is how guests write; it waits for the write turn like a transaction.
-            ComponentDatabase::Sqlite(pool) => {
-                let _turn = self.write_turn()?.await?;
-                sqlite::execute(&pool, statement, &params).await
+            ComponentDatabase::Sqlite(db) => {
+                let _turn = write_turn(&db).await?;
+                sqlite::execute(&db.pool, statement, &params).await
             }
             ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
         }
@@ -182,9 +163,9 @@ impl wit::Host for Sql<'_> {
         let transaction = match self.database()? {
             // IMMEDIATE takes SQLite's write lock up front; a deferred transaction that
             // writes later can fail at once with SQLITE_BUSY under WAL.
-            ComponentDatabase::Sqlite(pool) => {
-                let turn = self.write_turn()?.await?;
-                Transaction::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, turn)
+            ComponentDatabase::Sqlite(db) => {
+                let turn = write_turn(&db).await?;
+                Transaction::Sqlite(db.pool.begin_with("BEGIN IMMEDIATE").await?, turn)
             }
             ComponentDatabase::Postgres(pool) => Transaction::Postgres(pool.begin().await?),
         };
@@ -271,6 +252,43 @@ fn row_set<R: Row>(
     Ok(RowSet { columns, rows })
 }
 
+/// `query` and `execute` for one backend module, whose `arguments` and `decode` turn WIT
+/// values into the database's and back; `$cached` says whether prepared statements are
+/// kept per connection.
+macro_rules! statements {
+    ($database:ty, $cached:expr) => {
+        pub async fn query<'e, E>(
+            executor: E,
+            statement: String,
+            params: &[Value],
+        ) -> Result<RowSet, SqlError>
+        where
+            E: sqlx::Executor<'e, Database = $database>,
+        {
+            let rows = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+                .persistent($cached)
+                .fetch_all(executor)
+                .await?;
+            row_set(&rows, decode)
+        }
+
+        pub async fn execute<'e, E>(
+            executor: E,
+            statement: String,
+            params: &[Value],
+        ) -> Result<u64, SqlError>
+        where
+            E: sqlx::Executor<'e, Database = $database>,
+        {
+            let done = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
+                .persistent($cached)
+                .execute(executor)
+                .await?;
+            Ok(done.rows_affected())
+        }
+    };
+}
+
 mod sqlite {
     use super::*;
 
@@ -305,35 +323,9 @@ mod sqlite {
         })
     }
 
-    pub async fn query<'e, E>(
-        executor: E,
-        statement: String,
-        params: &[Value],
-    ) -> Result<RowSet, SqlError>
-    where
-        E: sqlx::Executor<'e, Database = Sqlite>,
-    {
-        let rows = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
-            .persistent(false)
-            .fetch_all(executor)
-            .await?;
-        row_set(&rows, decode)
-    }
-
-    pub async fn execute<'e, E>(
-        executor: E,
-        statement: String,
-        params: &[Value],
-    ) -> Result<u64, SqlError>
-    where
-        E: sqlx::Executor<'e, Database = Sqlite>,
-    {
-        let done = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
-            .persistent(false)
-            .execute(executor)
-            .await?;
-        Ok(done.rows_affected())
-    }
+    // SQLite re-prepares a cached statement by itself when the schema changes, so its
+    // statements are cached per connection: parsing was a visible part of every call.
+    statements!(Sqlite, true);
 }
 
 mod postgres {
@@ -404,34 +396,7 @@ mod postgres {
         })
     }
 
-    pub async fn query<'e, E>(
-        executor: E,
-        statement: String,
-        params: &[Value],
-    ) -> Result<RowSet, SqlError>
-    where
-        E: sqlx::Executor<'e, Database = Postgres>,
-    {
-        // Not cached: a component's ALTER TABLE would otherwise break its cached plans.
-        let rows = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
-            .persistent(false)
-            .fetch_all(executor)
-            .await?;
-        row_set(&rows, decode)
-    }
-
-    pub async fn execute<'e, E>(
-        executor: E,
-        statement: String,
-        params: &[Value],
-    ) -> Result<u64, SqlError>
-    where
-        E: sqlx::Executor<'e, Database = Postgres>,
-    {
-        let done = sqlx::query_with(AssertSqlSafe(statement), arguments(params)?)
-            .persistent(false)
-            .execute(executor)
-            .await?;
-        Ok(done.rows_affected())
-    }
+    // Not cached: a component's ALTER TABLE would otherwise break its cached plans
+    // ("cached plan must not change result type").
+    statements!(Postgres, false);
 }
