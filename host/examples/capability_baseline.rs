@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use trellis::keyvalue::KeyValueGrant;
+use trellis::capabilities::keyvalue::KeyValueGrant;
 use trellis::storage::{ComponentDatabase, Storage};
 
 #[tokio::main]

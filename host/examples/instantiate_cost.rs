@@ -1,7 +1,7 @@
 //! The per-request cost of Trellis's core step, measured without HTTP or sockets: create a
-//! `Store`, instantiate from the deployment's pre-instance, call the guest's
-//! `wasi:http/incoming-handler`, and read the whole response. The same code path the
-//! gateway runs for each request.
+//! `Store`, instantiate from the version's pre-instance, call the guest's
+//! `wasi:http/incoming-handler`, and read the whole response. The same steps the invocation
+//! path (`trellis::runtime::invoke`) runs for each request.
 //!
 //! `cargo run --release -p trellis --example instantiate_cost -- target/wasm/hello.wasm [SECONDS]`
 //! prints `iterations=N mean_us=.. p50_us=.. p99_us=..`.
@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use trellis::component::Deployment;
+use std::sync::Arc;
+
+use trellis::capabilities::messaging::InProcessBus;
 use trellis::manifest;
-use trellis::metrics::Metrics;
-use trellis::node::Host;
+use trellis::runtime::engine::{EngineSettings, Runtime};
+use trellis::runtime::version::{Version, VersionServices, VersionSource};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
@@ -38,11 +40,30 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let loaded = manifest::load(&manifest_path)?;
-    let host = Host::new(&loaded, false).await?;
-    let metrics = Metrics::default();
-    let deployment = host
-        .load_component(&loaded, "hello", &metrics, None)
-        .await?;
+    let runtime = Runtime::new(&EngineSettings {
+        max_instances: 100,
+        max_instance_memory: 256 << 20,
+        cache_dir: None,
+    })?;
+    let linker = trellis::runtime::instance::build_linker(&runtime.engine)?;
+    let component = wasmtime::component::Component::from_file(&runtime.engine, &wasm)
+        .map_err(anyhow::Error::from)?;
+    let deployment = Version::link(
+        &linker,
+        VersionSource {
+            tenant: "default",
+            name: "hello",
+            digest: "sha256:-",
+            component: &component,
+            spec: &loaded.manifest.components["hello"],
+            seq: 1,
+        },
+        VersionServices {
+            storage: Default::default(),
+            internal_calls: None,
+            bus: Arc::new(InProcessBus::default()),
+        },
+    )?;
 
     // Warm up the pool slots and caches.
     for _ in 0..200 {
@@ -69,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_request(deployment: &Deployment) -> anyhow::Result<()> {
+async fn one_request(deployment: &Version) -> anyhow::Result<()> {
     let mut store = deployment.new_store(Instant::now() + Duration::from_secs(10))?;
     let request = hyper::Request::builder()
         .uri("http://localhost/hello/bench")

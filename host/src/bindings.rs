@@ -8,12 +8,12 @@ wasmtime::component::bindgen!({
     world: "trellis:platform/platform",
     imports: { default: async | trappable },
     with: {
-        "wasi:keyvalue/store.bucket": crate::keyvalue::Bucket,
-        "trellis:platform/sql.transaction": crate::sql::Transaction,
+        "wasi:keyvalue/store.bucket": crate::capabilities::keyvalue::Bucket,
+        "trellis:platform/sql.transaction": crate::capabilities::sql::Transaction,
     },
     trappable_error_type: {
-        "wasi:keyvalue/store.error" => crate::keyvalue::KvError,
-        "trellis:platform/sql.error" => crate::sql::SqlError,
+        "wasi:keyvalue/store.error" => crate::capabilities::keyvalue::KvError,
+        "trellis:platform/sql.error" => crate::capabilities::sql::SqlError,
     },
 });
 

@@ -1,24 +1,26 @@
 //! Trellis: a WebAssembly host where every microservice is a sandboxed WASI 0.2 component.
 //!
-//! A node reads a `trellis.toml` manifest ([`manifest`]), compiles and pre-instantiates each
-//! component once ([`component`], on the engine of [`runtime`]), and serves HTTP through
-//! the [`gateway`], which routes by host and path ([`router`]) to a fresh, limited instance
-//! per request ([`instance`]). Capabilities a component may be granted live in their own
-//! modules ([`keyvalue`] and [`sql`], on the per-component databases of [`storage`];
-//! [`messaging`], on the in-process bus or NATS). [`node`] ties
-//! these together for the `trellis` binary.
+//! Layers, each depending only on those listed before it:
+//! - [`grammar`]: routes, hosts and subjects (leaves); [`manifest`]: the `trellis.toml`
+//!   (parsing and validation only);
+//! - [`storage`]: one database per component; [`telemetry`]: metrics;
+//! - [`capabilities`]: what a guest may be granted (key-value, SQL, messaging, outbound
+//!   HTTP and `NAME.internal` calls), each with its linker wiring;
+//! - [`runtime`]: the engine, per-instance state, a version ready to instantiate, and the
+//!   one invocation path every trigger takes;
+//! - [`deploy`]: component slots and their versions, the registry that changes and routes
+//!   to them, code by digest, desired state, canaries, `--watch`;
+//! - [`gateway`] (HTTP traffic) and [`admin`] (the operator's API and the CLI's client);
+//! - [`node`]: ties them together for the `trellis` binary.
 
+pub mod admin;
 pub mod bindings;
-pub mod component;
+pub mod capabilities;
+pub mod deploy;
 pub mod gateway;
-pub mod instance;
-pub mod keyvalue;
+pub mod grammar;
 pub mod manifest;
-pub mod messaging;
-pub mod metrics;
 pub mod node;
-pub mod outbound;
-pub mod router;
 pub mod runtime;
-pub mod sql;
 pub mod storage;
+pub mod telemetry;

@@ -1,10 +1,13 @@
-//! The `trellis` command line.
+//! The `trellis` command line: `up` and `check` run a node; `deploy`, `activate`,
+//! `rollback`, `canary`, `status` and `delete` talk to a running node's admin API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http::Method;
+use trellis::admin::client::{AdminClient, ClientError, find_token};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +38,10 @@ enum Command {
         /// address is printed as "trellis listening on http://ADDR").
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve the admin API on this address instead of node.admin_listen (printed as
+        /// "trellis admin listening on http://ADDR").
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
         /// Keep node state here instead of node.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -50,6 +57,9 @@ enum Command {
         /// may share one).
         #[arg(long, env = "TRELLIS_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// Redeploy a component when its .wasm or its manifest entry changes.
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a manifest and every component it names (compile, link, instantiate)
     /// without serving. Exits 0 when everything is valid, 1 otherwise.
@@ -60,6 +70,191 @@ enum Command {
         #[arg(long, env = "TRELLIS_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Upload a component's .wasm to a running node and activate it (or start a canary).
+    Deploy {
+        /// The component file.
+        wasm: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// The component's entry (TOML as under [components.NAME] in a manifest, or JSON):
+        /// creates the component, or changes its entry, before the upload.
+        #[arg(long)]
+        entry: Option<PathBuf>,
+        /// Upload only; activate later with `trellis activate`.
+        #[arg(long, conflicts_with = "canary")]
+        no_activate: bool,
+        /// Start a canary with this percentage of calls instead of activating.
+        #[arg(long, value_name = "PERCENT")]
+        canary: Option<u8>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make an uploaded version active.
+    Activate {
+        /// The version (sha256:...), as `deploy` and `status` print it.
+        version: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Go back to the previous version.
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Start, promote or abort a canary.
+    Canary {
+        #[command(subcommand)]
+        action: CanaryAction,
+    },
+    /// Show the node's components, versions and canaries.
+    Status {
+        /// Only this component.
+        #[arg(long, short)]
+        component: Option<String>,
+        /// The tenant (with --component).
+        #[arg(long, short, default_value = "default")]
+        tenant: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a component created through the admin API.
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CanaryAction {
+    /// Send PERCENT of calls to an uploaded version.
+    Start {
+        version: String,
+        #[command(flatten)]
+        target: Target,
+        /// Percentage of requests and messages (1-99).
+        #[arg(long)]
+        weight: u8,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the canary the active version.
+    Promote {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop the canary; the active version takes every call again.
+    Abort {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct Target {
+    /// The component's name.
+    #[arg(long, short)]
+    component: String,
+    /// Its tenant.
+    #[arg(long, short, default_value = "default")]
+    tenant: String,
+}
+
+impl Target {
+    fn path(&self, rest: &str) -> String {
+        format!(
+            "/v1/tenants/{}/components/{}{rest}",
+            self.tenant, self.component
+        )
+    }
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Keep each user on one side by a hash of this request header.
+    #[arg(long)]
+    sticky_header: Option<String>,
+    /// Keep each user on one side by a hash of this cookie.
+    #[arg(long, conflicts_with = "sticky_header")]
+    sticky_cookie: Option<String>,
+    /// Window the failure rate is measured over (default 30s).
+    #[arg(long)]
+    window: Option<String>,
+    /// Roll back above this failure rate in a window (0-1, default 0.1).
+    #[arg(long)]
+    max_failure_rate: Option<f64>,
+    /// Calls a window needs before it is judged (default 10).
+    #[arg(long)]
+    min_requests: Option<u64>,
+    /// Promote by itself after this long with a healthy window (e.g. "5m").
+    #[arg(long)]
+    promote_after: Option<String>,
+}
+
+impl PolicyArgs {
+    fn fields(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.sticky_header {
+            out.push(("sticky_header", v.clone().into()));
+        }
+        if let Some(v) = &self.sticky_cookie {
+            out.push(("sticky_cookie", v.clone().into()));
+        }
+        if let Some(v) = &self.window {
+            out.push(("window", v.clone().into()));
+        }
+        if let Some(v) = self.max_failure_rate {
+            out.push(("max_failure_rate", v.into()));
+        }
+        if let Some(v) = self.min_requests {
+            out.push(("min_requests", v.into()));
+        }
+        if let Some(v) = &self.promote_after {
+            out.push(("promote_after", v.clone().into()));
+        }
+        out
+    }
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The node's admin API.
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    admin: String,
+    /// The node's admin token.
+    #[arg(long, env = "TRELLIS_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token (default: .trellis/admin-token, where a node started
+    /// from this directory with the default data dir keeps it).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> Result<AdminClient, ClientError> {
+        let token = find_token(self.token.clone(), self.token_file.clone())?;
+        Ok(AdminClient::new(&self.admin, token))
+    }
 }
 
 fn override_cache_dir(manifest: &mut trellis::manifest::LoadedManifest, dir: Option<PathBuf>) {
@@ -88,54 +283,299 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Up {
-                manifest,
-                listen,
-                data_dir,
-                database_url,
-                nats_url,
-                cache_dir,
-            } => {
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    let node_result = match command {
+        Command::Up {
+            manifest,
+            listen,
+            admin_listen,
+            data_dir,
+            database_url,
+            nats_url,
+            cache_dir,
+            watch,
+        } => {
+            let started = async {
                 let mut manifest = trellis::manifest::load(&manifest)?;
+                let node = &mut manifest.manifest.node;
                 if let Some(listen) = listen {
-                    manifest.manifest.node.listen = listen;
+                    node.listen = listen;
+                }
+                if let Some(admin_listen) = admin_listen {
+                    node.admin_listen = admin_listen;
                 }
                 if let Some(data_dir) = data_dir {
-                    manifest.manifest.node.data_dir = data_dir;
+                    node.data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
                 }
                 if database_url.is_some() {
-                    manifest.manifest.node.database_url = database_url;
+                    node.database_url = database_url;
                 }
                 if nats_url.is_some() {
-                    manifest.manifest.node.nats_url = nats_url;
+                    node.nats_url = nats_url;
                 }
                 override_cache_dir(&mut manifest, cache_dir);
-                trellis::node::up(manifest).await.map(|()| true)
-            }
-            Command::Check {
-                manifest,
-                cache_dir,
-            } => match trellis::manifest::load(&manifest) {
-                Ok(mut manifest) => {
-                    override_cache_dir(&mut manifest, cache_dir);
-                    trellis::node::check(manifest).await
-                }
-                Err(e) => {
-                    println!("FAILED  {e}");
-                    Ok(false)
-                }
-            },
+                trellis::node::up(manifest, trellis::node::UpOptions { watch }).await
+            };
+            started.await.map(|()| true)
         }
-    });
-    match result {
+        Command::Check {
+            manifest,
+            cache_dir,
+        } => match trellis::manifest::load(&manifest) {
+            Ok(mut manifest) => {
+                override_cache_dir(&mut manifest, cache_dir);
+                trellis::node::check(manifest).await
+            }
+            Err(e) => {
+                println!("FAILED  {e}");
+                Ok(false)
+            }
+        },
+        admin_command => {
+            return match admin(admin_command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
+    };
+    match node_result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The commands that talk to a running node.
+async fn admin(command: Command) -> Result<(), ClientError> {
+    match command {
+        Command::Deploy {
+            wasm,
+            target,
+            entry,
+            no_activate,
+            canary,
+            policy,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let bytes = std::fs::read(&wasm)
+                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", wasm.display())))?;
+            if let Some(entry) = entry {
+                let spec = read_entry(&entry)?;
+                client
+                    .call(Method::PUT, &target.path(""), Some(spec))
+                    .await?;
+            }
+            let mut query = if let Some(weight) = canary {
+                let mut query = format!("?canary={weight}");
+                for (key, value) in policy.fields() {
+                    let value = value
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| value.to_string());
+                    query.push_str(&format!("&{key}={}", encode(&value)));
+                }
+                query
+            } else if no_activate {
+                String::new()
+            } else {
+                "?activate=true".to_string()
+            };
+            if query.is_empty() {
+                query.push('?');
+            }
+            let digest = trellis::deploy::code::digest(&bytes);
+            let label = format!("{}/{}", target.tenant, target.component);
+            let answer = client
+                .upload(
+                    &target.path(&format!("/versions{}", query.trim_end_matches('?'))),
+                    &label,
+                    bytes,
+                    &[("x-trellis-digest", digest)],
+                )
+                .await?;
+            println!(
+                "{label}: version {} (#{}) is {} ({} bytes, compiled and checked in {} ms)",
+                answer["version"].as_str().unwrap_or("?"),
+                answer["seq"],
+                answer["state"].as_str().unwrap_or("?"),
+                answer["size"],
+                answer["elapsed_ms"]
+            );
+            Ok(())
+        }
+        Command::Activate {
+            version,
+            target,
+            admin,
+        } => {
+            let status = admin
+                .client()?
+                .call(
+                    Method::POST,
+                    &target.path("/activate"),
+                    Some(serde_json::json!({"version": version})),
+                )
+                .await?;
+            print_component(&status);
+            Ok(())
+        }
+        Command::Rollback { target, admin } => {
+            let status = admin
+                .client()?
+                .call(Method::POST, &target.path("/rollback"), None)
+                .await?;
+            print_component(&status);
+            Ok(())
+        }
+        Command::Canary { action } => {
+            let (client, target, method, path, body) = match action {
+                CanaryAction::Start {
+                    version,
+                    target,
+                    weight,
+                    policy,
+                    admin,
+                } => {
+                    let mut body = serde_json::json!({"version": version, "weight": weight});
+                    for (key, value) in policy.fields() {
+                        body[key] = value;
+                    }
+                    (admin.client()?, target, Method::POST, "/canary", Some(body))
+                }
+                CanaryAction::Promote { target, admin } => (
+                    admin.client()?,
+                    target,
+                    Method::POST,
+                    "/canary/promote",
+                    None,
+                ),
+                CanaryAction::Abort { target, admin } => {
+                    (admin.client()?, target, Method::DELETE, "/canary", None)
+                }
+            };
+            let status = client.call(method, &target.path(path), body).await?;
+            print_component(&status);
+            Ok(())
+        }
+        Command::Status {
+            component,
+            tenant,
+            json,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let answer = match &component {
+                Some(name) => {
+                    client
+                        .call(
+                            Method::GET,
+                            &format!("/v1/tenants/{tenant}/components/{name}"),
+                            None,
+                        )
+                        .await?
+                }
+                None => client.call(Method::GET, "/v1/status", None).await?,
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&answer).unwrap_or_default()
+                );
+            } else if component.is_some() {
+                print_component(&answer);
+            } else {
+                let all = answer["components"].as_array().into_iter().flatten();
+                let pending = answer["pending"].as_array().into_iter().flatten();
+                for component in all.chain(pending) {
+                    print_component(component);
+                }
+            }
+            Ok(())
+        }
+        Command::Delete { target, admin } => {
+            admin
+                .client()?
+                .call(Method::DELETE, &target.path(""), None)
+                .await?;
+            println!("{}/{}: deleted", target.tenant, target.component);
+            Ok(())
+        }
+        Command::Up { .. } | Command::Check { .. } => unreachable!("handled by run"),
+    }
+}
+
+/// A component entry from a TOML or JSON file, as JSON for the API.
+fn read_entry(path: &std::path::Path) -> Result<serde_json::Value, ClientError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let value: serde_json::Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Usage(format!("{}: {e}", path.display())))?
+    } else {
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ClientError::Usage(format!("{}: {e}", path.display())))?;
+        serde_json::to_value(table).map_err(|e| ClientError::Usage(e.to_string()))?
+    };
+    Ok(value)
+}
+
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// One line per component, then its canary and last events.
+fn print_component(status: &serde_json::Value) {
+    let name = format!(
+        "{}/{}",
+        status["tenant"].as_str().unwrap_or("?"),
+        status["component"].as_str().unwrap_or("?")
+    );
+    if status["state"] == "awaiting_version" {
+        println!("{name}  awaiting its first version (origin api)");
+        return;
+    }
+    println!(
+        "{name}  active {} (#{})  previous {}  origin {}",
+        status["active"]["version"].as_str().unwrap_or("?"),
+        status["active"]["seq"],
+        status["previous"]["version"].as_str().unwrap_or("none"),
+        status["origin"].as_str().unwrap_or("?"),
+    );
+    if let Some(canary) = status["canary"].as_object() {
+        println!(
+            "  canary {} (#{}) at {}%: {} calls, {} failed",
+            canary["version"].as_str().unwrap_or("?"),
+            canary["seq"],
+            canary["policy"]["weight"],
+            canary["calls"],
+            canary["failures"]
+        );
+    }
+    if let Some(rollback) = status["last_canary_rollback"].as_object() {
+        println!(
+            "  last canary rolled back at {}: {} ({})",
+            rollback["at"].as_str().unwrap_or("?"),
+            rollback["version"].as_str().unwrap_or("?"),
+            rollback["reason"].as_str().unwrap_or("?")
+        );
     }
 }
 

@@ -1,242 +1,175 @@
-//! A running node: the engine, the gateway, and loading every component of the manifest.
+//! A running node: binds the gateway and the admin listener, builds the engine, storage,
+//! bus and registry, deploys what the node should run (stored state, then the manifest),
+//! and serves until SIGINT/SIGTERM.
 //!
-//! `trellis up` binds the listener first so that `/health` answers while components
-//! compile, loads every component (compile, link, trial instantiation), and only then
-//! installs the routing table and reports ready. A component that fails to load stops the
-//! node with the reason: a node does not half-start with routes silently missing.
-//! `trellis check` runs the same loading without serving.
+//! `trellis up` binds its listeners first so that `/health` answers while components
+//! compile, and reports ready only once every component loaded. A manifest component that
+//! fails to load stops the node with the reason: a node does not half-start with routes
+//! silently missing. `trellis check` runs the same loading without serving or persisting.
 
-use std::sync::{Arc, Weak};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use wasmtime::component::Linker;
 
-use crate::component::{Deployment, LoadError, NodeServices, StorageGrants, build_linker};
+use crate::admin::Admin;
+use crate::deploy::registry::{Registry, RegistryConfig};
+use crate::deploy::state::StateStore;
 use crate::gateway::Gateway;
-use crate::instance::InstanceState;
-use crate::keyvalue::KeyValueGrant;
-use crate::manifest::{ComponentSpec, LoadedManifest};
-use crate::messaging::MessageBus;
-use crate::metrics::Metrics;
-use crate::outbound::InternalCalls;
-use crate::router::Router;
-use crate::runtime::{EngineSettings, Runtime};
-use crate::sql::SqlGrant;
+use crate::manifest::LoadedManifest;
+use crate::runtime::engine::{EngineSettings, Runtime};
 use crate::storage::Storage;
 
-/// The engine and linker a node's components are loaded with.
-pub struct Host {
-    pub runtime: Runtime,
-    pub linker: Arc<Linker<InstanceState>>,
-    pub storage: Storage,
-    pub bus: Arc<dyn MessageBus>,
+/// Options of `trellis up` beyond the manifest.
+#[derive(Debug, Default, Clone)]
+pub struct UpOptions {
+    /// Redeploy components whose source or manifest entry changes.
+    pub watch: bool,
 }
 
-impl Host {
-    /// `serving`: whether the node will serve (connects NATS if configured); `check` and
-    /// tools pass false and get the in-process bus, which touches no network.
-    pub async fn new(manifest: &LoadedManifest, serving: bool) -> Result<Self> {
-        let node = &manifest.manifest.node;
-        let runtime = Runtime::new(&EngineSettings {
-            max_instances: node.max_instances,
-            max_instance_memory: node.max_instance_memory.as_u64(),
-            cache_dir: Some(
-                node.cache_dir
-                    .clone()
-                    .unwrap_or_else(|| node.data_dir.join("compile-cache")),
-            ),
-        })?;
-        let linker =
-            Arc::new(build_linker(&runtime.engine).context("linking the host interfaces")?);
-        let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
-        let bus = crate::messaging::connect(if serving {
-            node.nats_url.as_deref()
-        } else {
-            None
-        })
-        .await?;
-        Ok(Self {
-            runtime,
-            linker,
-            storage,
-            bus,
-        })
-    }
+/// Builds the engine and the registry. `serving`: connect NATS and keep desired state
+/// (`check` passes false: the in-process bus, nothing persisted).
+async fn build_registry(
+    manifest: &LoadedManifest,
+    local_addr: SocketAddr,
+    serving: bool,
+) -> Result<(Runtime, Arc<Registry>)> {
+    let node = &manifest.manifest.node;
+    let runtime = Runtime::new(&EngineSettings {
+        max_instances: node.max_instances,
+        max_instance_memory: node.max_instance_memory.as_u64(),
+        cache_dir: Some(
+            node.cache_dir
+                .clone()
+                .unwrap_or_else(|| node.data_dir.join("compile-cache")),
+        ),
+    })?;
+    let linker = Arc::new(
+        crate::runtime::instance::build_linker(&runtime.engine)
+            .context("linking the host interfaces")?,
+    );
+    let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
+    let bus = crate::capabilities::messaging::connect(if serving {
+        node.nats_url.as_deref()
+    } else {
+        None
+    })
+    .await?;
+    let state = if serving {
+        Some(StateStore::open(&node.data_dir, node.database_url.as_deref()).await?)
+    } else {
+        None
+    };
+    let tenant_config = manifest
+        .manifest
+        .tenants
+        .iter()
+        .map(|(name, tenant)| (name.clone(), tenant.config.clone()))
+        .collect();
+    let config = RegistryConfig {
+        node: clone_settings(node),
+        tenants: manifest.tenants(),
+        tenant_config,
+        local_addr,
+    };
+    let registry = Registry::new(config, runtime.engine.clone(), linker, storage, bus, state);
+    Ok((runtime, registry))
+}
 
-    /// Loads one component: compile (off the executor), link, trial-instantiate. With a
-    /// gateway, its `NAME.internal` calls are served there.
-    pub async fn load_component(
-        &self,
-        manifest: &LoadedManifest,
-        name: &str,
-        metrics: &Metrics,
-        gateway: Option<Weak<Gateway>>,
-    ) -> Result<Arc<Deployment>, LoadError> {
-        let spec = &manifest.manifest.components[name];
-        let component_metrics = metrics.for_component(&spec.tenant, name);
-        let storage = self.storage_grants(name, spec).await?;
-        let bus = self.bus.clone();
-        let internal_calls = gateway.map(|gateway| InternalCalls {
-            gateway,
-            tenant: spec.tenant.as_str().into(),
-        });
-        // Compiling runs Cranelift for a while: keep it off the async workers.
-        let (engine, linker) = (self.runtime.engine.clone(), self.linker.clone());
-        let (owned_name, owned_spec) = (name.to_string(), spec.clone());
-        let deployment = tokio::task::spawn_blocking(move || {
-            let services = NodeServices {
-                metrics: component_metrics,
-                storage,
-                internal_calls,
-                bus,
-            };
-            Deployment::load(&engine, &linker, &owned_name, &owned_spec, services)
-        })
-        .await
-        .map_err(|e| LoadError::Compile {
-            component: name.to_string(),
-            path: spec.source.clone(),
-            reason: format!("the compile task failed: {e}"),
-        })??;
-        deployment.check_instantiates().await?;
-        Ok(Arc::new(deployment))
-    }
-
-    /// Opens the component's database when it is granted any storage, and prepares each
-    /// granted capability on it.
-    async fn storage_grants(
-        &self,
-        name: &str,
-        spec: &ComponentSpec,
-    ) -> Result<StorageGrants, LoadError> {
-        if spec.keyvalue.is_empty() && !spec.sql {
-            return Ok(StorageGrants::default());
-        }
-        let storage_error = |e: anyhow::Error| LoadError::Storage {
-            component: name.to_string(),
-            reason: format!("{e:#}"),
-        };
-        let database = self
-            .storage
-            .component_database(&spec.tenant, name)
-            .await
-            .map_err(storage_error)?;
-        let keyvalue = if spec.keyvalue.is_empty() {
-            None
-        } else {
-            Some(Arc::new(
-                KeyValueGrant::new(database.clone(), &spec.keyvalue)
-                    .await
-                    .map_err(storage_error)?,
-            ))
-        };
-        if let Some(dir) = &spec.migrations {
-            let applied = database.migrate(dir).await.map_err(storage_error)?;
-            if !applied.is_empty() {
-                tracing::info!(component = name, ?applied, "applied migrations");
-            }
-        }
-        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database)));
-        Ok(StorageGrants { keyvalue, sql })
-    }
-
-    /// Loads every component of the manifest; all failures are reported, not just the first.
-    pub async fn load_all(
-        &self,
-        manifest: &LoadedManifest,
-        metrics: &Metrics,
-        gateway: Option<Weak<Gateway>>,
-    ) -> Result<Router, Vec<LoadError>> {
-        let mut loaded = Vec::new();
-        let mut failures = Vec::new();
-        for (name, spec) in &manifest.manifest.components {
-            let started = Instant::now();
-            match self
-                .load_component(manifest, name, metrics, gateway.clone())
-                .await
-            {
-                Ok(deployment) => {
-                    tracing::info!(
-                        tenant = %spec.tenant,
-                        component = %name,
-                        routes = ?spec.routes,
-                        elapsed = ?started.elapsed(),
-                        "component loaded"
-                    );
-                    loaded.push((deployment, spec.routes.clone()));
-                }
-                Err(e) => failures.push(e),
-            }
-        }
-        if failures.is_empty() {
-            Ok(Router::new(&manifest.tenants(), loaded))
-        } else {
-            Err(failures)
-        }
+fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::NodeSettings {
+    crate::manifest::NodeSettings {
+        listen: node.listen,
+        data_dir: node.data_dir.clone(),
+        max_instances: node.max_instances,
+        max_instance_memory: node.max_instance_memory,
+        database_url: node.database_url.clone(),
+        nats_url: node.nats_url.clone(),
+        cache_dir: node.cache_dir.clone(),
+        admin_listen: node.admin_listen,
+        admin_token: None,
+        max_component_size: node.max_component_size,
     }
 }
 
 /// `trellis up`: serve until SIGINT/SIGTERM. Returns an error (exit 1) when the manifest's
 /// components cannot all be loaded.
-pub async fn up(manifest: LoadedManifest) -> Result<()> {
+pub async fn up(manifest: LoadedManifest, options: UpOptions) -> Result<()> {
     let settings = &manifest.manifest.node;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating node.data_dir {}", settings.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (node.listen)", settings.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (node.admin_listen)",
+                settings.admin_listen
+            )
+        })?;
     let local_addr = listener.local_addr()?;
-    let gateway = Arc::new(Gateway::new(local_addr));
-    // A stable line on stdout that scripts and tests can wait for.
-    println!("trellis listening on http://{local_addr}");
+    let admin_addr = admin_listener.local_addr()?;
+    let (token, token_source) =
+        crate::admin::auth::resolve_token(settings.admin_token.as_deref(), &settings.data_dir)?;
     tracing::info!(manifest = %manifest.path.display(), %local_addr, "node starting");
 
-    let server = tokio::spawn(gateway.clone().serve(listener, shutdown_signal()));
-    let host = Host::new(&manifest, true).await?;
-    match host
-        .load_all(&manifest, &gateway.metrics, Some(Arc::downgrade(&gateway)))
-        .await
-    {
-        Ok(router) => {
-            let count = router.deployments().len();
-            for deployment in router.deployments() {
-                let patterns = &manifest.manifest.components[&*deployment.name].subscriptions;
-                if !patterns.is_empty() {
-                    crate::messaging::start_subscriptions(&host.bus, deployment.clone(), patterns)
-                        .await?;
-                    tracing::info!(component = %deployment.name, subscriptions = ?patterns, "subscribed");
-                }
-            }
-            let _ = gateway.router.set(router);
-            tracing::info!(components = count, "node ready");
+    let (runtime, registry) = build_registry(&manifest, local_addr, true).await?;
+    let gateway = Arc::new(Gateway::new(registry.clone(), local_addr));
+    let admin = Arc::new(Admin::new(registry.clone(), token));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let server = tokio::spawn(gateway.clone().serve(listener, wait_stop(stopped.clone())));
+    let admin_server = tokio::spawn(admin.serve(admin_listener, wait_stop(stopped.clone())));
+    // Stable lines on stdout that scripts and tests can wait for.
+    println!("trellis listening on http://{local_addr}");
+    println!("trellis admin listening on http://{admin_addr}");
+    tracing::info!(%admin_addr, token = %token_source, "admin API listening (bearer token from {token_source})");
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+
+    if let Err(failures) = registry.start(&manifest).await {
+        for failure in &failures {
+            tracing::error!("{failure}");
         }
-        Err(failures) => {
-            for failure in &failures {
-                tracing::error!("{failure}");
+        anyhow::bail!(
+            "{} component(s) failed to load:\n{}",
+            failures.len(),
+            failures
+                .iter()
+                .map(|f| format!("  {f}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    registry.set_ready();
+    tracing::info!(components = registry.slots().len(), "node ready");
+    if options.watch {
+        let (registry, manifest) = (registry.clone(), manifest);
+        tokio::spawn(async move {
+            if let Err(e) = crate::deploy::watch::watch(registry, manifest).await {
+                tracing::error!(error = %format!("{e:#}"), "watching stopped");
             }
-            anyhow::bail!(
-                "{} component(s) failed to load:\n{}",
-                failures.len(),
-                failures
-                    .iter()
-                    .map(|f| format!("  {f}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
+        });
     }
     server.await.context("the gateway task failed")?;
-    // The host (engine, pre-instances) lives until every request has finished.
-    drop(host);
+    let _ = admin_server.await;
+    // The engine lives until every request has finished.
+    drop(registry);
+    drop(runtime);
     Ok(())
 }
 
 /// `trellis check`: load every component without serving. Prints a report; returns whether
 /// everything loaded.
 pub async fn check(manifest: LoadedManifest) -> Result<bool> {
-    let host = Host::new(&manifest, false).await?;
-    let metrics = Metrics::default();
+    let (_runtime, registry) =
+        build_registry(&manifest, SocketAddr::from(([127, 0, 0, 1], 0)), false).await?;
     let mut ok = true;
     println!("manifest {}: valid", manifest.path.display());
     for (tenant, hosts) in manifest.tenants() {
@@ -244,7 +177,7 @@ pub async fn check(manifest: LoadedManifest) -> Result<bool> {
     }
     for (name, spec) in &manifest.manifest.components {
         let started = Instant::now();
-        match host.load_component(&manifest, name, &metrics, None).await {
+        match registry.deploy_manifest_entry(name, spec).await {
             Ok(_) => println!(
                 "ok      component {name} (tenant {}, routes {}) loaded in {} ms",
                 spec.tenant,

@@ -17,12 +17,27 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::keyvalue::{KeyValue, KeyValueGrant};
-use crate::messaging::{Messaging, MessagingGrant};
-use crate::outbound::OutboundPolicy;
-use crate::sql::{Sql, SqlGrant};
+use crate::capabilities::keyvalue::{KeyValue, KeyValueGrant};
+use crate::capabilities::messaging::{Messaging, MessagingGrant};
+use crate::capabilities::outbound::OutboundPolicy;
+use crate::capabilities::sql::{Sql, SqlGrant};
 
-/// What a deployment grants each of its instances; shared, built once per deployment.
+/// The host interfaces every component may import, one line per capability. Interfaces
+/// are added here once per node; what an instance may actually do is decided by its grants.
+pub fn build_linker(
+    engine: &wasmtime::Engine,
+) -> anyhow::Result<wasmtime::component::Linker<InstanceState>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
+    crate::capabilities::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
+    crate::capabilities::sql::add_to_linker(&mut linker, InstanceState::sql)?;
+    crate::capabilities::messaging::add_to_linker(&mut linker, InstanceState::messaging)?;
+    Ok(linker)
+}
+
+/// What a version grants each of its instances; shared, built once per deployment.
 pub struct Grants {
     pub tenant: Arc<str>,
     pub component: Arc<str>,

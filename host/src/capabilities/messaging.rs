@@ -10,11 +10,9 @@
 //!   Its `subscriptions` patterns are what trigger its `handle-message`.
 //! - Each subscription uses the queue group `trellis.TENANT.COMPONENT`, so several nodes on
 //!   one NATS server split a component's messages instead of all handling each one.
-//! - Delivery takes the component's admission permit before instantiating (waiting for a
-//!   slot up to the deadline), runs with its limits, and is retried (`limits.message_attempts`
-//!   in all) when the handler returns an error or traps; then the message goes to the
-//!   tenant subject `dead-letter.COMPONENT.ORIGINAL-SUBJECT`, never silently dropped. (A
-//!   dead letter whose own handler fails is logged and counted, not dead-lettered again.)
+//!
+//! Delivering a subscription's messages to a component (admission, retries, dead letters)
+//! belongs to the component's slot (`crate::deploy`), which outlives its versions.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wasmcloud::messaging::{consumer, types::BrokerMessage};
-use crate::component::Deployment;
+use crate::grammar::subjects::{subject_matches, subject_problem, tenant_prefix};
 
 /// A message on the bus (subjects here are full, tenant-prefixed bus subjects).
 #[derive(Debug, Clone)]
@@ -41,7 +39,7 @@ pub struct Message {
 const SUBSCRIPTION_BUFFER: usize = 1024;
 const INBOX_PREFIX: &str = "_INBOX.";
 /// Where messages go after their last failed attempt: `dead-letter.COMPONENT.SUBJECT`.
-const DEAD_LETTER_PREFIX: &str = "dead-letter.";
+pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
 
 /// A message bus: the in-process one or NATS.
 #[async_trait]
@@ -67,49 +65,6 @@ pub async fn connect(nats_url: Option<&str>) -> anyhow::Result<Arc<dyn MessageBu
         None => Ok(Arc::new(InProcessBus::default())),
         Some(url) => Ok(Arc::new(NatsBus::connect(url).await?)),
     }
-}
-
-/// Whether `subject` matches the NATS pattern `pattern` (`*` one token, `>` the rest).
-pub fn subject_matches(pattern: &str, subject: &str) -> bool {
-    let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
-    loop {
-        match (p.next(), s.next()) {
-            (Some(">"), Some(_)) => return p.next().is_none(),
-            (Some("*"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
-/// Why a subject or pattern is not acceptable, if it is not.
-pub fn subject_problem(subject: &str, wildcards_allowed: bool) -> Option<String> {
-    if subject.is_empty() || subject.chars().any(|c| c.is_whitespace()) {
-        return Some(format!(
-            "{subject:?} is not a subject (empty, or contains whitespace)"
-        ));
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Some(format!("{subject:?} has an empty token"));
-        }
-        let wildcard = *token == "*" || *token == ">";
-        if wildcard && !wildcards_allowed {
-            return Some(format!(
-                "{subject:?}: wildcards are for subscriptions, not for publishing"
-            ));
-        }
-        if *token == ">" && i + 1 != tokens.len() {
-            return Some(format!("{subject:?}: '>' must be the last token"));
-        }
-    }
-    None
-}
-
-fn tenant_prefix(tenant: &str) -> String {
-    format!("trellis.{tenant}.")
 }
 
 /// What a deployment is granted: the bus, its tenant, and the subjects it may publish on.
@@ -142,7 +97,7 @@ impl MessagingGrant {
 }
 
 /// The guest's view of a bus message: its tenant prefix removed.
-fn to_guest(tenant: &str, message: Message) -> BrokerMessage {
+pub fn to_guest(tenant: &str, message: Message) -> BrokerMessage {
     let prefix = tenant_prefix(tenant);
     let strip = |s: String| s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s);
     BrokerMessage {
@@ -219,106 +174,6 @@ impl consumer::Host for Messaging<'_> {
                 body: msg.body.into(),
             })
             .await)
-    }
-}
-
-/// Starts delivering a component's subscriptions. The returned tasks run until the node
-/// stops.
-pub async fn start_subscriptions(
-    bus: &Arc<dyn MessageBus>,
-    deployment: Arc<Deployment>,
-    patterns: &[String],
-) -> anyhow::Result<()> {
-    let prefix = tenant_prefix(&deployment.tenant);
-    let queue_group = format!("trellis.{}.{}", deployment.tenant, deployment.name);
-    for pattern in patterns {
-        let mut messages = bus
-            .subscribe(format!("{prefix}{pattern}"), queue_group.clone())
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "subscribing component {:?} to {pattern:?}: {e}",
-                    deployment.name
-                )
-            })?;
-        let (deployment, bus) = (deployment.clone(), bus.clone());
-        tokio::spawn(async move {
-            while let Some(message) = messages.recv().await {
-                // The admission permit comes before instantiation, as for HTTP; a message
-                // waits for a slot (backpressure) rather than being refused.
-                let permit = deployment.admit_waiting().await;
-                let (deployment, bus) = (deployment.clone(), bus.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    deliver(&bus, &deployment, message).await;
-                });
-            }
-        });
-    }
-    Ok(())
-}
-
-/// Runs the handler, retrying on failure, then dead-letters the message.
-async fn deliver(bus: &Arc<dyn MessageBus>, deployment: &Deployment, message: Message) {
-    let attempts = deployment.limits.message_attempts.max(1);
-    let guest_message = to_guest(&deployment.tenant, message.clone());
-    for attempt in 1..=attempts {
-        match deployment.handle_message(&guest_message).await {
-            Ok(()) => {
-                deployment.metrics.messages_handled.inc();
-                return;
-            }
-            Err(reason) => {
-                deployment.metrics.message_failures.inc();
-                tracing::warn!(
-                    tenant = %deployment.tenant,
-                    component = %deployment.name,
-                    subject = %guest_message.subject,
-                    attempt,
-                    attempts,
-                    %reason,
-                    "message handler failed"
-                );
-                if attempt < attempts {
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-            }
-        }
-    }
-    if guest_message.subject.starts_with(DEAD_LETTER_PREFIX) {
-        // Dead-lettering a failed dead letter again would loop forever.
-        deployment.metrics.messages_dead_lettered.inc();
-        tracing::error!(
-            tenant = %deployment.tenant,
-            component = %deployment.name,
-            subject = %guest_message.subject,
-            "dead letter dropped: its handler failed {attempts} times"
-        );
-        return;
-    }
-    let dead_letter = format!(
-        "{}{DEAD_LETTER_PREFIX}{}.{}",
-        tenant_prefix(&deployment.tenant),
-        deployment.name,
-        guest_message.subject
-    );
-    deployment.metrics.messages_dead_lettered.inc();
-    tracing::error!(
-        tenant = %deployment.tenant,
-        component = %deployment.name,
-        subject = %guest_message.subject,
-        %dead_letter,
-        "message dead-lettered after {attempts} attempts"
-    );
-    if let Err(e) = bus
-        .publish(Message {
-            subject: dead_letter,
-            reply_to: None,
-            body: message.body,
-        })
-        .await
-    {
-        tracing::error!(component = %deployment.name, error = %e, "could not publish to the dead-letter subject");
     }
 }
 
@@ -534,7 +389,14 @@ impl MessageBus for NatsBus {
             .map_err(|e| e.to_string())?;
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
         tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
+            loop {
+                // Unsubscribe as soon as the receiver is gone, so that the queue group
+                // does not hand this dead member a message that would then be lost.
+                let message = tokio::select! {
+                    message = subscriber.next() => message,
+                    () = sender.closed() => None,
+                };
+                let Some(message) = message else { break };
                 let message = Message {
                     subject: message.subject.to_string(),
                     reply_to: message.reply.map(|r| r.to_string()),
@@ -544,6 +406,7 @@ impl MessageBus for NatsBus {
                     break;
                 }
             }
+            let _ = subscriber.unsubscribe().await;
         });
         Ok(receiver)
     }
@@ -552,20 +415,6 @@ impl MessageBus for NatsBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_match_like_nats() {
-        assert!(subject_matches("order.*", "order.created"));
-        assert!(!subject_matches("order.*", "order.created.eu"));
-        assert!(subject_matches("order.>", "order.created.eu"));
-        assert!(!subject_matches("order.>", "order"));
-        assert!(subject_matches("order.created", "order.created"));
-        assert!(!subject_matches("order.created", "order.cancelled"));
-        assert!(subject_problem("order.*", false).is_some());
-        assert!(subject_problem("order.>.x", true).is_some());
-        assert!(subject_problem("order..x", true).is_some());
-        assert!(subject_problem("order.created", false).is_none());
-    }
 
     #[test]
     fn guests_see_subjects_without_their_tenant_prefix() {

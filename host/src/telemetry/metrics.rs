@@ -1,4 +1,5 @@
-//! Prometheus metrics for `/metrics`, in the text exposition format.
+//! Prometheus metrics, served as `/metrics` on the admin listener in the OpenMetrics text
+//! format.
 //!
 //! Per-component series are resolved once per deployment ([`ComponentMetrics`]), so the
 //! request path touches atomics only; the one family keyed by response status is looked up
@@ -42,6 +43,8 @@ pub struct Metrics {
     messages_handled: Family<ComponentLabels, Counter>,
     message_failures: Family<ComponentLabels, Counter>,
     messages_dead_lettered: Family<ComponentLabels, Counter>,
+    activations: Family<ComponentLabels, Counter>,
+    canary_rollbacks: Family<ComponentLabels, Counter>,
     unrouted: Counter,
 }
 
@@ -66,6 +69,18 @@ impl Default for Metrics {
         let message_failures = Family::<ComponentLabels, Counter>::default();
         let messages_dead_lettered = Family::<ComponentLabels, Counter>::default();
         let unrouted = Counter::default();
+        let activations = Family::<ComponentLabels, Counter>::default();
+        let canary_rollbacks = Family::<ComponentLabels, Counter>::default();
+        registry.register(
+            "activations",
+            "Versions made active (deploys, rollbacks, canary promotions)",
+            activations.clone(),
+        );
+        registry.register(
+            "canary_rollbacks",
+            "Canaries the node rolled back by itself because they failed too often",
+            canary_rollbacks.clone(),
+        );
         registry.register(
             "messages_handled",
             "Messages a handler accepted",
@@ -139,6 +154,8 @@ impl Default for Metrics {
             messages_handled,
             message_failures,
             messages_dead_lettered,
+            activations,
+            canary_rollbacks,
             unrouted,
         }
     }
@@ -162,17 +179,11 @@ impl Metrics {
             messages_handled: self.messages_handled.get_or_create(&labels).clone(),
             message_failures: self.message_failures.get_or_create(&labels).clone(),
             messages_dead_lettered: self.messages_dead_lettered.get_or_create(&labels).clone(),
+            activations: self.activations.get_or_create(&labels).clone(),
+            canary_rollbacks: self.canary_rollbacks.get_or_create(&labels).clone(),
+            requests: self.requests.clone(),
             labels,
         }
-    }
-
-    pub fn count_response(&self, component: &ComponentMetrics, status: u16) {
-        let labels = RequestLabels {
-            tenant: component.labels.tenant.clone(),
-            component: component.labels.component.clone(),
-            status,
-        };
-        self.requests.get_or_create(&labels).inc();
     }
 
     pub fn count_unrouted(&self) {
@@ -201,4 +212,19 @@ pub struct ComponentMetrics {
     pub messages_handled: Counter,
     pub message_failures: Counter,
     pub messages_dead_lettered: Counter,
+    pub activations: Counter,
+    pub canary_rollbacks: Counter,
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl ComponentMetrics {
+    /// Counts one answered request by its status.
+    pub fn count_response(&self, status: u16) {
+        let labels = RequestLabels {
+            tenant: self.labels.tenant.clone(),
+            component: self.labels.component.clone(),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
 }

@@ -14,13 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The tenant every component belongs to when a manifest declares no tenants.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// Paths the gateway answers itself, on every host; no route may claim them.
-pub const RESERVED_PATHS: &[&str] = &["/health", "/health/ready", "/metrics"];
+pub use crate::grammar::routes::RESERVED_PATHS;
+use crate::grammar::routes::{normalize_route, route_matches};
+use crate::grammar::subjects::subject_problem;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +57,13 @@ pub struct NodeSettings {
     /// Where compiled components are cached (default: `data_dir/compile-cache`); nodes
     /// on one machine may share it.
     pub cache_dir: Option<PathBuf>,
+    /// Address of the admin API (deployments, status, metrics); never on the gateway.
+    pub admin_listen: SocketAddr,
+    /// Bearer token the admin API requires. Unset: `TRELLIS_ADMIN_TOKEN`, else a token the
+    /// node generates once and keeps in `DATA_DIR/admin-token` (mode 0600).
+    pub admin_token: Option<String>,
+    /// Largest component the admin API accepts in an upload.
+    pub max_component_size: ByteSize,
 }
 
 impl Default for NodeSettings {
@@ -68,6 +76,9 @@ impl Default for NodeSettings {
             database_url: None,
             nats_url: None,
             cache_dir: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_token: None,
+            max_component_size: ByteSize::mib(64),
         }
     }
 }
@@ -84,14 +95,17 @@ pub struct TenantSpec {
     pub config: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// One component's entry: in the manifest, or as JSON through the admin API (where
+/// `source` is absent: the code is uploaded instead).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentSpec {
     /// Tenant this component belongs to (default: `default`).
     #[serde(default = "default_tenant")]
     pub tenant: String,
-    /// Path of the `.wasm` component, relative to the manifest.
-    pub source: PathBuf,
+    /// Path of the `.wasm` component, relative to the manifest (required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
     /// Path prefixes this component serves within its tenant; the longest prefix wins.
     #[serde(default)]
     pub routes: Vec<String>,
@@ -125,14 +139,21 @@ pub struct ComponentSpec {
     pub publish: Vec<String>,
 }
 
+/// Sizes are written as exact byte counts: bytesize's own text rounds ("976.6 KiB"), and an
+/// entry that is stored and read back must mean the same limits.
+fn exact_bytes<S: serde::Serializer>(size: &ByteSize, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(size.as_u64())
+}
+
 fn default_tenant() -> String {
     DEFAULT_TENANT.to_string()
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Linear memory one instance may grow to.
+    #[serde(serialize_with = "exact_bytes")]
     pub memory: ByteSize,
     /// Wall-clock time one request may take (the guest is interrupted after it: 504).
     #[serde(with = "humantime_serde")]
@@ -140,6 +161,7 @@ pub struct Limits {
     /// Instances of this component that may run at once; more requests get 503.
     pub max_concurrent: u32,
     /// Largest request body accepted; more gets 413.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_body: ByteSize,
     /// Times a message is offered to the handler before it is dead-lettered.
     pub message_attempts: u32,
@@ -157,7 +179,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirGrant {
     /// The host directory, relative to the manifest.
@@ -317,7 +339,9 @@ fn absolutize(manifest: &mut Manifest, base: &Path) {
         *dir = abs(dir);
     }
     for component in manifest.components.values_mut() {
-        component.source = abs(&component.source);
+        if let Some(source) = &mut component.source {
+            *source = abs(source);
+        }
         if let Some(dir) = &mut component.migrations {
             *dir = abs(dir);
         }
@@ -371,11 +395,9 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
 
     // Components: tenant, source, routes, limits, grants.
     let mut routes_seen: BTreeMap<(&str, String), &str> = BTreeMap::new();
+    let mut per_component = Vec::new();
     for (name, component) in &manifest.components {
         let at = |field: &str| format!("components.{name}.{field}");
-        if let Some(reason) = name_problem(name) {
-            problem(format!("components.{name}"), reason);
-        }
         let tenant_known = if manifest.tenants.is_empty() {
             component.tenant == DEFAULT_TENANT
         } else {
@@ -396,43 +418,22 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                 ),
             );
         }
-        if !component.source.is_file() {
-            problem(
+        match &component.source {
+            None => problem(
                 at("source"),
-                format!("no such file: {}", component.source.display()),
-            );
-        }
-        if let Some(dir) = &component.migrations {
-            if !component.sql {
-                problem(
-                    at("migrations"),
-                    "migrations need relational storage: set sql = true".to_string(),
-                );
+                "missing: the path of the component's .wasm file".into(),
+            ),
+            Some(source) if !source.is_file() => {
+                problem(at("source"), format!("no such file: {}", source.display()))
             }
-            if !dir.is_dir() {
-                problem(
-                    at("migrations"),
-                    format!("no such directory: {}", dir.display()),
-                );
-            }
+            Some(_) => {}
         }
         for (i, route) in component.routes.iter().enumerate() {
             let field = format!("components.{name}.routes[{i}]");
-            if !route.starts_with('/') {
-                problem(field, format!("route {route:?} must start with '/'"));
-                continue;
+            if route_problem(route).is_some() {
+                continue; // reported with the component's own problems
             }
             let normalized = normalize_route(route);
-            if RESERVED_PATHS.iter().any(|r| route_matches(&normalized, r)) && normalized != "/" {
-                problem(
-                    field,
-                    format!(
-                        "route {route:?} would shadow the gateway's own {}",
-                        RESERVED_PATHS.join(", ")
-                    ),
-                );
-                continue;
-            }
             if let Some(other) =
                 routes_seen.insert((component.tenant.as_str(), normalized.clone()), name)
             {
@@ -445,85 +446,145 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                 );
             }
         }
-        let limits = &component.limits;
-        if limits.memory.as_u64() < ByteSize::mib(1).as_u64() {
+        per_component.extend(component_problems(name, component, &manifest.node));
+    }
+    problems.extend(per_component);
+    problems
+}
+
+/// Everything wrong with one component's entry on its own (routes clashing with other
+/// components are the caller's to check): used for the manifest and for the admin API.
+pub fn component_problems(
+    name: &str,
+    component: &ComponentSpec,
+    node: &NodeSettings,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: String, reason: String| problems.push(Problem { field, reason });
+    let at = |field: &str| format!("components.{name}.{field}");
+    if let Some(dir) = &component.migrations {
+        if !component.sql {
             problem(
-                at("limits.memory"),
-                format!(
-                    "{} is too small to run anything (at least 1 MiB)",
-                    limits.memory
-                ),
+                at("migrations"),
+                "migrations need relational storage: set sql = true".to_string(),
             );
         }
-        if limits.memory > manifest.node.max_instance_memory {
+        if !dir.is_absolute() {
             problem(
-                at("limits.memory"),
-                format!(
-                    "{} is above node.max_instance_memory ({})",
-                    limits.memory, manifest.node.max_instance_memory
-                ),
+                at("migrations"),
+                format!("{} must be an absolute path", dir.display()),
+            );
+        } else if !dir.is_dir() {
+            problem(
+                at("migrations"),
+                format!("no such directory: {}", dir.display()),
             );
         }
-        if limits.deadline.is_zero() {
-            problem(at("limits.deadline"), "must be longer than zero".into());
+    }
+    for (i, route) in component.routes.iter().enumerate() {
+        if let Some(reason) = route_problem(route) {
+            problem(format!("components.{name}.routes[{i}]"), reason);
         }
-        if limits.max_concurrent == 0 {
-            problem(at("limits.max_concurrent"), "must be at least 1".into());
+    }
+    let limits = &component.limits;
+    if limits.memory.as_u64() < ByteSize::mib(1).as_u64() {
+        problem(
+            at("limits.memory"),
+            format!(
+                "{} is too small to run anything (at least 1 MiB)",
+                limits.memory
+            ),
+        );
+    }
+    if limits.memory > node.max_instance_memory {
+        problem(
+            at("limits.memory"),
+            format!(
+                "{} is above node.max_instance_memory ({})",
+                limits.memory, node.max_instance_memory
+            ),
+        );
+    }
+    if limits.deadline.is_zero() {
+        problem(at("limits.deadline"), "must be longer than zero".into());
+    }
+    if limits.max_concurrent == 0 {
+        problem(at("limits.max_concurrent"), "must be at least 1".into());
+    }
+    for (i, host) in component.outbound.iter().enumerate() {
+        if let Some(reason) = outbound_pattern_problem(host) {
+            problem(at(&format!("outbound[{i}]")), reason);
         }
-        for (i, host) in component.outbound.iter().enumerate() {
-            if let Some(reason) = outbound_pattern_problem(host) {
-                problem(at(&format!("outbound[{i}]")), reason);
+    }
+    for (guest, grant) in &component.dirs {
+        let field = at(&format!("dirs.\"{guest}\""));
+        if !guest.starts_with('/') {
+            problem(
+                field.clone(),
+                format!("guest path {guest:?} must be absolute"),
+            );
+        }
+        if !grant.host.is_absolute() || !grant.host.is_dir() {
+            problem(
+                format!("{field}.host"),
+                format!("no such directory: {}", grant.host.display()),
+            );
+        }
+    }
+    for (field, patterns) in [
+        ("subscriptions", &component.subscriptions),
+        ("publish", &component.publish),
+    ] {
+        for (i, pattern) in patterns.iter().enumerate() {
+            if let Some(reason) = subject_problem(pattern, true) {
+                problem(at(&format!("{field}[{i}]")), reason);
             }
         }
-        for (guest, grant) in &component.dirs {
-            let field = at(&format!("dirs.\"{guest}\""));
-            if !guest.starts_with('/') {
-                problem(
-                    field.clone(),
-                    format!("guest path {guest:?} must be absolute"),
-                );
-            }
-            if !grant.host.is_dir() {
-                problem(
-                    format!("{field}.host"),
-                    format!("no such directory: {}", grant.host.display()),
-                );
-            }
+    }
+    if limits.message_attempts == 0 {
+        problem(at("limits.message_attempts"), "must be at least 1".into());
+    }
+    for (i, bucket) in component.keyvalue.iter().enumerate() {
+        if bucket.is_empty() || bucket.len() > 255 || bucket.chars().any(char::is_control) {
+            problem(
+                at(&format!("keyvalue[{i}]")),
+                format!("{bucket:?} is not a bucket name (1-255 printable characters)"),
+            );
         }
-        for (field, patterns) in [
-            ("subscriptions", &component.subscriptions),
-            ("publish", &component.publish),
-        ] {
-            for (i, pattern) in patterns.iter().enumerate() {
-                if let Some(reason) = crate::messaging::subject_problem(pattern, true) {
-                    problem(at(&format!("{field}[{i}]")), reason);
-                }
-            }
+    }
+    for key in component.config.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            problem(
+                at(&format!("config.{key}")),
+                "config keys must be non-empty and contain no '=' or NUL".into(),
+            );
         }
-        if limits.message_attempts == 0 {
-            problem(at("limits.message_attempts"), "must be at least 1".into());
-        }
-        for (i, bucket) in component.keyvalue.iter().enumerate() {
-            if bucket.is_empty() || bucket.len() > 255 || bucket.chars().any(char::is_control) {
-                problem(
-                    at(&format!("keyvalue[{i}]")),
-                    format!("{bucket:?} is not a bucket name (1-255 printable characters)"),
-                );
-            }
-        }
-        for key in component.config.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                problem(
-                    at(&format!("config.{key}")),
-                    "config keys must be non-empty and contain no '=' or NUL".into(),
-                );
-            }
-        }
+    }
+    if let Some(reason) = name_problem(name) {
+        problems.push(Problem {
+            field: format!("components.{name}"),
+            reason,
+        });
     }
     problems
 }
 
-fn name_problem(name: &str) -> Option<String> {
+/// Why a route is not acceptable, if it is not.
+pub fn route_problem(route: &str) -> Option<String> {
+    if !route.starts_with('/') {
+        return Some(format!("route {route:?} must start with '/'"));
+    }
+    let normalized = normalize_route(route);
+    if RESERVED_PATHS.iter().any(|r| route_matches(&normalized, r)) && normalized != "/" {
+        return Some(format!(
+            "route {route:?} would shadow the gateway's own {}",
+            RESERVED_PATHS.join(", ")
+        ));
+    }
+    None
+}
+
+pub fn name_problem(name: &str) -> Option<String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -566,38 +627,9 @@ fn outbound_pattern_problem(pattern: &str) -> Option<String> {
     host_pattern_problem(&host.to_ascii_lowercase())
 }
 
-/// Routes compare without a trailing slash (except the root route itself).
-pub fn normalize_route(route: &str) -> String {
-    let trimmed = route.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".into()
-    } else {
-        trimmed.into()
-    }
-}
-
-/// Whether `path` falls under the route prefix `route` (normalized): the same path, or
-/// below it at a segment boundary, so `/api/users` serves `/api/users/7` but not
-/// `/api/usersettings`.
-pub fn route_matches(route: &str, path: &str) -> bool {
-    route == "/"
-        || path == route
-        || (path.starts_with(route) && path.as_bytes().get(route.len()) == Some(&b'/'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_match_at_segment_boundaries() {
-        assert!(route_matches("/api/users", "/api/users"));
-        assert!(route_matches("/api/users", "/api/users/7"));
-        assert!(!route_matches("/api/users", "/api/usersettings"));
-        assert!(route_matches("/", "/anything"));
-        assert_eq!(normalize_route("/api/"), "/api");
-        assert_eq!(normalize_route("/"), "/");
-    }
 
     #[test]
     fn host_patterns() {

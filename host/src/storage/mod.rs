@@ -163,6 +163,17 @@ impl ComponentDatabase {
             .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
             .collect();
         files.sort();
+        // On a live component (a new version deployed beside the running one) the
+        // migration queues with the other writers instead of in SQLite's busy handler.
+        let _turn = match self {
+            ComponentDatabase::Sqlite(database) => Some(
+                database
+                    .write_turn()
+                    .await
+                    .context("the database is busy: another writer held it too long")?,
+            ),
+            ComponentDatabase::Postgres(_) => None,
+        };
         const LEDGER: &str = "CREATE TABLE IF NOT EXISTS trellis_migrations \
             (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)";
         let mut applied = Vec::new();

@@ -32,10 +32,29 @@ pub struct OutboundPolicy {
     internal: Option<InternalCalls>,
 }
 
-/// Where `NAME.internal` calls go: the node's gateway, within the caller's tenant.
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body as components answer it.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+/// Serves `NAME.internal` calls in-process. The node's registry implements it; this module
+/// only knows the trait, so capabilities never reach up into the layers that use them.
+pub trait ComponentCaller: Send + Sync {
+    /// Calls `component` of `tenant` with the callee's own limits; `None` when the tenant
+    /// has no such component.
+    fn call_component(
+        &self,
+        tenant: Arc<str>,
+        component: String,
+        request: http::Request<WasiBody>,
+    ) -> futures_util::future::BoxFuture<'static, Option<http::Response<ResponseBody>>>;
+}
+
+/// Where `NAME.internal` calls go: the node's component caller, within the caller's tenant.
+/// Weak, because the caller (the registry) owns the versions that hold this policy.
 #[derive(Clone)]
 pub struct InternalCalls {
-    pub gateway: Weak<crate::gateway::Gateway>,
+    pub caller: Weak<dyn ComponentCaller>,
     pub tenant: Arc<str>,
 }
 
@@ -157,12 +176,12 @@ impl OutboundPolicy {
         };
         Box::new(async move {
             use http_body_util::BodyExt;
-            let gateway = internal
-                .gateway
+            let caller = internal
+                .caller
                 .upgrade()
                 .ok_or(Error::DestinationUnavailable)?;
-            let response = gateway
-                .call_component(&internal.tenant, &component, request)
+            let response = caller
+                .call_component(internal.tenant.clone(), component.clone(), request)
                 .await
                 .ok_or_else(|| Error::DnsError {
                     rcode: Some(format!("no component {component:?} in this tenant")),

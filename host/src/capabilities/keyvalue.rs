@@ -83,14 +83,29 @@ pub struct KeyValueGrant {
 impl KeyValueGrant {
     /// Prepares the component's key-value table and the grant.
     pub async fn new(database: ComponentDatabase, buckets: &[String]) -> anyhow::Result<Self> {
-        let backend: Arc<dyn KeyValueBackend> = match database {
+        Ok(Self::with_backend(
+            Self::open_backend(database).await?,
+            buckets,
+        ))
+    }
+
+    /// The key-value backend on a component's database, its table created when missing.
+    /// Done once per database: every version of the component shares it.
+    pub async fn open_backend(
+        database: ComponentDatabase,
+    ) -> anyhow::Result<Arc<dyn KeyValueBackend>> {
+        Ok(match database {
             ComponentDatabase::Sqlite(database) => Arc::new(SqliteKeyValue::new(database).await?),
             ComponentDatabase::Postgres(pool) => Arc::new(PostgresKeyValue::new(pool).await?),
-        };
-        Ok(Self {
+        })
+    }
+
+    /// The grant of `buckets` on a backend opened before.
+    pub fn with_backend(backend: Arc<dyn KeyValueBackend>, buckets: &[String]) -> Self {
+        Self {
             buckets: buckets.to_vec(),
             backend,
-        })
+        }
     }
 
     /// The backend itself (the benchmark's native baseline calls it directly).
@@ -374,6 +389,8 @@ impl SqliteKeyValue {
 
     async fn new(database: SqliteDatabase) -> Result<Self, sqlx::Error> {
         let pool = &database.pool;
+        // DDL is a write: it takes its turn like any other writer.
+        let _turn = database.write_turn().await;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS trellis_kv (
                 bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,

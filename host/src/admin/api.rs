@@ -1,0 +1,442 @@
+//! The admin API's endpoints. Every path names the tenant and component it changes:
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /metrics` | Prometheus metrics of every component |
+//! | `GET /v1/status` | the node and every component |
+//! | `GET /v1/tenants/T/components` | the tenant's components |
+//! | `GET /v1/tenants/T/components/C` | one component: versions, canary, history |
+//! | `PUT /v1/tenants/T/components/C` | create it (JSON entry), or change its entry |
+//! | `DELETE /v1/tenants/T/components/C` | delete a component created here |
+//! | `POST /v1/tenants/T/components/C/versions` | upload code (raw bytes) |
+//! | `POST /v1/tenants/T/components/C/activate` | make a version active |
+//! | `POST /v1/tenants/T/components/C/rollback` | back to the previous version |
+//! | `POST /v1/tenants/T/components/C/canary` | start a canary |
+//! | `POST /v1/tenants/T/components/C/canary/promote` | promote it |
+//! | `DELETE /v1/tenants/T/components/C/canary` | abort it |
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::capabilities::outbound::ResponseBody;
+use crate::deploy::canary::CanaryPolicy;
+use crate::deploy::registry::{DeployError, Registry, UploadAction};
+use crate::manifest::ComponentSpec;
+use crate::runtime::invoke::{full, json};
+
+/// Largest JSON body the API reads.
+const MAX_JSON: usize = 1 << 20;
+
+pub async fn handle(registry: &Registry, request: Request<Incoming>) -> Response<ResponseBody> {
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = request.method().clone();
+    let result = match (&method, segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => Ok(metrics(registry)),
+        (&Method::GET, ["v1", "status"]) => Ok(status(registry)),
+        (&Method::GET, ["v1", "tenants", tenant, "components"]) => list(registry, tenant),
+        (_, ["v1", "tenants", tenant, "components", name, rest @ ..]) => {
+            let (tenant, name) = (tenant.to_string(), name.to_string());
+            component(registry, &method, &tenant, &name, rest, request).await
+        }
+        _ => Err(DeployError::new(
+            404,
+            "not_found",
+            format!("no admin endpoint {method} {path}"),
+        )),
+    };
+    result.unwrap_or_else(|e| deploy_error(&e))
+}
+
+async fn component(
+    registry: &Registry,
+    method: &Method,
+    tenant: &str,
+    name: &str,
+    rest: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, DeployError> {
+    match (method, rest) {
+        (&Method::GET, []) => component_status(registry, tenant, name),
+        (&Method::PUT, []) => {
+            let spec: ComponentSpec = read_json(request).await?;
+            let created = registry.put_spec(tenant, name, spec).await?;
+            let mut response = component_status(registry, tenant, name)?;
+            if created {
+                *response.status_mut() = StatusCode::CREATED;
+            }
+            Ok(response)
+        }
+        (&Method::DELETE, []) => {
+            registry.delete(tenant, name).await?;
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
+        }
+        (&Method::POST, ["versions"]) => upload(registry, tenant, name, request).await,
+        (&Method::POST, ["activate"]) => {
+            let body: VersionBody = read_json(request).await?;
+            registry.activate(tenant, name, &body.version).await?;
+            component_status(registry, tenant, name)
+        }
+        (&Method::POST, ["rollback"]) => {
+            registry.rollback(tenant, name).await?;
+            component_status(registry, tenant, name)
+        }
+        (&Method::POST, ["canary"]) => {
+            let body: CanaryBody = read_json(request).await?;
+            registry
+                .start_canary(tenant, name, &body.version, body.policy)
+                .await?;
+            component_status(registry, tenant, name)
+        }
+        (&Method::POST, ["canary", "promote"]) => {
+            registry.promote_canary(tenant, name).await?;
+            component_status(registry, tenant, name)
+        }
+        (&Method::DELETE, ["canary"]) => {
+            registry.abort_canary(tenant, name).await?;
+            component_status(registry, tenant, name)
+        }
+        _ => Err(DeployError::new(
+            404,
+            "not_found",
+            format!(
+                "no admin endpoint {method} for a component with /{}",
+                rest.join("/")
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionBody {
+    version: String,
+}
+
+/// `{"version": ..., ...the canary policy}`. Parsed in two steps because serde's flatten
+/// would lose the policy's refusal of unknown fields.
+struct CanaryBody {
+    version: String,
+    policy: CanaryPolicy,
+}
+
+impl<'de> Deserialize<'de> for CanaryBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let version = match fields.remove("version") {
+            Some(serde_json::Value::String(version)) => version,
+            Some(_) => return Err(D::Error::custom("version must be a string (sha256:...)")),
+            None => return Err(D::Error::missing_field("version")),
+        };
+        let policy = CanaryPolicy::deserialize(serde_json::Value::Object(fields))
+            .map_err(D::Error::custom)?;
+        Ok(Self { version, policy })
+    }
+}
+
+/// `POST .../versions`: the body is the component's bytes. Query: `activate=true` to make
+/// it active, or `canary=PERCENT` (with the other canary fields as query parameters) to
+/// start a canary with it; neither keeps it for later. Header `x-trellis-digest` makes
+/// the node verify the bytes.
+async fn upload(
+    registry: &Registry,
+    tenant: &str,
+    name: &str,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, DeployError> {
+    let started = Instant::now();
+    let query = request.uri().query().unwrap_or_default().to_string();
+    let params: Vec<(String, String)> = form_pairs(&query);
+    let param = |key: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let action = if let Some(weight) = param("canary") {
+        let mut policy = serde_json::Map::new();
+        policy.insert(
+            "weight".into(),
+            serde_json::Value::from(weight.parse::<u64>().map_err(|_| {
+                DeployError::new(
+                    400,
+                    "bad_query",
+                    format!("canary={weight:?} is not a percentage"),
+                )
+            })?),
+        );
+        for key in ["sticky_header", "sticky_cookie", "window", "promote_after"] {
+            if let Some(value) = param(key) {
+                policy.insert(key.into(), value.into());
+            }
+        }
+        for key in ["max_failure_rate", "min_requests"] {
+            if let Some(value) = param(key) {
+                let number: f64 = value.parse().map_err(|_| {
+                    DeployError::new(400, "bad_query", format!("{key}={value:?} is not a number"))
+                })?;
+                policy.insert(
+                    key.into(),
+                    if key == "min_requests" {
+                        serde_json::Value::from(number as u64)
+                    } else {
+                        serde_json::Value::from(number)
+                    },
+                );
+            }
+        }
+        let policy: CanaryPolicy = serde_json::from_value(serde_json::Value::Object(policy))
+            .map_err(|e| DeployError::new(400, "bad_query", e.to_string()))?;
+        UploadAction::Canary(policy)
+    } else if matches!(param("activate"), Some("true" | "1" | "yes")) {
+        UploadAction::Activate
+    } else {
+        UploadAction::Keep
+    };
+    let expected = request
+        .headers()
+        .get("x-trellis-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limit = registry.node().max_component_size.as_u64() as usize;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        // Refused unread: the connection closes (see `deploy_error`).
+        return Err(too_large(registry));
+    }
+    let bytes = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(registry)),
+        Err(e) => {
+            return Err(DeployError::new(
+                400,
+                "bad_body",
+                format!("reading the upload failed: {e}"),
+            ));
+        }
+    };
+    if bytes.is_empty() {
+        return Err(DeployError::new(
+            400,
+            "empty_upload",
+            "the body must be the component's .wasm bytes",
+        ));
+    }
+    let size = bytes.len();
+    let (version, state) = registry
+        .upload(tenant, name, bytes.to_vec(), expected.as_deref(), action)
+        .await?;
+    let mut response = json(
+        StatusCode::CREATED,
+        serde_json::json!({
+            "tenant": tenant,
+            "component": name,
+            "version": &*version.digest,
+            "seq": version.seq,
+            "size": size,
+            "state": state,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        }),
+    );
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/v1/tenants/{tenant}/components/{name}"))
+            .expect("names are header-safe"),
+    );
+    Ok(response)
+}
+
+fn too_large(registry: &Registry) -> DeployError {
+    DeployError::new(
+        413,
+        "too_large",
+        format!(
+            "the upload is larger than node.max_component_size ({})",
+            registry.node().max_component_size
+        ),
+    )
+}
+
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                match (
+                    bytes.get(i + 1).and_then(|b| hex(*b)),
+                    bytes.get(i + 2).and_then(|b| hex(*b)),
+                ) {
+                    (Some(high), Some(low)) => {
+                        out.push(high << 4 | low);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, DeployError> {
+    let bytes = match Limited::new(request.into_body(), MAX_JSON).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(DeployError::new(
+                400,
+                "bad_body",
+                format!("reading the body failed: {e}"),
+            ));
+        }
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let mut error = DeployError::new(400, "bad_json", format!("{field}: {}", e.inner()));
+        error.problems.push(crate::manifest::Problem {
+            field,
+            reason: e.inner().to_string(),
+        });
+        error
+    })
+}
+
+fn deploy_error(e: &DeployError) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut body = serde_json::json!({"error": e.code, "message": e.message});
+    if !e.problems.is_empty() {
+        body["problems"] = e
+            .problems
+            .iter()
+            .map(|p| serde_json::json!({"field": p.field, "reason": p.reason}))
+            .collect();
+    }
+    if status.is_server_error() {
+        tracing::error!(code = e.code, "admin API: {}", e.message);
+    }
+    let mut response = json(status, body);
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // What was left of the body is not read: the connection cannot be reused.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn metrics(registry: &Registry) -> Response<ResponseBody> {
+    let mut response = Response::new(full(registry.metrics.encode()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+fn status(registry: &Registry) -> Response<ResponseBody> {
+    let components: Vec<serde_json::Value> = registry.slots().iter().map(|s| s.status()).collect();
+    let pending: Vec<serde_json::Value> = registry
+        .pending()
+        .into_iter()
+        .map(|(tenant, name, spec)| pending_status(&tenant, &name, &spec))
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "ready": registry.is_ready(),
+            "components": components,
+            "pending": pending,
+        }),
+    )
+}
+
+fn list(registry: &Registry, tenant: &str) -> Result<Response<ResponseBody>, DeployError> {
+    if !registry.tenant_exists(tenant) {
+        return Err(DeployError::new(
+            404,
+            "unknown_tenant",
+            format!("there is no tenant {tenant:?}"),
+        ));
+    }
+    let mut components: Vec<serde_json::Value> = registry
+        .slots()
+        .iter()
+        .filter(|s| &*s.tenant == tenant)
+        .map(|s| s.status())
+        .collect();
+    components.extend(
+        registry
+            .pending()
+            .into_iter()
+            .filter(|(t, _, _)| t == tenant)
+            .map(|(t, n, spec)| pending_status(&t, &n, &spec)),
+    );
+    Ok(json(
+        StatusCode::OK,
+        serde_json::json!({"components": components}),
+    ))
+}
+
+fn pending_status(tenant: &str, name: &str, spec: &ComponentSpec) -> serde_json::Value {
+    serde_json::json!({
+        "tenant": tenant,
+        "component": name,
+        "state": "awaiting_version",
+        "origin": "api",
+        "spec": spec,
+    })
+}
+
+fn component_status(
+    registry: &Registry,
+    tenant: &str,
+    name: &str,
+) -> Result<Response<ResponseBody>, DeployError> {
+    if let Some(slot) = registry.slot(tenant, name) {
+        return Ok(json(StatusCode::OK, slot.status()));
+    }
+    registry
+        .pending()
+        .into_iter()
+        .find(|(t, n, _)| t == tenant && n == name)
+        .map(|(t, n, spec)| json(StatusCode::OK, pending_status(&t, &n, &spec)))
+        .ok_or_else(|| {
+            DeployError::new(
+                404,
+                "not_found",
+                format!("tenant {tenant:?} has no component {name:?}"),
+            )
+        })
+}

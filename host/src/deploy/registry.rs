@@ -1,0 +1,1151 @@
+//! The registry: every component slot of the node, the routing table built from them, and
+//! every change to them. Deploying from the manifest, from `--watch`, and through the admin
+//! API all come here, one change at a time; a change either fully succeeds (new version
+//! compiled, linked, migrated and instantiated once, then swapped in atomically and
+//! persisted) or leaves the running version serving untouched.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+use wasmtime_wasi_http::WasiBody;
+
+use crate::capabilities::keyvalue::{KeyValueBackend, KeyValueGrant};
+use crate::capabilities::messaging::MessageBus;
+use crate::capabilities::outbound::{ComponentCaller, InternalCalls, ResponseBody};
+use crate::capabilities::sql::SqlGrant;
+use crate::deploy::canary::{Canary, CanaryPolicy};
+use crate::deploy::code::{self, CodeStore};
+use crate::deploy::slot::{Slot, SlotObserver, Versions};
+use crate::deploy::state::{Origin, SlotRecord, StateStore, StoredComponent};
+use crate::gateway::router::Router;
+use crate::grammar::routes::normalize_route;
+use crate::manifest::{ComponentSpec, LoadedManifest, NodeSettings, Problem};
+use crate::runtime::instance::InstanceState;
+use crate::runtime::invoke::{self, Admission};
+use crate::runtime::version::{LoadError, StorageGrants, Version, VersionServices, VersionSource};
+use crate::storage::{ComponentDatabase, Storage};
+use crate::telemetry::metrics::Metrics;
+
+/// Why a change was refused: an HTTP status, a code and a message for the admin API.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct DeployError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    /// Field-level problems, for an invalid entry.
+    pub problems: Vec<Problem>,
+}
+
+impl DeployError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn not_found(tenant: &str, name: &str) -> Self {
+        Self::new(
+            404,
+            "not_found",
+            format!("tenant {tenant:?} has no component {name:?}"),
+        )
+    }
+}
+
+impl From<LoadError> for DeployError {
+    fn from(e: LoadError) -> Self {
+        let status = match &e {
+            LoadError::Read { .. } | LoadError::Storage { .. } | LoadError::Refused(_) => 500,
+            LoadError::CoreModule { .. } | LoadError::Compile { .. } => 400,
+            LoadError::MissingImport { .. }
+            | LoadError::MissingExport { .. }
+            | LoadError::Instantiate { .. } => 422,
+        };
+        DeployError::new(status, e.code(), e.to_string())
+    }
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+/// A component's open database, and its key-value backend once a version asked for one.
+#[derive(Clone)]
+struct OpenDatabase {
+    database: ComponentDatabase,
+    keyvalue: Option<Arc<dyn KeyValueBackend>>,
+}
+
+/// The slots and the routes to them, replaced whole when a slot is added, removed or
+/// changes routes.
+struct Table {
+    slots: BTreeMap<Key, Arc<Slot>>,
+    router: Router<Arc<Slot>>,
+}
+
+/// What the registry needs to know of the node.
+pub struct RegistryConfig {
+    pub node: NodeSettings,
+    /// (tenant, host patterns), from the manifest.
+    pub tenants: Vec<(String, Vec<String>)>,
+    /// Config every component of a tenant inherits.
+    pub tenant_config: BTreeMap<String, BTreeMap<String, String>>,
+    /// The gateway's address (the `Host` a guest sees when a client sent none).
+    pub local_addr: SocketAddr,
+}
+
+/// What becomes of a freshly uploaded version.
+#[derive(Debug, Clone)]
+pub enum UploadAction {
+    Keep,
+    Activate,
+    Canary(CanaryPolicy),
+}
+
+pub struct Registry {
+    me: Weak<Registry>,
+    config: RegistryConfig,
+    linker: Arc<Linker<InstanceState>>,
+    storage: Storage,
+    bus: Arc<dyn MessageBus>,
+    pub metrics: Arc<Metrics>,
+    code: CodeStore,
+    state: Option<StateStore>,
+    table: ArcSwap<Table>,
+    /// Components created through the API that wait for their first version.
+    pending: Mutex<BTreeMap<(String, String), ComponentSpec>>,
+    /// Each component's database (and key-value backend on it), opened once and shared by
+    /// all its versions: one pool and one SQLite write turn per component.
+    databases: tokio::sync::Mutex<HashMap<(String, String), OpenDatabase>>,
+    /// One change at a time.
+    changes: tokio::sync::Mutex<()>,
+    seq: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(
+        config: RegistryConfig,
+        engine: Engine,
+        linker: Arc<Linker<InstanceState>>,
+        storage: Storage,
+        bus: Arc<dyn MessageBus>,
+        state: Option<StateStore>,
+    ) -> Arc<Self> {
+        let router = Router::new(&config.tenants, &[]);
+        let code = CodeStore::new(&config.node.data_dir, engine);
+        Arc::new_cyclic(|me| Registry {
+            me: me.clone(),
+            config,
+            linker,
+            storage,
+            bus,
+            metrics: Arc::new(Metrics::default()),
+            code,
+            state,
+            table: ArcSwap::from_pointee(Table {
+                slots: BTreeMap::new(),
+                router,
+            }),
+            pending: Mutex::new(BTreeMap::new()),
+            databases: tokio::sync::Mutex::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            seq: AtomicU64::new(1),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn node(&self) -> &NodeSettings {
+        &self.config.node
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// The component serving `path` on `host`.
+    pub fn route(&self, host: &str, path: &str) -> Option<Arc<Slot>> {
+        self.table.load().router.route(host, path).cloned()
+    }
+
+    pub fn slot(&self, tenant: &str, name: &str) -> Option<Arc<Slot>> {
+        self.table
+            .load()
+            .slots
+            .get(&(Arc::from(tenant), Arc::from(name)))
+            .cloned()
+    }
+
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.table.load().slots.values().cloned().collect()
+    }
+
+    pub fn tenant_exists(&self, tenant: &str) -> bool {
+        self.config.tenants.iter().any(|(name, _)| name == tenant)
+    }
+
+    /// Components created through the API that have no version yet.
+    pub fn pending(&self) -> Vec<(String, String, ComponentSpec)> {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .iter()
+            .map(|((t, n), spec)| (t.clone(), n.clone(), spec.clone()))
+            .collect()
+    }
+
+    // ---- starting ----------------------------------------------------------------
+
+    /// Deploys what the node should run: the stored state where it still applies, the
+    /// manifest for the rest. Returns every manifest component that failed to load.
+    pub async fn start(&self, manifest: &LoadedManifest) -> Result<(), Vec<LoadError>> {
+        let _change = self.changes.lock().await;
+        let mut restored = HashSet::new();
+        let stored = match &self.state {
+            Some(state) => state.load().await.unwrap_or_else(|e| {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the stored deployments; starting from the manifest");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        for (tenant, name, component) in stored {
+            let declared = manifest
+                .manifest
+                .components
+                .get(&name)
+                .filter(|spec| spec.tenant == tenant);
+            match component {
+                StoredComponent::Pending { spec } => {
+                    if declared.is_none() && self.tenant_exists(&tenant) {
+                        self.pending
+                            .lock()
+                            .expect("pending lock")
+                            .insert((tenant, name), *spec);
+                    }
+                }
+                StoredComponent::Deployed(record) => {
+                    let applies = match (&record.origin, declared) {
+                        (Origin::Api, None) => self.tenant_exists(&tenant),
+                        (Origin::Manifest { fingerprint }, Some(spec)) => {
+                            fingerprint_of(spec).await.ok().as_ref() == Some(fingerprint)
+                        }
+                        _ => false,
+                    };
+                    if !applies {
+                        tracing::info!(%tenant, component = %name, "the manifest changed since this component was deployed through the API; the manifest wins");
+                        self.forget(&tenant, &name).await;
+                        continue;
+                    }
+                    match self.restore(&tenant, &name, *record).await {
+                        Ok(()) => {
+                            restored.insert(name);
+                        }
+                        Err(e) => {
+                            tracing::error!(%tenant, component = %name, error = %e, "cannot restore a stored deployment");
+                        }
+                    }
+                }
+            }
+        }
+        let mut failures = Vec::new();
+        for (name, spec) in &manifest.manifest.components {
+            if restored.contains(name) {
+                continue;
+            }
+            let started = Instant::now();
+            match self.deploy_manifest_entry_locked(name, spec).await {
+                Ok(version) => tracing::info!(
+                    tenant = %spec.tenant,
+                    component = %name,
+                    version = %version.digest,
+                    routes = ?spec.routes,
+                    elapsed = ?started.elapsed(),
+                    "component loaded"
+                ),
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
+    }
+
+    async fn restore(
+        &self,
+        tenant: &str,
+        name: &str,
+        record: SlotRecord,
+    ) -> Result<(), DeployError> {
+        let active = self
+            .build(
+                tenant,
+                name,
+                &record.active.digest,
+                None,
+                &record.active.spec,
+            )
+            .await?;
+        let previous = match &record.previous {
+            Some(v) => self
+                .build(tenant, name, &v.digest, None, &v.spec)
+                .await
+                .ok(),
+            None => None,
+        };
+        let canary = match &record.canary {
+            Some(c) => match self
+                .build(tenant, name, &c.version.digest, None, &c.version.spec)
+                .await
+            {
+                Ok(version) => Some(Arc::new(Canary::new(version, c.policy.clone()))),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let slot = self
+            .install(
+                tenant,
+                name,
+                Versions {
+                    active,
+                    previous,
+                    canary,
+                },
+                record.origin.clone(),
+            )
+            .await?;
+        slot.set_known(record.versions, record.events);
+        tracing::info!(tenant, component = name, version = %record.active.digest, "component restored from the node's stored state");
+        Ok(())
+    }
+
+    // ---- building versions ----------------------------------------------------------
+
+    /// Compiles (or reuses compiled code), opens storage, runs migrations, links, and
+    /// instantiates once under the component's limits. Nothing is swapped in.
+    async fn build(
+        &self,
+        tenant: &str,
+        name: &str,
+        digest: &str,
+        bytes: Option<Vec<u8>>,
+        spec: &ComponentSpec,
+    ) -> Result<Arc<Version>, DeployError> {
+        let source_name = match &spec.source {
+            Some(path) if bytes.is_some() => path.display().to_string(),
+            _ => format!("version {digest}"),
+        };
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => self
+                .code
+                .get(digest)
+                .await
+                .map_err(|e| DeployError::new(404, "unknown_version", format!("{e:#}")))?,
+        };
+        let component = self.code.compile(digest, bytes, name, &source_name).await?;
+        let storage = self.storage_grants(tenant, name, spec).await?;
+        let services = VersionServices {
+            storage,
+            internal_calls: Some(InternalCalls {
+                caller: self.me.clone() as Weak<dyn ComponentCaller>,
+                tenant: tenant.into(),
+            }),
+            bus: self.bus.clone(),
+        };
+        let version = Arc::new(Version::link(
+            &self.linker,
+            VersionSource {
+                tenant,
+                name,
+                digest,
+                component: &component,
+                spec,
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            },
+            services,
+        )?);
+        // The check takes a permit like any call: of the slot when there is one.
+        let existing = self.slot(tenant, name);
+        let scratch;
+        let admission = match &existing {
+            Some(slot) => &slot.admission,
+            None => {
+                scratch = Admission::new(1, self.metrics.for_component(tenant, name));
+                &scratch
+            }
+        };
+        let permit = admission.admit().await;
+        invoke::check(&version, &permit).await.map_err(|failure| {
+            let reason = match failure {
+                invoke::Failure::MemoryLimit(limit) => {
+                    format!("its initial memory is above limits.memory ({limit})")
+                }
+                other => other.to_string(),
+            };
+            DeployError::from(LoadError::Instantiate {
+                component: name.to_string(),
+                reason,
+            })
+        })?;
+        Ok(version)
+    }
+
+    /// Opens the component's database (once) when it is granted storage, prepares each
+    /// granted capability, and applies migrations.
+    async fn storage_grants(
+        &self,
+        tenant: &str,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<StorageGrants, DeployError> {
+        if spec.keyvalue.is_empty() && !spec.sql {
+            return Ok(StorageGrants::default());
+        }
+        let storage_error = |e: anyhow::Error| {
+            DeployError::from(LoadError::Storage {
+                component: name.to_string(),
+                reason: format!("{e:#}"),
+            })
+        };
+        let mut databases = self.databases.lock().await;
+        let key = (tenant.to_string(), name.to_string());
+        let open = match databases.get_mut(&key) {
+            Some(open) => open,
+            None => {
+                let database = self
+                    .storage
+                    .component_database(tenant, name)
+                    .await
+                    .map_err(storage_error)?;
+                databases.entry(key).or_insert(OpenDatabase {
+                    database,
+                    keyvalue: None,
+                })
+            }
+        };
+        let keyvalue = if spec.keyvalue.is_empty() {
+            None
+        } else {
+            let backend = match &open.keyvalue {
+                Some(backend) => backend.clone(),
+                None => {
+                    let backend = KeyValueGrant::open_backend(open.database.clone())
+                        .await
+                        .map_err(storage_error)?;
+                    open.keyvalue = Some(backend.clone());
+                    backend
+                }
+            };
+            Some(Arc::new(KeyValueGrant::with_backend(
+                backend,
+                &spec.keyvalue,
+            )))
+        };
+        let database = open.database.clone();
+        drop(databases);
+        if let Some(dir) = &spec.migrations {
+            let applied = database.migrate(dir).await.map_err(storage_error)?;
+            if !applied.is_empty() {
+                tracing::info!(tenant, component = name, ?applied, "applied migrations");
+            }
+        }
+        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database)));
+        Ok(StorageGrants { keyvalue, sql })
+    }
+
+    /// Puts `versions` in place: a new slot joins the table, an existing one swaps.
+    async fn install(
+        &self,
+        tenant: &str,
+        name: &str,
+        versions: Versions,
+        origin: Origin,
+    ) -> Result<Arc<Slot>, DeployError> {
+        let patterns = versions.active.spec.subscriptions.clone();
+        let slot = match self.slot(tenant, name) {
+            Some(slot) => {
+                let routes_changed = slot.active().spec.routes != versions.active.spec.routes;
+                slot.swap(versions);
+                slot.set_origin(origin);
+                if routes_changed {
+                    self.rebuild_table(None, None);
+                }
+                slot
+            }
+            None => {
+                let slot = Slot::new(
+                    versions.active.clone(),
+                    origin,
+                    self.metrics.for_component(tenant, name),
+                    self.bus.clone(),
+                    self.me.clone() as Weak<dyn SlotObserver>,
+                );
+                slot.swap(versions);
+                self.rebuild_table(Some(slot.clone()), None);
+                slot
+            }
+        };
+        slot.subscribe(&patterns)
+            .await
+            .map_err(|e| DeployError::new(500, "subscribe_failed", format!("{e:#}")))?;
+        Ok(slot)
+    }
+
+    /// Rebuilds the table with `add` added and `remove` removed, routes from each slot's
+    /// active version.
+    fn rebuild_table(&self, add: Option<Arc<Slot>>, remove: Option<&Key>) {
+        let mut slots = self.table.load().slots.clone();
+        if let Some(slot) = add {
+            slots.insert((slot.tenant.clone(), slot.name.clone()), slot);
+        }
+        if let Some(key) = remove {
+            slots.remove(key);
+        }
+        let routes: Vec<(Arc<Slot>, Arc<str>, Vec<String>)> = slots
+            .values()
+            .map(|slot| {
+                let routes = slot.active().spec.routes.clone();
+                (slot.clone(), slot.tenant.clone(), routes)
+            })
+            .collect();
+        let router = Router::new(&self.config.tenants, &routes);
+        self.table.store(Arc::new(Table { slots, router }));
+        let in_use: HashSet<String> = self
+            .table
+            .load()
+            .slots
+            .values()
+            .flat_map(|slot| {
+                let v = slot.versions();
+                let mut digests = vec![v.active.digest.to_string()];
+                digests.extend(v.previous.as_ref().map(|p| p.digest.to_string()));
+                digests.extend(v.canary.as_ref().map(|c| c.version.digest.to_string()));
+                digests
+            })
+            .collect();
+        self.code.retain(&in_use);
+    }
+
+    async fn persist(&self, slot: &Slot) {
+        if let Some(state) = &self.state
+            && let Err(e) = state
+                .save(
+                    &slot.tenant,
+                    &slot.name,
+                    &StoredComponent::Deployed(Box::new(slot.record())),
+                )
+                .await
+        {
+            tracing::error!(tenant = %slot.tenant, component = %slot.name, error = %format!("{e:#}"), "cannot persist the deployment");
+        }
+    }
+
+    async fn forget(&self, tenant: &str, name: &str) {
+        if let Some(state) = &self.state
+            && let Err(e) = state.remove(tenant, name).await
+        {
+            tracing::error!(tenant, component = name, error = %format!("{e:#}"), "cannot remove a stored deployment");
+        }
+    }
+
+    // ---- the manifest (start and --watch) ---------------------------------------------
+
+    /// Deploys (or re-deploys) a manifest entry from its source file and activates it.
+    pub async fn deploy_manifest_entry(
+        &self,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<Arc<Version>, LoadError> {
+        let _change = self.changes.lock().await;
+        let version = self.deploy_manifest_entry_locked(name, spec).await?;
+        if let Some(slot) = self.slot(&spec.tenant, name) {
+            self.persist(&slot).await;
+        }
+        Ok(version)
+    }
+
+    async fn deploy_manifest_entry_locked(
+        &self,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<Arc<Version>, LoadError> {
+        let source = spec.source.clone().unwrap_or_default();
+        let bytes = tokio::fs::read(&source)
+            .await
+            .map_err(|e| LoadError::Read {
+                component: name.to_string(),
+                source_name: source.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let size = bytes.len() as u64;
+        let digest = self.code.put(&bytes).await.map_err(|e| LoadError::Read {
+            component: name.to_string(),
+            source_name: source.display().to_string(),
+            reason: format!("keeping it in the version store: {e:#}"),
+        })?;
+        let fingerprint = fingerprint(spec, &digest);
+        let version = self
+            .build(&spec.tenant, name, &digest, Some(bytes), spec)
+            .await
+            .map_err(|e| into_load_error(name, e))?;
+        let previous = self.slot(&spec.tenant, name).map(|slot| slot.active());
+        let slot = self
+            .install(
+                &spec.tenant,
+                name,
+                Versions {
+                    active: version.clone(),
+                    previous,
+                    canary: None,
+                },
+                Origin::Manifest { fingerprint },
+            )
+            .await
+            .map_err(|e| into_load_error(name, e))?;
+        slot.know(&digest, size);
+        slot.event("activated", &version, None);
+        Ok(version)
+    }
+
+    /// Removes a manifest component that left the manifest (`--watch`).
+    pub async fn remove_manifest_entry(&self, tenant: &str, name: &str) {
+        let _change = self.changes.lock().await;
+        if let Some(slot) = self.slot(tenant, name)
+            && matches!(slot.origin(), Origin::Manifest { .. })
+        {
+            self.remove_locked(&slot).await;
+        }
+    }
+
+    // ---- the admin API ----------------------------------------------------------------
+
+    /// Creates a component (its entry; it serves once a version is uploaded) or changes
+    /// the entry of an existing one (a new version: same code, new entry, activated).
+    pub async fn put_spec(
+        &self,
+        tenant: &str,
+        name: &str,
+        mut spec: ComponentSpec,
+    ) -> Result<bool, DeployError> {
+        let _change = self.changes.lock().await;
+        if !self.tenant_exists(tenant) {
+            return Err(DeployError::new(
+                404,
+                "unknown_tenant",
+                format!("there is no tenant {tenant:?}"),
+            ));
+        }
+        spec.tenant = tenant.to_string();
+        spec.source = None;
+        if let Some(config) = self.config.tenant_config.get(tenant) {
+            for (key, value) in config {
+                spec.config
+                    .entry(key.clone())
+                    .or_insert_with(|| value.clone());
+            }
+        }
+        self.check_spec(tenant, name, &spec)?;
+        match self.slot(tenant, name) {
+            Some(slot) => {
+                let current = slot.versions();
+                if current.canary.is_some() {
+                    return Err(DeployError::new(
+                        409,
+                        "canary_running",
+                        "promote or abort the running canary first",
+                    ));
+                }
+                let version = self
+                    .build(tenant, name, &current.active.digest, None, &spec)
+                    .await?;
+                self.install(
+                    tenant,
+                    name,
+                    Versions {
+                        active: version.clone(),
+                        previous: Some(current.active.clone()),
+                        canary: None,
+                    },
+                    slot.origin(),
+                )
+                .await?;
+                slot.event("activated", &version, Some("entry changed".into()));
+                self.persist(&slot).await;
+                Ok(false)
+            }
+            None => {
+                if let Some(state) = &self.state {
+                    state
+                        .save(
+                            tenant,
+                            name,
+                            &StoredComponent::Pending {
+                                spec: Box::new(spec.clone()),
+                            },
+                        )
+                        .await
+                        .map_err(|e| DeployError::new(500, "state_failed", format!("{e:#}")))?;
+                }
+                self.pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert((tenant.to_string(), name.to_string()), spec);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Problems with an entry given through the API, including routes another component
+    /// of the tenant serves.
+    fn check_spec(
+        &self,
+        tenant: &str,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<(), DeployError> {
+        let mut problems = crate::manifest::component_problems(name, spec, &self.config.node);
+        let table = self.table.load();
+        for (i, route) in spec.routes.iter().enumerate() {
+            let normalized = normalize_route(route);
+            if let Some(other) = table.slots.values().find(|slot| {
+                &*slot.tenant == tenant
+                    && &*slot.name != name
+                    && slot
+                        .active()
+                        .spec
+                        .routes
+                        .iter()
+                        .any(|r| normalize_route(r) == normalized)
+            }) {
+                problems.push(Problem {
+                    field: format!("components.{name}.routes[{i}]"),
+                    reason: format!("route {normalized:?} is already served by component {:?} in tenant {tenant:?}", other.name),
+                });
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let mut error = DeployError::new(
+            422,
+            "invalid_entry",
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        error.problems = problems;
+        Err(error)
+    }
+
+    /// Takes an uploaded version: verifies, keeps and compiles it, checks it against the
+    /// component's entry, then keeps it, activates it or starts a canary with it.
+    pub async fn upload(
+        &self,
+        tenant: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        expected_digest: Option<&str>,
+        action: UploadAction,
+    ) -> Result<(Arc<Version>, &'static str), DeployError> {
+        let size = bytes.len() as u64;
+        let limit = self.config.node.max_component_size.as_u64();
+        if size > limit {
+            return Err(DeployError::new(
+                413,
+                "too_large",
+                format!(
+                    "the component is {size} bytes; node.max_component_size is {}",
+                    self.config.node.max_component_size
+                ),
+            ));
+        }
+        let digest = code::digest(&bytes);
+        if let Some(expected) = expected_digest
+            && expected != digest
+        {
+            return Err(DeployError::new(
+                400,
+                "digest_mismatch",
+                format!("the upload's digest is {digest}, not the expected {expected}"),
+            ));
+        }
+        let _change = self.changes.lock().await;
+        let slot = self.slot(tenant, name);
+        let pending = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .get(&(tenant.to_string(), name.to_string()))
+            .cloned();
+        let spec = match (&slot, &pending) {
+            (Some(slot), _) => (*slot.active().spec).clone(),
+            (None, Some(spec)) => spec.clone(),
+            (None, None) => return Err(DeployError::not_found(tenant, name)),
+        };
+        if let UploadAction::Canary(policy) = &action
+            && let Some(problem) = policy.problem()
+        {
+            return Err(DeployError::new(422, "invalid_canary", problem));
+        }
+        if slot.is_none() && matches!(action, UploadAction::Canary(_)) {
+            return Err(DeployError::new(
+                409,
+                "no_active_version",
+                "a canary needs an active version to run beside; upload the first version without one",
+            ));
+        }
+        let version = self
+            .build(tenant, name, &digest, Some(bytes.clone()), &spec)
+            .await?;
+        self.code
+            .put(&bytes)
+            .await
+            .map_err(|e| DeployError::new(500, "store_failed", format!("{e:#}")))?;
+        let Some(slot) = slot else {
+            // The first version of a component created through the API: it serves now.
+            let slot = self
+                .install(
+                    tenant,
+                    name,
+                    Versions {
+                        active: version.clone(),
+                        previous: None,
+                        canary: None,
+                    },
+                    Origin::Api,
+                )
+                .await?;
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&(tenant.to_string(), name.to_string()));
+            slot.know(&digest, size);
+            slot.event("activated", &version, None);
+            self.persist(&slot).await;
+            return Ok((version, "active"));
+        };
+        slot.know(&digest, size);
+        let outcome = match action {
+            UploadAction::Keep => "uploaded",
+            UploadAction::Activate => {
+                self.activate_locked(&slot, version.clone(), "activated", None)
+                    .await?;
+                "active"
+            }
+            UploadAction::Canary(policy) => {
+                self.start_canary_locked(&slot, version.clone(), policy)?;
+                "canary"
+            }
+        };
+        self.persist(&slot).await;
+        Ok((version, outcome))
+    }
+
+    fn existing(&self, tenant: &str, name: &str) -> Result<Arc<Slot>, DeployError> {
+        self.slot(tenant, name)
+            .ok_or_else(|| DeployError::not_found(tenant, name))
+    }
+
+    /// The version with `digest` for `slot`: the running ones first, else built from the
+    /// version store with the active entry.
+    async fn version_of(&self, slot: &Slot, digest: &str) -> Result<Arc<Version>, DeployError> {
+        if !code::is_digest(digest) {
+            return Err(DeployError::new(
+                400,
+                "bad_version",
+                format!("{digest:?} is not a version (sha256:HEX)"),
+            ));
+        }
+        let current = slot.versions();
+        let candidates = [
+            Some(current.active.clone()),
+            current.previous.clone(),
+            current.canary.as_ref().map(|c| c.version.clone()),
+        ];
+        if let Some(version) = candidates
+            .into_iter()
+            .flatten()
+            .find(|v| &*v.digest == digest)
+        {
+            return Ok(version);
+        }
+        if !slot.knows(digest) {
+            return Err(DeployError::new(
+                404,
+                "unknown_version",
+                format!(
+                    "{digest} was never uploaded for {}/{}",
+                    slot.tenant, slot.name
+                ),
+            ));
+        }
+        self.build(&slot.tenant, &slot.name, digest, None, &current.active.spec)
+            .await
+    }
+
+    pub async fn activate(
+        &self,
+        tenant: &str,
+        name: &str,
+        digest: &str,
+    ) -> Result<Arc<Version>, DeployError> {
+        let _change = self.changes.lock().await;
+        let slot = self.existing(tenant, name)?;
+        let version = self.version_of(&slot, digest).await?;
+        self.activate_locked(&slot, version.clone(), "activated", None)
+            .await?;
+        self.persist(&slot).await;
+        Ok(version)
+    }
+
+    async fn activate_locked(
+        &self,
+        slot: &Arc<Slot>,
+        version: Arc<Version>,
+        event: &str,
+        reason: Option<String>,
+    ) -> Result<(), DeployError> {
+        let current = slot.versions();
+        if Arc::ptr_eq(&current.active, &version) {
+            return Ok(());
+        }
+        // A canary of the version being activated has done its job; another keeps running.
+        let canary = current
+            .canary
+            .clone()
+            .filter(|c| c.version.digest != version.digest);
+        self.install(
+            &slot.tenant,
+            &slot.name,
+            Versions {
+                active: version.clone(),
+                previous: Some(current.active.clone()),
+                canary,
+            },
+            slot.origin(),
+        )
+        .await?;
+        slot.event(event, &version, reason);
+        Ok(())
+    }
+
+    pub async fn rollback(&self, tenant: &str, name: &str) -> Result<Arc<Version>, DeployError> {
+        let _change = self.changes.lock().await;
+        let slot = self.existing(tenant, name)?;
+        let Some(previous) = slot.versions().previous.clone() else {
+            return Err(DeployError::new(
+                409,
+                "no_previous_version",
+                "there is no previous version to roll back to",
+            ));
+        };
+        self.activate_locked(&slot, previous.clone(), "rolled_back", None)
+            .await?;
+        self.persist(&slot).await;
+        Ok(previous)
+    }
+
+    pub async fn start_canary(
+        &self,
+        tenant: &str,
+        name: &str,
+        digest: &str,
+        policy: CanaryPolicy,
+    ) -> Result<Arc<Version>, DeployError> {
+        let _change = self.changes.lock().await;
+        if let Some(problem) = policy.problem() {
+            return Err(DeployError::new(422, "invalid_canary", problem));
+        }
+        let slot = self.existing(tenant, name)?;
+        let version = self.version_of(&slot, digest).await?;
+        self.start_canary_locked(&slot, version.clone(), policy)?;
+        self.persist(&slot).await;
+        Ok(version)
+    }
+
+    fn start_canary_locked(
+        &self,
+        slot: &Arc<Slot>,
+        version: Arc<Version>,
+        policy: CanaryPolicy,
+    ) -> Result<(), DeployError> {
+        let current = slot.versions();
+        if current.active.digest == version.digest && *current.active.spec == *version.spec {
+            return Err(DeployError::new(
+                409,
+                "already_active",
+                "that version is already active",
+            ));
+        }
+        if current.active.spec.routes != version.spec.routes
+            || current.active.spec.subscriptions != version.spec.subscriptions
+        {
+            return Err(DeployError::new(
+                409,
+                "routes_differ",
+                "a canary must serve the same routes and subscriptions as the active version; activate it instead",
+            ));
+        }
+        slot.swap(Versions {
+            active: current.active.clone(),
+            previous: current.previous.clone(),
+            canary: Some(Arc::new(Canary::new(version.clone(), policy.clone()))),
+        });
+        slot.event(
+            "canary_started",
+            &version,
+            Some(format!("{}% of calls", policy.weight)),
+        );
+        Ok(())
+    }
+
+    pub async fn promote_canary(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Arc<Version>, DeployError> {
+        let _change = self.changes.lock().await;
+        let slot = self.existing(tenant, name)?;
+        let Some(canary) = slot.versions().canary.clone() else {
+            return Err(DeployError::new(409, "no_canary", "no canary is running"));
+        };
+        slot.end_canary(&canary, true);
+        slot.event("canary_promoted", &canary.version, None);
+        self.persist(&slot).await;
+        Ok(canary.version.clone())
+    }
+
+    pub async fn abort_canary(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Arc<Version>, DeployError> {
+        let _change = self.changes.lock().await;
+        let slot = self.existing(tenant, name)?;
+        let Some(canary) = slot.versions().canary.clone() else {
+            return Err(DeployError::new(409, "no_canary", "no canary is running"));
+        };
+        slot.end_canary(&canary, false);
+        slot.event("canary_aborted", &canary.version, None);
+        self.persist(&slot).await;
+        Ok(canary.version.clone())
+    }
+
+    /// Deletes a component created through the API (its data stays in its database).
+    pub async fn delete(&self, tenant: &str, name: &str) -> Result<(), DeployError> {
+        let _change = self.changes.lock().await;
+        let key = (tenant.to_string(), name.to_string());
+        if self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&key)
+            .is_some()
+        {
+            self.forget(tenant, name).await;
+            return Ok(());
+        }
+        let slot = self.existing(tenant, name)?;
+        if matches!(slot.origin(), Origin::Manifest { .. }) {
+            return Err(DeployError::new(
+                409,
+                "declared_in_manifest",
+                "this component is declared in the manifest; remove it there",
+            ));
+        }
+        self.remove_locked(&slot).await;
+        Ok(())
+    }
+
+    async fn remove_locked(&self, slot: &Arc<Slot>) {
+        slot.unsubscribe();
+        self.rebuild_table(None, Some(&(slot.tenant.clone(), slot.name.clone())));
+        self.databases
+            .lock()
+            .await
+            .remove(&(slot.tenant.to_string(), slot.name.to_string()));
+        self.forget(&slot.tenant, &slot.name).await;
+        tracing::info!(tenant = %slot.tenant, component = %slot.name, "component removed");
+    }
+}
+
+impl SlotObserver for Registry {
+    fn changed(&self, slot: Arc<Slot>) {
+        // A canary decided by itself; persisting it must not hold up the call that tipped it.
+        if let Some(registry) = self.me.upgrade() {
+            tokio::spawn(async move {
+                let _change = registry.changes.lock().await;
+                registry.persist(&slot).await;
+            });
+        }
+    }
+}
+
+impl ComponentCaller for Registry {
+    fn call_component(
+        &self,
+        tenant: Arc<str>,
+        component: String,
+        request: Request<WasiBody>,
+    ) -> BoxFuture<'static, Option<Response<ResponseBody>>> {
+        let slot = self.slot(&tenant, &component);
+        let local_addr = self.config.local_addr;
+        async move {
+            let slot = slot?;
+            Some(slot.serve_http(request, local_addr).await)
+        }
+        .boxed()
+    }
+}
+
+/// What identifies a manifest entry as deployed: the entry and its source bytes.
+fn fingerprint(spec: &ComponentSpec, digest: &str) -> String {
+    let entry = serde_json::to_string(spec).expect("an entry serializes");
+    code::digest(format!("{entry}\n{digest}").as_bytes())
+}
+
+async fn fingerprint_of(spec: &ComponentSpec) -> anyhow::Result<String> {
+    let source: PathBuf = spec.source.clone().unwrap_or_default();
+    let bytes = tokio::fs::read(&source).await?;
+    Ok(fingerprint(spec, &code::digest(&bytes)))
+}
+
+fn into_load_error(_name: &str, e: DeployError) -> LoadError {
+    LoadError::Refused(e.message)
+}
+
+impl Registry {
+    /// Whether a manifest entry (or its source bytes) differs from what its slot runs;
+    /// true for an entry the node does not run yet.
+    pub async fn manifest_entry_changed(&self, name: &str, spec: &ComponentSpec) -> bool {
+        let Some(slot) = self.slot(&spec.tenant, name) else {
+            return true;
+        };
+        match (slot.origin(), fingerprint_of(spec).await) {
+            (Origin::Manifest { fingerprint }, Ok(current)) => fingerprint != current,
+            // An unreadable source is the deploy's to report.
+            _ => true,
+        }
+    }
+}

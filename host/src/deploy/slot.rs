@@ -1,0 +1,502 @@
+//! A slot: one component of one tenant, as it lives across its versions. It owns what must
+//! outlive a version (admission permits, metrics, subscriptions, the history of what was
+//! deployed) and an atomically swapped set of versions: the active one, the previous one
+//! (for rollback) and an optional canary.
+//!
+//! A call loads the set once and runs start to end on the version it picked, however many
+//! swaps happen meanwhile; every call that starts after a swap sees the new set. A message
+//! delivery picks again on each attempt, so retries after a swap run the new version.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Body;
+use tokio::task::JoinHandle;
+
+use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::capabilities::messaging::{DEAD_LETTER_PREFIX, Message, MessageBus, to_guest};
+use crate::capabilities::outbound::{BoxError, ResponseBody};
+use crate::deploy::canary::{Canary, Verdict};
+use crate::deploy::state::{CanaryRecord, Event, KnownVersion, Origin, SlotRecord, VersionRecord};
+use crate::grammar::subjects::tenant_prefix;
+use crate::runtime::invoke::{self, Admission};
+use crate::runtime::version::Version;
+use crate::telemetry::metrics::ComponentMetrics;
+
+/// Events kept per component for `status`.
+const EVENTS_KEPT: usize = 20;
+
+/// The versions of a component at one moment; replaced whole on every change.
+pub struct Versions {
+    pub active: Arc<Version>,
+    pub previous: Option<Arc<Version>>,
+    pub canary: Option<Arc<Canary>>,
+}
+
+/// Told when a slot changed by itself (a canary rolled back or promoted), so the change is
+/// persisted. Implemented by the registry; the slot only knows this trait.
+pub trait SlotObserver: Send + Sync {
+    fn changed(&self, slot: Arc<Slot>);
+}
+
+pub struct Slot {
+    pub tenant: Arc<str>,
+    pub name: Arc<str>,
+    pub metrics: ComponentMetrics,
+    pub admission: Admission,
+    versions: ArcSwap<Versions>,
+    meta: Mutex<Meta>,
+    subscriptions: Mutex<Subscriptions>,
+    bus: Arc<dyn MessageBus>,
+    observer: Weak<dyn SlotObserver>,
+    me: Weak<Slot>,
+}
+
+struct Meta {
+    origin: Origin,
+    known: Vec<KnownVersion>,
+    events: VecDeque<Event>,
+}
+
+#[derive(Default)]
+struct Subscriptions {
+    patterns: Vec<String>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Slot {
+    pub fn new(
+        active: Arc<Version>,
+        origin: Origin,
+        metrics: ComponentMetrics,
+        bus: Arc<dyn MessageBus>,
+        observer: Weak<dyn SlotObserver>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Slot {
+            tenant: active.tenant.clone(),
+            name: active.name.clone(),
+            admission: Admission::new(active.limits.max_concurrent, metrics.clone()),
+            metrics,
+            versions: ArcSwap::from_pointee(Versions {
+                active,
+                previous: None,
+                canary: None,
+            }),
+            meta: Mutex::new(Meta {
+                origin,
+                known: Vec::new(),
+                events: VecDeque::new(),
+            }),
+            subscriptions: Mutex::new(Subscriptions::default()),
+            bus,
+            observer,
+            me: me.clone(),
+        })
+    }
+
+    /// The current set of versions.
+    pub fn versions(&self) -> Arc<Versions> {
+        self.versions.load_full()
+    }
+
+    pub fn active(&self) -> Arc<Version> {
+        self.versions.load().active.clone()
+    }
+
+    /// Replaces the set of versions; calls already running keep theirs.
+    pub fn swap(&self, versions: Versions) {
+        self.admission.resize(versions.active.limits.max_concurrent);
+        self.versions.store(Arc::new(versions));
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.meta.lock().expect("slot lock").origin.clone()
+    }
+
+    pub fn set_origin(&self, origin: Origin) {
+        self.meta.lock().expect("slot lock").origin = origin;
+    }
+
+    /// Notes uploaded code (once per digest).
+    pub fn know(&self, digest: &str, size: u64) {
+        let mut meta = self.meta.lock().expect("slot lock");
+        if !meta.known.iter().any(|k| k.digest == digest) {
+            meta.known.push(KnownVersion {
+                digest: digest.to_string(),
+                size,
+                uploaded_at: now_rfc3339(),
+            });
+        }
+    }
+
+    pub fn set_known(&self, known: Vec<KnownVersion>, events: Vec<Event>) {
+        let mut meta = self.meta.lock().expect("slot lock");
+        meta.known = known;
+        meta.events = events.into();
+    }
+
+    pub fn knows(&self, digest: &str) -> bool {
+        self.meta
+            .lock()
+            .expect("slot lock")
+            .known
+            .iter()
+            .any(|k| k.digest == digest)
+    }
+
+    /// Records an event in the history, the log and (for activations) the metrics.
+    pub fn event(&self, event: &str, version: &Version, reason: Option<String>) {
+        if matches!(event, "activated" | "rolled_back" | "canary_promoted") {
+            self.metrics.activations.inc();
+        }
+        match &reason {
+            Some(reason) => {
+                tracing::warn!(tenant = %self.tenant, component = %self.name, version = %version.digest, seq = version.seq, %reason, "{event}")
+            }
+            None => {
+                tracing::info!(tenant = %self.tenant, component = %self.name, version = %version.digest, seq = version.seq, "{event}")
+            }
+        }
+        let mut meta = self.meta.lock().expect("slot lock");
+        meta.events.push_back(Event {
+            at: now_rfc3339(),
+            event: event.to_string(),
+            version: version.digest.to_string(),
+            reason,
+        });
+        while meta.events.len() > EVENTS_KEPT {
+            meta.events.pop_front();
+        }
+    }
+
+    /// What is persisted of this slot.
+    pub fn record(&self) -> SlotRecord {
+        let versions = self.versions();
+        let record = |v: &Version| VersionRecord {
+            digest: v.digest.to_string(),
+            spec: (*v.spec).clone(),
+        };
+        let meta = self.meta.lock().expect("slot lock");
+        SlotRecord {
+            origin: meta.origin.clone(),
+            active: record(&versions.active),
+            previous: versions.previous.as_deref().map(record),
+            canary: versions.canary.as_ref().map(|c| CanaryRecord {
+                version: record(&c.version),
+                policy: c.policy.clone(),
+            }),
+            versions: meta.known.clone(),
+            events: meta.events.iter().cloned().collect(),
+        }
+    }
+
+    /// The status document of this component (admin API).
+    pub fn status(&self) -> serde_json::Value {
+        let versions = self.versions();
+        let version = |v: &Version| {
+            serde_json::json!({
+                "version": &*v.digest,
+                "seq": v.seq,
+                "routes": v.spec.routes,
+                "subscriptions": v.spec.subscriptions,
+            })
+        };
+        let canary = versions.canary.as_ref().map(|c| {
+            serde_json::json!({
+                "version": &*c.version.digest,
+                "seq": c.version.seq,
+                "policy": c.policy,
+                "started_at": humantime::format_rfc3339_seconds(c.started_at).to_string(),
+                "calls": c.calls.load(std::sync::atomic::Ordering::Relaxed),
+                "failures": c.failures.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        });
+        let meta = self.meta.lock().expect("slot lock");
+        let last_rollback = meta
+            .events
+            .iter()
+            .rev()
+            .find(|e| e.event == "canary_rolled_back")
+            .cloned();
+        serde_json::json!({
+            "tenant": &*self.tenant,
+            "component": &*self.name,
+            "state": "serving",
+            "origin": match &meta.origin { Origin::Manifest { .. } => "manifest", Origin::Api => "api" },
+            "active": version(&versions.active),
+            "previous": versions.previous.as_deref().map(version),
+            "canary": canary,
+            "last_canary_rollback": last_rollback,
+            "spec": &*versions.active.spec,
+            "versions": meta.known,
+            "events": meta.events,
+            "in_flight": self.metrics.in_flight.get(),
+        })
+    }
+
+    /// Serves one HTTP request (from the gateway or a sibling's `NAME.internal` call).
+    pub async fn serve_http<B>(
+        &self,
+        request: Request<B>,
+        local_addr: SocketAddr,
+    ) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
+    {
+        let (version, canary) = {
+            let versions = self.versions.load();
+            match &versions.canary {
+                Some(canary) if canary.takes(sticky_value(&request, canary).as_deref()) => {
+                    (canary.version.clone(), Some(canary.clone()))
+                }
+                _ => (versions.active.clone(), None),
+            }
+        };
+        let started = Instant::now();
+        let response =
+            invoke::http(version, &self.admission, &self.metrics, request, local_addr).await;
+        self.metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        let status = response.status();
+        self.metrics.count_response(status.as_u16());
+        if let Some(canary) = canary {
+            // A 503 the host sent for admission says nothing about the candidate.
+            let host_overload = status == StatusCode::SERVICE_UNAVAILABLE
+                && response.headers().contains_key(header::RETRY_AFTER);
+            if !host_overload {
+                self.judge(&canary, status.is_server_error());
+            }
+        }
+        response
+    }
+
+    /// Counts a canary call and acts on the verdict.
+    fn judge(&self, canary: &Arc<Canary>, failed: bool) {
+        match canary.record(failed) {
+            Verdict::Continue => {}
+            Verdict::RollBack(reason) => {
+                if self.end_canary(canary, false) {
+                    self.metrics.canary_rollbacks.inc();
+                    self.event("canary_rolled_back", &canary.version, Some(reason));
+                    self.notify();
+                }
+            }
+            Verdict::Promote => {
+                if self.end_canary(canary, true) {
+                    self.event("canary_promoted", &canary.version, None);
+                    self.notify();
+                }
+            }
+        }
+    }
+
+    /// Ends `canary` if it is still the running one: promoted (it becomes active, the
+    /// active one previous) or dropped. Returns whether it was still running.
+    pub fn end_canary(&self, canary: &Arc<Canary>, promote: bool) -> bool {
+        let mut ended = false;
+        self.versions.rcu(|current| {
+            ended = false;
+            match &current.canary {
+                Some(running) if Arc::ptr_eq(running, canary) => {
+                    ended = true;
+                    Arc::new(if promote {
+                        Versions {
+                            active: canary.version.clone(),
+                            previous: Some(current.active.clone()),
+                            canary: None,
+                        }
+                    } else {
+                        Versions {
+                            active: current.active.clone(),
+                            previous: current.previous.clone(),
+                            canary: None,
+                        }
+                    })
+                }
+                _ => current.clone(),
+            }
+        });
+        if ended && promote {
+            self.admission
+                .resize(self.versions.load().active.limits.max_concurrent);
+        }
+        ended
+    }
+
+    fn notify(&self) {
+        if let (Some(observer), Some(me)) = (self.observer.upgrade(), self.me.upgrade()) {
+            observer.changed(me);
+        }
+    }
+
+    /// Makes the slot's subscriptions match `patterns` (of the active version). Unchanged
+    /// patterns keep their subscriptions: a swap does not drop them.
+    pub async fn subscribe(&self, patterns: &[String]) -> anyhow::Result<()> {
+        if self.subscriptions.lock().expect("slot lock").patterns == patterns {
+            return Ok(());
+        }
+        let me = self.me.upgrade().expect("a slot being changed is alive");
+        let prefix = tenant_prefix(&self.tenant);
+        let queue_group = format!("trellis.{}.{}", self.tenant, self.name);
+        let mut tasks = Vec::new();
+        for pattern in patterns {
+            let mut messages = self
+                .bus
+                .subscribe(format!("{prefix}{pattern}"), queue_group.clone())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("subscribing component {:?} to {pattern:?}: {e}", self.name)
+                })?;
+            let slot = me.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(message) = messages.recv().await {
+                    // The permit comes before instantiation, as for HTTP; a message waits
+                    // for a slot (backpressure) rather than being refused.
+                    let permit = slot.admission.admit().await;
+                    let slot = slot.clone();
+                    tokio::spawn(async move { slot.deliver(permit, message).await });
+                }
+            }));
+        }
+        // The new subscriptions are in place before the old ones go, so none is missed.
+        let old = std::mem::replace(
+            &mut *self.subscriptions.lock().expect("slot lock"),
+            Subscriptions {
+                patterns: patterns.to_vec(),
+                tasks,
+            },
+        );
+        for task in old.tasks {
+            task.abort();
+        }
+        if !patterns.is_empty() {
+            tracing::info!(tenant = %self.tenant, component = %self.name, subscriptions = ?patterns, "subscribed");
+        }
+        Ok(())
+    }
+
+    /// Stops delivering messages (the component is being deleted).
+    pub fn unsubscribe(&self) {
+        let old = std::mem::take(&mut *self.subscriptions.lock().expect("slot lock"));
+        for task in old.tasks {
+            task.abort();
+        }
+    }
+
+    /// Delivers one message: the handler is tried up to `limits.message_attempts` times
+    /// (each attempt on the version current at that moment), then the message goes to the
+    /// tenant's `dead-letter.COMPONENT.SUBJECT`.
+    async fn deliver(&self, permit: invoke::Permit, message: Message) {
+        let guest_message: BrokerMessage = to_guest(&self.tenant, message.clone());
+        let attempts = self.active().limits.message_attempts.max(1);
+        for attempt in 1..=attempts {
+            let (version, canary) = {
+                let versions = self.versions.load();
+                match &versions.canary {
+                    Some(canary) if canary.takes(None) => {
+                        (canary.version.clone(), Some(canary.clone()))
+                    }
+                    _ => (versions.active.clone(), None),
+                }
+            };
+            let outcome = invoke::message(&version, &self.metrics, &permit, &guest_message).await;
+            if let Some(canary) = &canary {
+                self.judge(canary, outcome.is_err());
+            }
+            match outcome {
+                Ok(()) => {
+                    self.metrics.messages_handled.inc();
+                    return;
+                }
+                Err(failure) => {
+                    self.metrics.message_failures.inc();
+                    tracing::warn!(
+                        tenant = %self.tenant,
+                        component = %self.name,
+                        version = version.seq,
+                        subject = %guest_message.subject,
+                        attempt,
+                        attempts,
+                        reason = %format!("the handler {failure}"),
+                        "message handler failed"
+                    );
+                    if attempt < attempts {
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    }
+                }
+            }
+        }
+        drop(permit);
+        self.dead_letter(&guest_message, message.body, attempts)
+            .await;
+    }
+
+    async fn dead_letter(&self, guest_message: &BrokerMessage, body: Bytes, attempts: u32) {
+        self.metrics.messages_dead_lettered.inc();
+        if guest_message.subject.starts_with(DEAD_LETTER_PREFIX) {
+            // Dead-lettering a failed dead letter again would loop forever.
+            tracing::error!(
+                tenant = %self.tenant,
+                component = %self.name,
+                subject = %guest_message.subject,
+                "dead letter dropped: its handler failed {attempts} times"
+            );
+            return;
+        }
+        let dead_letter = format!(
+            "{}{DEAD_LETTER_PREFIX}{}.{}",
+            tenant_prefix(&self.tenant),
+            self.name,
+            guest_message.subject
+        );
+        tracing::error!(
+            tenant = %self.tenant,
+            component = %self.name,
+            subject = %guest_message.subject,
+            %dead_letter,
+            "message dead-lettered after {attempts} attempts"
+        );
+        if let Err(e) = self
+            .bus
+            .publish(Message {
+                subject: dead_letter,
+                reply_to: None,
+                body,
+            })
+            .await
+        {
+            tracing::error!(component = %self.name, error = %e, "could not publish to the dead-letter subject");
+        }
+    }
+}
+
+/// The sticky value of a request for a canary with a sticky header or cookie.
+fn sticky_value<B>(request: &Request<B>, canary: &Canary) -> Option<Vec<u8>> {
+    if let Some(name) = &canary.policy.sticky_header {
+        return request
+            .headers()
+            .get(name.as_str())
+            .map(|v| v.as_bytes().to_vec());
+    }
+    let name = canary.policy.sticky_cookie.as_deref()?;
+    request
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.as_bytes().to_vec())
+}

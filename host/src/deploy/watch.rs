@@ -1,0 +1,121 @@
+//! `trellis up --watch`: a changed `.wasm` under the manifest's sources, or a changed
+//! manifest entry, becomes a new version and is swapped in; an entry that left the
+//! manifest is removed. A broken build or a bad edit is logged and the running version
+//! keeps serving. Directories are watched (not files), so editors and build tools that
+//! replace a file by renaming are seen too; events are debounced.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
+
+use crate::deploy::registry::Registry;
+use crate::manifest::{self, LoadedManifest};
+
+/// How long the files must be quiet before a change is acted on.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Watches until the node stops. `manifest` is the one the node started with.
+pub async fn watch(registry: Arc<Registry>, manifest: LoadedManifest) -> anyhow::Result<()> {
+    let manifest_path = std::path::absolute(&manifest.path)?;
+    let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
+        if let Ok(batch) = result {
+            let _ = events.send(batch.into_iter().map(|e| e.path).collect());
+        }
+    })?;
+    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut current = manifest;
+    rewatch(&mut debouncer, &mut watched, &manifest_path, &current);
+    tracing::info!(manifest = %manifest_path.display(), "watching the manifest and its components' sources");
+
+    while let Some(mut paths) = changes.recv().await {
+        // Take whatever else arrived meanwhile in one go.
+        while let Ok(more) = changes.try_recv() {
+            paths.extend(more);
+        }
+        let relevant = paths.iter().any(|p| {
+            p == &manifest_path
+                || current
+                    .manifest
+                    .components
+                    .values()
+                    .filter_map(|c| c.source.as_ref())
+                    .any(|source| source == p)
+        });
+        if !relevant {
+            continue;
+        }
+        let next = match manifest::load(&manifest_path) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("the manifest changed but is invalid; nothing was redeployed: {e}");
+                continue;
+            }
+        };
+        apply(&registry, &current, &next).await;
+        current = next;
+        rewatch(&mut debouncer, &mut watched, &manifest_path, &current);
+    }
+    Ok(())
+}
+
+/// Deploys what changed between two readings of the manifest.
+async fn apply(registry: &Registry, old: &LoadedManifest, new: &LoadedManifest) {
+    if old.manifest.tenants.keys().ne(new.manifest.tenants.keys()) {
+        tracing::warn!("tenants changed in the manifest; they take effect at the next restart");
+    }
+    for (name, spec) in &new.manifest.components {
+        if !registry.manifest_entry_changed(name, spec).await {
+            continue;
+        }
+        match registry.deploy_manifest_entry(name, spec).await {
+            Ok(version) => {
+                tracing::info!(component = %name, version = %version.digest, seq = version.seq, "watch: new version active")
+            }
+            Err(e) => {
+                tracing::error!(component = %name, "watch: new version refused, the running version keeps serving: {e}")
+            }
+        }
+    }
+    for (name, spec) in &old.manifest.components {
+        let still_there = new
+            .manifest
+            .components
+            .get(name)
+            .is_some_and(|s| s.tenant == spec.tenant);
+        if !still_there {
+            registry.remove_manifest_entry(&spec.tenant, name).await;
+        }
+    }
+}
+
+/// Watches the manifest's directory and every source's directory.
+fn rewatch(
+    debouncer: &mut notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>,
+    watched: &mut BTreeSet<PathBuf>,
+    manifest_path: &Path,
+    manifest: &LoadedManifest,
+) {
+    let mut wanted: BTreeSet<PathBuf> = manifest
+        .manifest
+        .components
+        .values()
+        .filter_map(|c| c.source.as_ref()?.parent().map(Path::to_path_buf))
+        .collect();
+    if let Some(dir) = manifest_path.parent() {
+        wanted.insert(dir.to_path_buf());
+    }
+    for dir in watched.difference(&wanted) {
+        let _ = debouncer.watcher().unwatch(dir);
+    }
+    for dir in wanted.difference(watched) {
+        if let Err(e) = debouncer.watcher().watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch");
+        }
+    }
+    *watched = wanted;
+}

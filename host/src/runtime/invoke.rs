@@ -1,0 +1,557 @@
+//! The one invocation path. HTTP requests from the gateway, `NAME.internal` calls,
+//! message deliveries and the load check all go through here, in the same order:
+//! admit (a permit of the component's slot, taken before anything is instantiated) →
+//! store → instantiate → call → classify the outcome ([`Failure`]) → record it.
+//!
+//! How an instance is obtained is behind [`InstanceSource`]: today every call gets a
+//! fresh `Store` and instance ([`FreshInstances`]); warm instance reuse plugs in there.
+//!
+//! Every failure the client of an HTTP call sees is JSON:
+//! `{"error": CODE, "message": ..., "component": ...}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::Store;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::capabilities::outbound::{BoxError, ResponseBody};
+use crate::runtime::instance::InstanceState;
+use crate::runtime::version::{DeadlineExceeded, Version};
+use crate::telemetry::metrics::ComponentMetrics;
+
+/// How an invocation gets a store to instantiate in. The seam for instance reuse.
+pub trait InstanceSource: Send + Sync {
+    fn store(&self, version: &Version, deadline: Instant)
+    -> wasmtime::Result<Store<InstanceState>>;
+}
+
+/// A fresh `Store` (and so a fresh instance) for every call: nothing survives a call.
+pub struct FreshInstances;
+
+impl InstanceSource for FreshInstances {
+    fn store(
+        &self,
+        version: &Version,
+        deadline: Instant,
+    ) -> wasmtime::Result<Store<InstanceState>> {
+        version.new_store(deadline)
+    }
+}
+
+static FRESH: FreshInstances = FreshInstances;
+
+/// A component's admission control: at most `max_concurrent` instances at once. It belongs
+/// to the component's slot, so every version of the component shares it.
+pub struct Admission {
+    semaphore: Arc<Semaphore>,
+    size: std::sync::atomic::AtomicU32,
+    metrics: ComponentMetrics,
+}
+
+/// Leave to run one instance; held until the instance is gone. Counts it in flight.
+pub struct Permit {
+    _permit: OwnedSemaphorePermit,
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+impl Admission {
+    pub fn new(max_concurrent: u32, metrics: ComponentMetrics) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(max_concurrent as usize)),
+            size: max_concurrent.into(),
+            metrics,
+        }
+    }
+
+    /// Resizes to a new version's `max_concurrent`; permits already out stay valid.
+    pub fn resize(&self, max_concurrent: u32) {
+        use std::sync::atomic::Ordering;
+        let old = self.size.swap(max_concurrent, Ordering::AcqRel);
+        if max_concurrent > old {
+            self.semaphore.add_permits((max_concurrent - old) as usize);
+        } else if old > max_concurrent {
+            // Permits in use now are taken back as they come home.
+            let semaphore = self.semaphore.clone();
+            let mut owed = (old - max_concurrent) as usize;
+            owed -= semaphore.forget_permits(owed);
+            if owed > 0 {
+                tokio::spawn(async move {
+                    if let Ok(permits) = semaphore.acquire_many(owed as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A permit now, or `None` when the component is at its limit (HTTP: 503 at once).
+    pub fn try_admit(&self) -> Option<Permit> {
+        let permit = self.semaphore.clone().try_acquire_owned().ok()?;
+        Some(self.permit(permit))
+    }
+
+    /// Waits for a permit (message delivery: backpressure, not refusal).
+    pub async fn admit(&self) -> Permit {
+        let permit = self
+            .semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the admission semaphore is never closed");
+        self.permit(permit)
+    }
+
+    fn permit(&self, permit: OwnedSemaphorePermit) -> Permit {
+        self.metrics.in_flight.inc();
+        Permit {
+            _permit: permit,
+            in_flight: self.metrics.in_flight.clone(),
+        }
+    }
+}
+
+/// Why an invocation did not complete. One classification for every trigger.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The component is at `limits.max_concurrent`.
+    Overloaded { limit: u32 },
+    /// The node-wide instance pool (`node.max_instances`) is exhausted.
+    PoolExhausted,
+    /// The call ran past `limits.deadline`.
+    Deadline(Duration),
+    /// The guest tried to grow memory past `limits.memory`.
+    MemoryLimit(bytesize::ByteSize),
+    /// The guest trapped (a panic, `unreachable`, ...).
+    Trap(String),
+    /// The guest returned an error of its own (a message handler's `Err`).
+    GuestError(String),
+    /// The host could not prepare the call.
+    Internal(String),
+}
+
+impl Failure {
+    fn classify(error: wasmtime::Error, version: &Version, memory_refused: bool) -> Self {
+        if error.downcast_ref::<DeadlineExceeded>().is_some() {
+            Failure::Deadline(version.limits.deadline)
+        } else if error
+            .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            Failure::PoolExhausted
+        } else if memory_refused {
+            Failure::MemoryLimit(version.limits.memory)
+        } else {
+            tracing::debug!(error = ?error, "guest trap details");
+            let reason = match error.downcast_ref::<wasmtime::Trap>() {
+                Some(trap) => trap.to_string(),
+                None => error.root_cause().to_string(),
+            };
+            Failure::Trap(reason)
+        }
+    }
+
+    /// Logs and counts a failure of `version`.
+    pub fn record(&self, version: &Version, metrics: &ComponentMetrics) {
+        let (tenant, component, seq) = (&*version.tenant, &*version.name, version.seq);
+        match self {
+            Failure::Overloaded { .. } => {
+                metrics.admission_rejections.inc();
+            }
+            Failure::Deadline(deadline) => {
+                metrics.deadline_kills.inc();
+                tracing::warn!(
+                    tenant,
+                    component,
+                    version = seq,
+                    ?deadline,
+                    "instance stopped at its request deadline"
+                );
+            }
+            Failure::MemoryLimit(limit) => {
+                metrics.memory_limit_kills.inc();
+                tracing::warn!(tenant, component, version = seq, %limit, "instance stopped: it tried to grow memory past its limit");
+            }
+            Failure::PoolExhausted => {
+                metrics.admission_rejections.inc();
+                tracing::warn!(
+                    tenant,
+                    component,
+                    "node instance pool exhausted (node.max_instances)"
+                );
+            }
+            Failure::Trap(reason) => {
+                metrics.traps.inc();
+                tracing::warn!(tenant, component, version = seq, reason = %reason, "guest trapped");
+            }
+            Failure::GuestError(_) | Failure::Internal(_) => {}
+        }
+    }
+
+    /// The HTTP answer for this failure.
+    pub fn response(&self, component: &str) -> Response<ResponseBody> {
+        let name = Some(component);
+        let (status, code, message) = match self {
+            Failure::Overloaded { limit } => {
+                return overloaded(
+                    &format!("component is at its limit of {limit} concurrent requests"),
+                    name,
+                );
+            }
+            Failure::PoolExhausted => {
+                return overloaded("the node is at its instance limit", name);
+            }
+            Failure::Deadline(deadline) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                format!("the component did not finish within its deadline of {deadline:?}"),
+            ),
+            Failure::MemoryLimit(limit) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "memory_limit",
+                format!("the component tried to use more than its memory limit of {limit}"),
+            ),
+            Failure::Trap(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "component_trap",
+                "the component trapped".to_string(),
+            ),
+            Failure::GuestError(reason) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "component_error",
+                reason.clone(),
+            ),
+            Failure::Internal(reason) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                reason.clone(),
+            ),
+        };
+        error(status, code, &message, name)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Overloaded { limit } => {
+                write!(f, "at its limit of {limit} concurrent instances")
+            }
+            Failure::PoolExhausted => write!(f, "the node is at its instance limit"),
+            Failure::Deadline(deadline) => write!(f, "ran past its deadline of {deadline:?}"),
+            Failure::MemoryLimit(limit) => write!(f, "exceeded its memory limit of {limit}"),
+            Failure::Trap(reason) => write!(f, "trapped: {reason}"),
+            Failure::GuestError(reason) => write!(f, "returned an error: {reason}"),
+            Failure::Internal(reason) => write!(f, "could not be prepared: {reason}"),
+        }
+    }
+}
+
+/// Instantiates once and throws the instance away: proves a version starts within its
+/// limits before it is activated (or before the node calls itself ready).
+pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
+    let deadline = Instant::now() + version.limits.deadline;
+    let mut store = FRESH
+        .store(version, deadline)
+        .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    match version.instance_pre().instantiate_async(&mut store).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Failure::classify(e, version, store.data().limiter.refused)),
+    }
+}
+
+/// Runs `handle-message` for one delivery attempt, under the version's limits.
+pub async fn message(
+    version: &Version,
+    metrics: &ComponentMetrics,
+    _permit: &Permit,
+    message: &BrokerMessage,
+) -> Result<(), Failure> {
+    let Some(handler) = version.handler() else {
+        return Err(Failure::Internal(
+            "the component does not export wasmcloud:messaging/handler".into(),
+        ));
+    };
+    let deadline = Instant::now() + version.limits.deadline;
+    let mut store = FRESH
+        .store(version, deadline)
+        .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let run = async {
+        let instantiating = Instant::now();
+        let instance = handler.instantiate_async(&mut store).await?;
+        metrics
+            .instantiation_duration
+            .observe(instantiating.elapsed().as_secs_f64());
+        instance
+            .wasmcloud_messaging_handler()
+            .call_handle_message(&mut store, message)
+            .await
+    };
+    let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(guest_error))) => Err(Failure::GuestError(guest_error)),
+        Ok(Err(e)) => Err(Failure::classify(e, version, store.data().limiter.refused)),
+        Err(_) => Err(Failure::Deadline(version.limits.deadline)),
+    };
+    if let Err(failure) = &outcome {
+        failure.record(version, metrics);
+    }
+    outcome
+}
+
+/// Serves one HTTP request with `version`: checks the declared body size (413), takes a
+/// permit from `admission` (503, never a wait), reads an undeclared-length body up to the
+/// limit (413), then instantiates and calls `wasi:http/incoming-handler`. The permit is
+/// held by the task that runs the instance until the instance is gone, including while it
+/// streams its response body.
+///
+/// The instance runs inside the caller's task; only one that is still running when its
+/// response head is ready (it streams a body) is moved to a task of its own.
+pub async fn http<B>(
+    version: Arc<Version>,
+    admission: &Admission,
+    metrics: &ComponentMetrics,
+    request: Request<B>,
+    local_addr: SocketAddr,
+) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
+{
+    let name = &*version.name;
+    let max_body = version.limits.max_body.as_u64();
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|len| len > max_body) {
+        return body_too_large(&version);
+    }
+
+    let Some(permit) = admission.try_admit() else {
+        let failure = Failure::Overloaded {
+            limit: admission.limit(),
+        };
+        failure.record(&version, metrics);
+        return failure.response(name);
+    };
+
+    let deadline = Instant::now() + version.limits.deadline;
+    let (mut parts, body) = request.into_parts();
+    if !parts.headers.contains_key(header::HOST) && parts.uri.authority().is_none() {
+        parts.headers.insert(
+            header::HOST,
+            HeaderValue::from_str(&local_addr.to_string()).expect("an address is a valid header"),
+        );
+    }
+    // A body of unknown length is read (up to the limit, within the deadline) before the
+    // guest runs, so that "too large" is a clean 413 rather than a guest read error.
+    let body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error> =
+        if declared_length.is_none() && !body.is_end_stream() {
+            let collect = Limited::new(body, max_body as usize).collect();
+            match tokio::time::timeout_at(deadline.into(), collect).await {
+                Ok(Ok(collected)) => Full::new(collected.to_bytes())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    return body_too_large(&version);
+                }
+                Ok(Err(e)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        &format!("reading the request body failed: {e}"),
+                        Some(name),
+                    );
+                }
+                Err(_) => return Failure::Deadline(version.limits.deadline).response(name),
+            }
+        } else {
+            body.map_err(Into::into).boxed_unsync()
+        };
+    let request = Request::from_parts(parts, body);
+
+    let mut store = match FRESH.store(&version, deadline) {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
+            return Failure::Internal("could not prepare the component".into()).response(name);
+        }
+    };
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let resources = {
+        let mut http = store.data_mut().http();
+        http.new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+    };
+    let (guest_request, response_out) = match resources {
+        Ok(resources) => resources,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("{e:#}"),
+                Some(name),
+            );
+        }
+    };
+
+    let instance = version.clone();
+    let instance_metrics = metrics.clone();
+    let mut run_instance = Box::pin(async move {
+        let _permit = permit;
+        let run = async {
+            let instantiating = Instant::now();
+            let Some(http) = instance.http() else {
+                wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+            };
+            let proxy = http.instantiate_async(&mut store).await?;
+            instance_metrics
+                .instantiation_duration
+                .observe(instantiating.elapsed().as_secs_f64());
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, guest_request, response_out)
+                .await
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::classify(
+                e,
+                &instance,
+                store.data().limiter.refused,
+            )),
+            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
+        };
+        // Recorded in the instance task, so it happens even when the head was already sent.
+        if let Err(failure) = &outcome {
+            failure.record(&instance, &instance_metrics);
+        }
+        outcome
+    });
+
+    // Most guests answer and finish in one go, and a spawned task would cost a
+    // cross-thread wakeup per request. Only a guest still running when its response head
+    // is ready (streaming a body) moves to a task of its own, which keeps the permit.
+    let mut receiver = receiver;
+    let first = tokio::select! {
+        biased;
+        outcome = &mut run_instance => First::Finished(outcome),
+        head = &mut receiver => First::Head(head),
+    };
+    let (head, outcome) = match first {
+        First::Finished(outcome) => (receiver.await, Some(outcome)),
+        First::Head(Ok(head)) => {
+            tokio::spawn(run_instance);
+            (Ok(head), None)
+        }
+        First::Head(Err(closed)) => (Err(closed), Some(run_instance.await)),
+    };
+
+    match head {
+        Ok(Ok(response)) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
+        Ok(Err(code)) => {
+            tracing::warn!(component = name, error = ?code, "component answered with an error code");
+            Failure::GuestError(format!("{code:?}")).response(name)
+        }
+        // The guest dropped the response outparam without setting it: find out why.
+        Err(_) => match outcome {
+            Some(Err(failure)) => failure.response(name),
+            Some(Ok(())) | None => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no_response",
+                "the component returned without sending a response",
+                Some(name),
+            ),
+        },
+    }
+}
+
+/// Which came first: the instance finishing, or its response head.
+enum First {
+    Finished(Result<(), Failure>),
+    Head(
+        Result<
+            Result<Response<HyperOutgoingBody>, ErrorCode>,
+            tokio::sync::oneshot::error::RecvError,
+        >,
+    ),
+}
+
+fn body_too_large(version: &Version) -> Response<ResponseBody> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        &format!(
+            "the request body is larger than this component's limit of {}",
+            version.limits.max_body
+        ),
+        Some(&version.name),
+    )
+}
+
+fn overloaded(message: &str, component: Option<&str>) -> Response<ResponseBody> {
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        message,
+        component,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// A whole body from bytes.
+pub fn full(body: impl Into<Bytes>) -> ResponseBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON answer.
+pub fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The JSON error every host-made failure answers: `{"error", "message", "component"}`.
+pub fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    component: Option<&str>,
+) -> Response<ResponseBody> {
+    let mut body = serde_json::json!({"error": code, "message": message});
+    if let Some(component) = component {
+        body["component"] = component.into();
+    }
+    json(status, body)
+}

@@ -1,0 +1,8 @@
+//! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
+//! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
+//! the one path every call takes through it ([`invoke`]).
+
+pub mod engine;
+pub mod instance;
+pub mod invoke;
+pub mod version;

@@ -1,0 +1,250 @@
+//! A version: one component's code, linked against the node's host interfaces and
+//! pre-instantiated (`InstancePre`, `ProxyPre`) once, with the grants of the manifest entry
+//! it was deployed with. Building one is the whole of "deploying": a request only creates a
+//! `Store` and instantiates from it.
+//!
+//! Building fails with a [`LoadError`] that names the component and the reason: bytes that
+//! are not a component (a core module is told apart), an import this host cannot satisfy
+//! (named), a missing export for what the entry asks (routes need `wasi:http`,
+//! subscriptions need the message handler). Compiling is not done here: compiled code is
+//! shared by digest (`crate::deploy::code`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi_config::WasiConfigVariables;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::bindings::handler::MessageHandlerPre;
+use crate::capabilities::keyvalue::KeyValueGrant;
+use crate::capabilities::messaging::{MessageBus, MessagingGrant};
+use crate::capabilities::outbound::{InternalCalls, OutboundPolicy};
+use crate::capabilities::sql::SqlGrant;
+use crate::manifest::{ComponentSpec, Limits};
+use crate::runtime::instance::{Grants, InstanceState};
+
+/// Why a component (or a new version of one) cannot be deployed. Each names the component.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("component {component:?}: cannot read {source_name}: {reason}")]
+    Read {
+        component: String,
+        source_name: String,
+        reason: String,
+    },
+    #[error(
+        "component {component:?}: {source_name} is a core WebAssembly module, not a component (build for wasm32-wasip2, or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule {
+        component: String,
+        source_name: String,
+    },
+    #[error(
+        "component {component:?}: {source_name} is not a valid WebAssembly component: {reason}"
+    )]
+    Compile {
+        component: String,
+        source_name: String,
+        reason: String,
+    },
+    #[error("component {component:?}: needs an import this host does not provide: {reason}")]
+    MissingImport { component: String, reason: String },
+    #[error("component {component:?}: {reason}")]
+    MissingExport { component: String, reason: String },
+    #[error("component {component:?}: cannot open its storage: {reason}")]
+    Storage { component: String, reason: String },
+    #[error("component {component:?}: fails to instantiate: {reason}")]
+    Instantiate { component: String, reason: String },
+    /// Any of the above, already said in full.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl LoadError {
+    /// A short machine-readable code for API answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::Read { .. } => "unreadable",
+            LoadError::CoreModule { .. } => "core_module",
+            LoadError::Compile { .. } => "invalid_component",
+            LoadError::MissingImport { .. } => "missing_import",
+            LoadError::MissingExport { .. } => "missing_export",
+            LoadError::Storage { .. } => "storage_failed",
+            LoadError::Instantiate { .. } => "instantiate_failed",
+            LoadError::Refused(_) => "refused",
+        }
+    }
+}
+
+/// Raised from the epoch callback when a request's deadline has passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the request deadline passed")]
+pub struct DeadlineExceeded;
+
+/// The storage capabilities a version was granted, opened by its slot.
+#[derive(Default)]
+pub struct StorageGrants {
+    pub keyvalue: Option<Arc<KeyValueGrant>>,
+    pub sql: Option<Arc<SqlGrant>>,
+}
+
+/// What the node provides a version beyond its manifest entry.
+pub struct VersionServices {
+    pub storage: StorageGrants,
+    /// Where its `NAME.internal` calls go (none: refused).
+    pub internal_calls: Option<InternalCalls>,
+    pub bus: Arc<dyn MessageBus>,
+}
+
+/// One deployed version of a component, ready to instantiate.
+pub struct Version {
+    /// Node-wide sequence number, for logs ("version 7").
+    pub seq: u64,
+    /// `sha256:HEX` of the component's bytes.
+    pub digest: Arc<str>,
+    pub tenant: Arc<str>,
+    pub name: Arc<str>,
+    /// The entry it was deployed with.
+    pub spec: Arc<ComponentSpec>,
+    pub limits: Limits,
+    instance_pre: InstancePre<InstanceState>,
+    /// Present when the component exports `wasi:http/incoming-handler`.
+    http: Option<ProxyPre<InstanceState>>,
+    /// Present when the component exports `wasmcloud:messaging/handler`.
+    handler: Option<MessageHandlerPre<InstanceState>>,
+    grants: Grants,
+}
+
+/// Who a version belongs to and what it is built from.
+pub struct VersionSource<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    pub digest: &'a str,
+    pub component: &'a Component,
+    pub spec: &'a ComponentSpec,
+    pub seq: u64,
+}
+
+impl Version {
+    /// Links compiled code against the node's linker and checks its exports against what
+    /// the entry asks for. Cheap next to compiling; no instance is created.
+    pub fn link(
+        linker: &Linker<InstanceState>,
+        source: VersionSource<'_>,
+        services: VersionServices,
+    ) -> Result<Self, LoadError> {
+        let VersionSource {
+            tenant,
+            name,
+            digest,
+            component,
+            spec,
+            seq,
+        } = source;
+        let component_name = name.to_string();
+        let instance_pre =
+            linker
+                .instantiate_pre(component)
+                .map_err(|e| LoadError::MissingImport {
+                    component: component_name.clone(),
+                    reason: format!("{e:#}"),
+                })?;
+        let http = ProxyPre::new(instance_pre.clone()).ok();
+        let handler = MessageHandlerPre::new(instance_pre.clone()).ok();
+        let missing_export = |reason: String| LoadError::MissingExport {
+            component: component_name.clone(),
+            reason,
+        };
+        if http.is_none() && !spec.routes.is_empty() {
+            return Err(missing_export(
+                "it has routes but does not export wasi:http/incoming-handler@0.2.x".into(),
+            ));
+        }
+        if handler.is_none() && !spec.subscriptions.is_empty() {
+            return Err(missing_export(
+                "it has subscriptions but does not export wasmcloud:messaging/handler@0.2.0".into(),
+            ));
+        }
+        if http.is_none() && handler.is_none() {
+            return Err(missing_export(
+                "it exports neither wasi:http/incoming-handler@0.2.x nor wasmcloud:messaging/handler@0.2.0".into(),
+            ));
+        }
+
+        let tenant: Arc<str> = tenant.into();
+        let name: Arc<str> = name.into();
+        let grants = Grants {
+            tenant: tenant.clone(),
+            component: name.clone(),
+            memory_limit: usize::try_from(spec.limits.memory.as_u64()).unwrap_or(usize::MAX),
+            config: Arc::new(spec.config.iter().collect::<WasiConfigVariables>()),
+            env: spec
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dirs: spec
+                .dirs
+                .iter()
+                .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
+                .collect(),
+            outbound: OutboundPolicy::new(&spec.outbound, services.internal_calls),
+            keyvalue: services.storage.keyvalue,
+            sql: services.storage.sql,
+            messaging: Arc::new(MessagingGrant {
+                bus: services.bus,
+                tenant: tenant.clone(),
+                publish: spec.publish.clone(),
+            }),
+        };
+        Ok(Self {
+            seq,
+            digest: digest.into(),
+            name,
+            tenant,
+            spec: Arc::new(spec.clone()),
+            limits: spec.limits,
+            instance_pre,
+            http,
+            handler,
+            grants,
+        })
+    }
+
+    /// The plain pre-instance (for the instantiation check).
+    pub fn instance_pre(&self) -> &InstancePre<InstanceState> {
+        &self.instance_pre
+    }
+
+    /// The HTTP pre-instance, when the component serves HTTP.
+    pub fn http(&self) -> Option<&ProxyPre<InstanceState>> {
+        self.http.as_ref()
+    }
+
+    /// The message-handler pre-instance, when the component handles messages.
+    pub fn handler(&self) -> Option<&MessageHandlerPre<InstanceState>> {
+        self.handler.as_ref()
+    }
+
+    /// A fresh store for one call: the memory limiter installed and an epoch callback
+    /// that yields to the executor every tick and traps once `deadline` has passed.
+    pub fn new_store(&self, deadline: Instant) -> wasmtime::Result<Store<InstanceState>> {
+        let mut store = Store::new(
+            self.instance_pre.engine(),
+            InstanceState::new(&self.grants)?,
+        );
+        store.limiter(|state| &mut state.limiter);
+        // At least one tick, so that even instantiation runs under the deadline.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        Ok(store)
+    }
+}
