@@ -65,7 +65,7 @@ async fn a_component_calls_another_of_its_tenant_by_name() {
     assert_eq!(body["path"], "/api/users/7");
 
     // The callee's request is counted as its own.
-    let metrics = node.get("/metrics").await.body;
+    let metrics = node.metrics().await;
     assert!(
         metrics
             .contains(r#"trellis_requests_total{tenant="shop",component="users",status="200"} 1"#),

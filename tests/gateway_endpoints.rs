@@ -1,4 +1,5 @@
-//! The gateway's own endpoints: liveness, readiness and Prometheus metrics.
+//! The gateway's own endpoints (liveness, readiness), and Prometheus metrics, which live
+//! on the admin listener behind its token, not on any tenant's host.
 
 mod common;
 use common::TestNode;
@@ -44,7 +45,7 @@ async fn metrics_count_requests_by_tenant_component_and_status() {
     }
     assert_eq!(node.get("/probe/trap").await.status, 500);
 
-    let metrics = node.get("/metrics").await;
+    let metrics = node.admin("GET", "/metrics", None).await;
     assert_eq!(metrics.status, 200);
     assert!(
         metrics.headers["content-type"]
@@ -67,4 +68,38 @@ async fn metrics_count_requests_by_tenant_component_and_status() {
             "/metrics should contain {expected}:\n{text}"
         );
     }
+}
+
+#[tokio::test]
+async fn metrics_are_only_on_the_admin_listener_and_need_the_token() {
+    let node = TestNode::start(MANIFEST).await;
+    assert_eq!(node.get("/a").await.status, 200);
+
+    // On the gateway, /metrics is an ordinary path: here the component routed at "/"
+    // answers it, and no series of any tenant leaks.
+    let on_gateway = node.get("/metrics").await;
+    assert_eq!(on_gateway.json()["service"], "hello");
+    assert!(!on_gateway.body.contains("trellis_requests_total"));
+
+    // The admin listener refuses without the token, or with a wrong one...
+    let anonymous = node.admin_with("GET", "/metrics", None, &[]).await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(anonymous.json()["error"], "unauthorized");
+    let wrong = node
+        .admin_with(
+            "GET",
+            "/metrics",
+            None,
+            &[("authorization", "Bearer not-the-token")],
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    // ...and answers with it.
+    let metrics = node.metrics().await;
+    // Both requests above reached hello.
+    assert!(
+        metrics
+            .contains(r#"trellis_requests_total{tenant="shop",component="hello",status="200"} 2"#),
+        "{metrics}"
+    );
 }

@@ -22,16 +22,9 @@ source = "{wasm:hello}"
 routes = ["/hello"]
 "#;
 
-/// The value of `series` for `component` (of the default tenant) in the node's /metrics.
+/// The value of `series` for `component` (of the default tenant) in the node's metrics.
 async fn metric(node: &TestNode, series: &str, component: &str) -> f64 {
-    let metrics = node.get("/metrics").await.body;
-    let prefix = format!("{series}{{tenant=\"default\",component=\"{component}\"}}");
-    metrics
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    node.metric(series, "default", component).await
 }
 
 #[tokio::test]

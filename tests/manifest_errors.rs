@@ -100,7 +100,7 @@ routes = ["/api"]
 [components.b]
 tenant = "nobody"
 source = "{wasm:hello}"
-routes = ["api", "/metrics"]
+routes = ["api", "/health"]
 limits = { memory = "1GiB", max_concurrent = 0 }
 
 [components.c]
@@ -114,7 +114,7 @@ outbound = ["*"]
             "components.a.source: no such file",
             "components.b.tenant: unknown tenant \"nobody\" (declared: blog, shop)",
             "components.b.routes[0]: route \"api\" must start with '/'",
-            "components.b.routes[1]: route \"/metrics\" would shadow the gateway's own",
+            "components.b.routes[1]: route \"/health\" would shadow the gateway's own",
             "components.b.limits.memory: 1.0 GiB is above node.max_instance_memory",
             "components.b.limits.max_concurrent: must be at least 1",
             "components.c.routes[0]: route \"/api\" is already served by component \"a\"",

@@ -92,7 +92,7 @@ async fn publish_request_retry_and_dead_letter(options: NodeOptions) {
         node.get("/notifier/attempts/order.trap").await.json()["attempts"],
         3
     );
-    let metrics = node.get("/metrics").await.body;
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains(
             r#"trellis_messages_dead_lettered_total{tenant="default",component="notifier"} 2"#

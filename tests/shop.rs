@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::openapi::{self, Exchange};
 use common::{Nats, NodeOptions, Postgres, TestNode};
 use serde_json::{Value, json};
 
@@ -28,16 +29,7 @@ fn shop_manifest() -> String {
 const ADMIN_EMAIL: &str = "admin@shop.example";
 const PASSWORD: &str = "correct horse battery";
 
-/// One request and its answer, kept for the OpenAPI check.
-#[derive(Debug, Clone)]
-struct Exchange {
-    method: String,
-    path: String,
-    status: u16,
-    body: Value,
-}
-
-/// A shop node and a JSON client for it.
+/// A shop node and a JSON client for it, which keeps every exchange for the OpenAPI check.
 struct Shop {
     node: TestNode,
     exchanges: Mutex<Vec<Exchange>>,
@@ -85,6 +77,7 @@ impl Shop {
             path: path.to_string(),
             status: response.status,
             body: value.clone(),
+            content_type: openapi::content_type(&response),
         });
         (response.status, value)
     }
@@ -1035,104 +1028,11 @@ async fn the_openapi_document_matches_the_real_responses() {
         .await;
     assert_eq!(status, 204);
 
-    let exchanges = shop.exchanges.lock().unwrap().clone();
-    let mut exercised = BTreeSet::new();
-    let mut problems = Vec::new();
-    for exchange in &exchanges {
-        let Some((template, operation)) = operation_for(&spec, exchange) else {
-            problems.push(format!(
-                "{} {} is not in the document",
-                exchange.method, exchange.path
-            ));
-            continue;
-        };
-        exercised.insert(format!("{} {template}", exchange.method));
-        let Some(response) = operation["responses"].get(exchange.status.to_string()) else {
-            problems.push(format!(
-                "{} {template}: status {} is not documented ({})",
-                exchange.method, exchange.status, exchange.body
-            ));
-            continue;
-        };
-        let schema = &response["content"]["application/json"]["schema"];
-        match (schema.is_null(), exchange.body.is_null()) {
-            (true, true) => {}
-            (true, false) => problems.push(format!(
-                "{} {template} {}: documented without a body, got {}",
-                exchange.method, exchange.status, exchange.body
-            )),
-            (false, true) => problems.push(format!(
-                "{} {template} {}: documented with a body, got none",
-                exchange.method, exchange.status
-            )),
-            (false, false) => {
-                let mut rooted = schema.clone();
-                rooted["components"] = spec["components"].clone();
-                let validator = jsonschema::validator_for(&rooted)
-                    .unwrap_or_else(|e| panic!("schema of {template}: {e}"));
-                for error in validator.iter_errors(&exchange.body) {
-                    problems.push(format!(
-                        "{} {template} {}: {error} at {} in {}",
-                        exchange.method,
-                        exchange.status,
-                        error.instance_path(),
-                        exchange.body
-                    ));
-                }
-            }
-        }
-    }
-    let documented: BTreeSet<String> = spec["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .flat_map(|(path, item)| {
-            item.as_object()
-                .unwrap()
-                .keys()
-                .filter(|k| HTTP_METHODS.contains(&k.as_str()))
-                .map(move |method| format!("{} {path}", method.to_uppercase()))
-        })
-        .collect();
-    for missing in documented.difference(&exercised) {
-        problems.push(format!("{missing} is documented but never exercised"));
-    }
+    let problems = openapi::check(&spec, &shop.exchanges.lock().unwrap());
     assert!(
         problems.is_empty(),
         "{} mismatches:\n{}",
         problems.len(),
         problems.join("\n")
     );
-}
-
-const HTTP_METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
-
-/// The document's path template and operation for a request: the template whose literal
-/// segments match most (so `/users/me` wins over `/users/{id}`).
-fn operation_for<'a>(spec: &'a Value, exchange: &Exchange) -> Option<(String, &'a Value)> {
-    let path = exchange.path.split('?').next().unwrap();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    spec["paths"]
-        .as_object()?
-        .iter()
-        .filter_map(|(template, item)| {
-            let parts: Vec<&str> = template.split('/').filter(|s| !s.is_empty()).collect();
-            if parts.len() != segments.len() {
-                return None;
-            }
-            let mut literal = 0;
-            for (part, segment) in parts.iter().zip(&segments) {
-                if part.starts_with('{') {
-                    continue;
-                }
-                if part != segment {
-                    return None;
-                }
-                literal += 1;
-            }
-            let operation = item.get(exchange.method.to_lowercase())?;
-            Some((literal, template.clone(), operation))
-        })
-        .max_by_key(|(literal, _, _)| *literal)
-        .map(|(_, template, operation)| (template, operation))
 }

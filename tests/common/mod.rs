@@ -2,6 +2,8 @@
 //! wait until it is ready, talk HTTP to it, read its log, and stop it.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod openapi;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -94,11 +96,22 @@ pub struct NodeOptions {
     pub database_url: Option<String>,
     /// `nats://` URL of the message bus (default: the in-process bus).
     pub nats_url: Option<String>,
+    /// More arguments for `trellis up` (e.g. `--watch`).
+    pub extra_args: Vec<String>,
+    /// Start on this manifest file as it is (default: a fresh file from the template).
+    pub manifest_path: Option<PathBuf>,
 }
+
+/// The admin token every test node is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub struct TestNode {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin API's address.
+    pub admin_addr: SocketAddr,
+    /// The manifest the node was started on.
+    pub manifest_path: PathBuf,
     pub dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -129,8 +142,14 @@ impl TestNode {
 
     pub async fn try_start_with(manifest: &str, options: &NodeOptions) -> Result<TestNode, String> {
         let dir = tempfile::tempdir().unwrap();
-        let manifest_path = dir.path().join("trellis.toml");
-        std::fs::write(&manifest_path, render(manifest, dir.path())).unwrap();
+        let manifest_path = match &options.manifest_path {
+            Some(path) => path.clone(),
+            None => {
+                let path = dir.path().join("trellis.toml");
+                std::fs::write(&path, render(manifest, dir.path())).unwrap();
+                path
+            }
+        };
         let data_dir = options
             .data_dir
             .clone()
@@ -142,6 +161,8 @@ impl TestNode {
                 manifest_path.to_str().unwrap(),
                 "--listen",
                 "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
             ])
             .args(["--data-dir", data_dir.to_str().unwrap()]);
         if let Some(url) = &options.database_url {
@@ -150,8 +171,10 @@ impl TestNode {
         if let Some(url) = &options.nats_url {
             command.args(["--nats-url", url]);
         }
+        command.args(&options.extra_args);
         let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
+            .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
             // One compile cache for every test node: each guest is compiled once per run.
             .env("TRELLIS_CACHE_DIR", shared_compile_cache())
             // A host secret no guest may see (the sandbox tests look for it).
@@ -174,17 +197,22 @@ impl TestNode {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
+            let mut gateway = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("trellis listening on http://") {
-                    let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
+                    gateway = Some(addr.parse::<SocketAddr>().unwrap());
+                }
+                if let Some(addr) = line.strip_prefix("trellis admin listening on http://") {
+                    let admin = addr.parse::<SocketAddr>().unwrap();
+                    let _ = addr_tx.send((gateway.expect("the gateway line comes first"), admin));
                 }
             }
         });
 
         let deadline = Instant::now() + Duration::from_secs(120);
-        let addr = loop {
-            if let Ok(addr) = addr_rx.try_recv() {
-                break addr;
+        let (addr, admin_addr) = loop {
+            if let Ok(addrs) = addr_rx.try_recv() {
+                break addrs;
             }
             if let Some(status) = child.try_wait().unwrap() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -202,6 +230,8 @@ impl TestNode {
         let mut node = TestNode {
             child,
             addr,
+            admin_addr,
+            manifest_path,
             dir,
             log,
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -257,6 +287,50 @@ impl TestNode {
         }
     }
 
+    /// A call to the admin API with the node's token.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Bytes>) -> Response {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        self.admin_with(method, path, body, &[("authorization", &auth)])
+            .await
+    }
+
+    /// A call to the admin API with exactly these headers.
+    pub async fn admin_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let url = format!("http://{}{path}", self.admin_addr);
+        match self.try_request_url(method, &url, body, headers).await {
+            Ok(response) => response,
+            Err(e) => panic!(
+                "admin {method} {path} failed: {e}\nnode log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// The node's Prometheus metrics (from the admin listener).
+    pub async fn metrics(&self) -> String {
+        let response = self.admin("GET", "/metrics", None).await;
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.body
+    }
+
+    /// The value of `series` for `component` of `tenant` in the node's metrics (0 when absent).
+    pub async fn metric(&self, series: &str, tenant: &str, component: &str) -> f64 {
+        let prefix = format!("{series}{{tenant=\"{tenant}\",component=\"{component}\"}}");
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn try_request(
         &self,
         method: &str,
@@ -264,7 +338,18 @@ impl TestNode {
         body: Option<Bytes>,
         headers: &[(&str, &str)],
     ) -> Result<Response, String> {
-        let mut request = http::Request::builder().method(method).uri(self.url(path));
+        self.try_request_url(method, &self.url(path), body, headers)
+            .await
+    }
+
+    async fn try_request_url(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, String> {
+        let mut request = http::Request::builder().method(method).uri(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -287,6 +372,12 @@ impl TestNode {
             headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+
+    /// Kills the node at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the node process is still running.
