@@ -85,7 +85,7 @@ pub fn run(root: &Path) -> Result<()> {
             measured.push(measure(server)?);
         }
     }
-    let metrics = http_get(trellis.port, "/metrics")?;
+    let metrics = trellis.metrics()?;
     drop((native, serve, trellis));
     let results: Vec<(Measured, Vec<f64>)> = rounds
         .into_iter()
@@ -108,6 +108,7 @@ pub fn run(root: &Path) -> Result<()> {
 
     let mut report = render(&results, &cost, &metrics);
     report.push_str(&capabilities(&release, &out_dir)?);
+    report.push_str(&hot_deploy(root, &release, &out_dir)?);
     report.push_str(&shop_orders(root, &release, &out_dir)?);
     println!("\n{report}");
     std::fs::write(out_dir.join("results.md"), &report)?;
@@ -241,7 +242,7 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     )?;
     let handled_line = "trellis_messages_handled_total{tenant=\"default\",component=\"sink\"}";
     loop {
-        let metrics = http_get(port, "/metrics")?;
+        let metrics = node.metrics()?;
         let handled = metrics
             .lines()
             .find(|l| l.starts_with(handled_line))
@@ -332,17 +333,18 @@ fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     let data = out_dir.join("shop-data");
     let _ = std::fs::remove_dir_all(&data);
     let port = free_port()?;
-    let shop = Server::start(
+    let listen = format!("127.0.0.1:{port}");
+    let shop = start_trellis_with(
         "trellis shop",
-        Command::new(release.join("trellis"))
-            .arg("up")
-            .arg(root.join("examples/shop/trellis.toml"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(&data)
-            .env("TRELLIS_LOG", "warn"),
+        release,
+        &root.join("examples/shop/trellis.toml"),
         port,
-        "/health/ready",
+        &[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
     )?;
     let json = "content-type: application/json";
     for (email, password) in [
@@ -419,7 +421,7 @@ fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         latency(&light, "50%").context("no p50")?,
         latency(&light, "99%").context("no p99")?,
     );
-    let metrics = http_get(port, "/metrics")?;
+    let metrics = shop.metrics()?;
     drop(shop);
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (orders, p50, p99, non_2xx) = rounds[rounds.len() / 2];
@@ -465,6 +467,143 @@ fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     ))
 }
 
+/// Hot deploy: how long an upload of the shop's `order` takes until it serves (compiled
+/// from scratch; the same bytes again for another component, sharing the compiled code;
+/// on a new node whose on-disk compile cache knows the bytes), and hello's requests/s
+/// while its entry is changed (a new version built and swapped in) every 100 ms, against
+/// the same load without swaps, in interleaved rounds.
+fn hot_deploy(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let cache = out_dir.join("deploy-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let hello = root.join("target/wasm/hello.wasm");
+    let order = std::fs::read(root.join("target/wasm/order.wasm"))?;
+    let migrations = root.join("components/order/migrations");
+    let start_node = |label: &'static str, data: &str| -> Result<Server> {
+        let data = out_dir.join(data);
+        let _ = std::fs::remove_dir_all(&data);
+        let port = free_port()?;
+        let manifest = out_dir.join(format!(
+            "{data}.toml",
+            data = data.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(
+            &manifest,
+            format!(
+                "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\ncache_dir = \"{cache}\"\n\n\
+                 [components.hello]\nsource = \"{hello}\"\nroutes = [\"/hello\"]\n\
+                 limits = {{ max_concurrent = 256 }}\n",
+                data = data.display(),
+                cache = cache.display(),
+                hello = hello.display()
+            ),
+        )?;
+        start_trellis(label, release, &manifest, port)
+    };
+    // Upload to serving: from the first byte of the upload until the route answers.
+    let deploy = |node: &Server, name: &str| -> Result<f64> {
+        let entry = format!(
+            r#"{{"routes":["/{name}"],"sql":true,"migrations":"{}","config":{{"JWT_SECRET":"bench-secret-0123456789-0123456789-abcdef"}}}}"#,
+            migrations.display()
+        );
+        let component = format!("/v1/tenants/default/components/{name}");
+        node.admin("PUT", &component, entry.as_bytes(), 201)?;
+        let started = Instant::now();
+        node.admin(
+            "POST",
+            &format!("{component}/versions?activate=true"),
+            &order,
+            201,
+        )?;
+        // The order service answers its own 404 for this path: it is serving.
+        exchange(node.port, "GET", &format!("/{name}"), &[], "", 404)?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    };
+    eprintln!("== hot deploy: upload to serving");
+    let node = start_node("trellis deploy (cold cache)", "deploy-data-a")?;
+    let uncached = deploy(&node, "order1")?;
+    let shared = deploy(&node, "order2")?;
+    drop(node);
+    let node = start_node("trellis deploy (warm cache)", "deploy-data-b")?;
+    let disk_cached = deploy(&node, "order1")?;
+
+    // Requests/s with and without a swap every 100 ms.
+    let url = format!("http://127.0.0.1:{}/hello/bench", node.port);
+    wrk(&url, WARMUP)?;
+    let mut steady = Vec::new();
+    let mut swapping = Vec::new();
+    let mut swaps = 0;
+    for round in 1..=ROUNDS {
+        eprintln!("== hot deploy: round {round}/{ROUNDS} without swaps");
+        steady.push(field(&wrk(&url, DURATION)?, "Requests/sec:").context("no Requests/sec")?);
+        eprintln!("== hot deploy: round {round}/{ROUNDS} swapping every 100 ms");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let stop = stop.clone();
+            let admin_port = node.admin_port.context("admin port")?;
+            std::thread::spawn(move || -> Result<u32> {
+                let auth = format!("authorization: Bearer {ADMIN_TOKEN}");
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let entry = format!(
+                        r#"{{"routes":["/hello"],"limits":{{"max_concurrent":256}},"config":{{"SWAP":"{n}"}}}}"#
+                    );
+                    exchange(
+                        admin_port,
+                        "PUT",
+                        "/v1/tenants/default/components/hello",
+                        &[&auth],
+                        &entry,
+                        200,
+                    )?;
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(n)
+            })
+        };
+        let output = wrk(&url, DURATION)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swaps += swapper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the swapper panicked"))??;
+        if field(&output, "Non-2xx or 3xx responses:").unwrap_or(0.0) > 0.0 {
+            bail!("requests failed while swapping:\n{output}");
+        }
+        swapping.push(field(&output, "Requests/sec:").context("no Requests/sec")?);
+    }
+    drop(node);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (steady_rps, swapping_rps) = (median(steady.clone()), median(swapping.clone()));
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(format!(
+        "\n### Hot deploy\n\n\
+         Upload to serving, the shop's `order` ({} KB): `POST .../versions?activate=true` (compile, migrations, link, \
+         one trial instance, swap) until its route answers\n\n\
+         | case | upload to serving |\n|---|---|\n\
+         | new bytes, empty compile cache | {uncached:.0} ms |\n\
+         | the same bytes for a second component (compiled code shared in memory) | {shared:.0} ms |\n\
+         | a new node whose on-disk compile cache knows the bytes | {disk_cached:.0} ms |\n\n\
+         hello under wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION}, with its entry changed (a new version built, \
+         checked and swapped in) every 100 ms ({swaps} swaps in all, no failed request), against the same load \
+         without swaps; {ROUNDS} interleaved rounds, median shown\n\n\
+         | load | requests/s | vs without swaps | all rounds |\n|---|---|---|---|\n\
+         | no swaps | {steady_rps:.0} | 1.00x | {} |\n\
+         | a swap every 100 ms | {swapping_rps:.0} | {:.2}x | {} |\n",
+        order.len() / 1000,
+        list(&steady),
+        swapping_rps / steady_rps,
+        list(&swapping),
+    ))
+}
+
 /// `"name":"value"` out of a JSON answer (the xtask has no JSON parser).
 fn json_string_field(body: &str, name: &str) -> Option<String> {
     let start = body.find(&format!("\"{name}\":\""))? + name.len() + 4;
@@ -481,15 +620,27 @@ fn exchange(
     body: &str,
     expect: u16,
 ) -> Result<String> {
+    exchange_bytes(port, method, path, headers, body.as_bytes(), expect)
+}
+
+fn exchange_bytes(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+    expect: u16,
+) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )?;
+    stream.write_all(body)?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if !response.starts_with(&format!("HTTP/1.1 {expect}")) {
@@ -515,23 +666,58 @@ fn run_baseline(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// A release Trellis node on `manifest`, ready when its `/health/ready` says so.
+/// The admin token of every node the benchmark starts.
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// A release Trellis node on `manifest` (plus `args`), ready when its `/health/ready` says
+/// so, with its admin API on a free port.
 fn start_trellis(name: &'static str, release: &Path, manifest: &Path, port: u16) -> Result<Server> {
-    Server::start(
+    start_trellis_with(name, release, manifest, port, &[])
+}
+
+fn start_trellis_with(
+    name: &'static str,
+    release: &Path,
+    manifest: &Path,
+    port: u16,
+    args: &[&std::ffi::OsStr],
+) -> Result<Server> {
+    let admin_port = free_port()?;
+    let mut server = Server::start(
         name,
         Command::new(release.join("trellis"))
             .arg("up")
             .arg(manifest)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(args)
+            .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("TRELLIS_LOG", "warn"),
         port,
         "/health/ready",
-    )
+    )?;
+    server.admin_port = Some(admin_port);
+    Ok(server)
+}
+
+impl Server {
+    /// A call to the node's admin API; fails unless the status is `expect`.
+    fn admin(&self, method: &str, path: &str, body: &[u8], expect: u16) -> Result<String> {
+        let port = self.admin_port.context("not a trellis node")?;
+        let auth = format!("authorization: Bearer {ADMIN_TOKEN}");
+        exchange_bytes(port, method, path, &[&auth], body, expect)
+    }
+
+    fn metrics(&self) -> Result<String> {
+        self.admin("GET", "/metrics", b"", 200)
+    }
 }
 
 /// A server process, killed on drop.
 struct Server {
     name: &'static str,
     port: u16,
+    /// A Trellis node's admin API.
+    admin_port: Option<u16>,
     child: Child,
 }
 
@@ -553,7 +739,12 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {command:?}"))?;
-        let mut server = Server { name, port, child };
+        let mut server = Server {
+            name,
+            port,
+            admin_port: None,
+            child,
+        };
         let started = Instant::now();
         loop {
             if http_get(port, ready_path).is_ok() {
