@@ -460,7 +460,7 @@ async fn the_openapi_document_matches_the_real_answers() {
         .refused(
             "PUT",
             SVC,
-            json_body(json!({"routes": ["/svc"]})),
+            json_body(json!({"routes": ["/svc", "/svc-v2"]})),
             409,
             "canary_running",
         )

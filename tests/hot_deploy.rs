@@ -845,6 +845,30 @@ async fn the_cli_deploys_shows_status_rolls_back_and_exits_with_clear_codes() {
     );
     let (code, _, _) = with(&["canary", "abort", "-c", "greeter"]);
     assert_eq!(code, 0);
+    // New code and a new entry at once are one new version (the entry adds a route).
+    std::fs::write(&entry, "routes = [\"/greet\", \"/greet2\"]\n").unwrap();
+    let (code, out, err) = with(&[
+        "deploy",
+        hello_wstd.to_str().unwrap(),
+        "-c",
+        "greeter",
+        "--entry",
+        entry.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is active"), "{out}");
+    assert_eq!(service(&node.get("/greet2").await), "hello-wstd");
+    let (_, out, _) = with(&["status", "-c", "greeter", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        status["active"]["routes"],
+        serde_json::json!(["/greet", "/greet2"])
+    );
+    assert_eq!(
+        status["previous"]["routes"],
+        serde_json::json!(["/greet"]),
+        "no version in between"
+    );
     let (code, _, _) = with(&["delete", "-c", "greeter"]);
     assert_eq!(code, 0);
     assert_eq!(node.get("/greet").await.status, 404);
@@ -864,4 +888,128 @@ async fn the_cli_deploys_shows_status_rolls_back_and_exits_with_clear_codes() {
     assert_eq!(code, 3, "{err}");
     let (code, _, err) = run_trellis(&["status", "--admin", &admin, "--token", "wrong"]);
     assert_eq!(code, 4, "{err}");
+}
+
+#[tokio::test]
+async fn without_a_configured_token_the_node_generates_one_in_a_private_file() {
+    let data = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        generated_admin_token: true,
+        ..Default::default()
+    };
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    let file = data.path().join("admin-token");
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the node's owner may read the token");
+    assert!(
+        node.log().contains(&file.display().to_string()),
+        "the node says where it is"
+    );
+
+    let auth = format!("Bearer {token}");
+    let with_it = node
+        .admin_with("GET", "/v1/status", None, &[("authorization", &auth)])
+        .await;
+    assert_eq!(with_it.status, 200, "{}", with_it.body);
+    let test_token = format!("Bearer {ADMIN_TOKEN}");
+    let without = node
+        .admin_with("GET", "/v1/status", None, &[("authorization", &test_token)])
+        .await;
+    assert_eq!(without.status, 401, "another token is refused");
+
+    // The same token after a restart, and the CLI finds it through --token-file.
+    drop(node);
+    let node = TestNode::start_with(MANIFEST, &options).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
+    let admin = format!("http://{}", node.admin_addr);
+    let (code, out, err) = run_trellis(&[
+        "status",
+        "--admin",
+        &admin,
+        "--token-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("default/svc  active"), "{out}");
+}
+
+#[tokio::test]
+async fn a_version_whose_migration_fails_is_refused_and_the_old_one_keeps_serving() {
+    let migrations = tempfile::tempdir().unwrap();
+    std::fs::write(
+        migrations.path().join("0001_notes.sql"),
+        "CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT NOT NULL);",
+    )
+    .unwrap();
+    let node = TestNode::start(&format!(
+        r#"
+[components.notes]
+source = "{{wasm:sql-probe}}"
+routes = ["/notes"]
+sql = true
+migrations = "{}"
+"#,
+        migrations.path().display()
+    ))
+    .await;
+    let path = "/v1/tenants/default/components/notes";
+    let insert =
+        r#"{"statements":[{"execute":"INSERT INTO notes (id, body) VALUES (1, 'kept')"}]}"#;
+    assert_eq!(node.post("/notes", insert).await.status, 200);
+
+    // A broken migration: the new version is refused, nothing of it is applied.
+    std::fs::write(
+        migrations.path().join("0002_broken.sql"),
+        "ALTER TABLE notes ADD COLUMN extra TEXT; THIS IS NOT SQL;",
+    )
+    .unwrap();
+    let entry = format!(
+        r#"{{"routes": ["/notes"], "sql": true, "migrations": "{}", "config": {{"V": "2"}}}}"#,
+        migrations.path().display()
+    );
+    let refused = node
+        .admin("PUT", path, Some(Bytes::from(entry.clone())))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.json()["error"], "migration_failed");
+    assert!(
+        refused.body.contains("0002_broken.sql"),
+        "the file is named: {}",
+        refused.body
+    );
+    let select = r#"{"statements":[{"query":"SELECT body FROM notes"}]}"#;
+    let still = node.post("/notes", select).await;
+    assert_eq!(still.status, 200);
+    assert!(still.body.contains("kept"), "{}", still.body);
+    let columns = node
+        .post(
+            "/notes",
+            r#"{"statements":[{"query":"SELECT extra FROM notes"}]}"#,
+        )
+        .await;
+    assert!(
+        columns.body.contains("error"),
+        "the failed migration left nothing: {}",
+        columns.body
+    );
+
+    // Positive control: fixed, the same change is taken and its migration applied.
+    std::fs::write(
+        migrations.path().join("0002_broken.sql"),
+        "ALTER TABLE notes ADD COLUMN extra TEXT;",
+    )
+    .unwrap();
+    let taken = node.admin("PUT", path, Some(Bytes::from(entry))).await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    let columns = node
+        .post(
+            "/notes",
+            r#"{"statements":[{"query":"SELECT extra FROM notes"}]}"#,
+        )
+        .await;
+    assert!(!columns.body.contains("\"error\""), "{}", columns.body);
 }

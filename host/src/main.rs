@@ -369,14 +369,15 @@ async fn admin(command: Command) -> Result<(), ClientError> {
             let client = admin.client()?;
             let bytes = std::fs::read(&wasm)
                 .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", wasm.display())))?;
-            if let Some(entry) = entry {
-                let spec = read_entry(&entry)?;
-                client
-                    .call(Method::PUT, &target.path(""), Some(spec))
-                    .await?;
-            }
-            let mut query = if let Some(weight) = canary {
-                let mut query = format!("?canary={weight}");
+            let entry = entry.map(|path| read_entry(&path)).transpose()?;
+            // Whether the component exists (and that the token is good) before uploading.
+            let exists = match client.call(Method::GET, &target.path(""), None).await {
+                Ok(status) => status["state"] != "awaiting_version",
+                Err(ClientError::Refused { status: 404, .. }) => false,
+                Err(e) => return Err(e),
+            };
+            let action = if let Some(weight) = canary {
+                let mut query = format!("canary={weight}");
                 for (key, value) in policy.fields() {
                     let value = value
                         .as_str()
@@ -386,27 +387,49 @@ async fn admin(command: Command) -> Result<(), ClientError> {
                 }
                 query
             } else if no_activate {
-                String::new()
+                "activate=false".to_string()
             } else {
-                "?activate=true".to_string()
+                "activate=true".to_string()
             };
-            if query.is_empty() {
-                query.push('?');
-            }
             let digest = trellis::deploy::code::digest(&bytes);
             let label = format!("{}/{}", target.tenant, target.component);
-            let answer = client
-                .upload(
-                    &target.path(&format!("/versions{}", query.trim_end_matches('?'))),
-                    &label,
-                    bytes,
-                    &[("x-trellis-digest", digest)],
-                )
-                .await?;
+            let upload = |query: &str, bytes: Vec<u8>| {
+                let path = target.path(&format!("/versions?{query}"));
+                let headers = [("x-trellis-digest", digest.clone())];
+                let (client, label) = (&client, &label);
+                async move { client.upload(&path, label, bytes, &headers).await }
+            };
+            let answer = match entry {
+                // New code with a new entry is one new version: the code is uploaded and
+                // kept, then the entry names it, activated or as a canary.
+                Some(entry) if exists => {
+                    let mut answer = upload("activate=false", bytes).await?;
+                    let path = target.path(&format!("?version={}&{action}", encode(&digest)));
+                    let status = client.call(Method::PUT, &path, Some(entry)).await?;
+                    let side = if status["canary"]["version"] == digest.as_str() {
+                        "canary"
+                    } else {
+                        "active"
+                    };
+                    answer["state"] = side.into();
+                    answer["seq"] = status[side]["seq"].clone();
+                    answer
+                }
+                Some(entry) => {
+                    client
+                        .call(Method::PUT, &target.path(""), Some(entry))
+                        .await?;
+                    upload(&action, bytes).await?
+                }
+                None => upload(&action, bytes).await?,
+            };
+            let seq = answer["seq"]
+                .as_u64()
+                .map(|seq| format!(" (#{seq})"))
+                .unwrap_or_default();
             println!(
-                "{label}: version {} (#{}) is {} ({} bytes, compiled and checked in {} ms)",
+                "{label}: version {}{seq} is {} ({} bytes, compiled and checked in {} ms)",
                 answer["version"].as_str().unwrap_or("?"),
-                answer["seq"],
                 answer["state"].as_str().unwrap_or("?"),
                 answer["size"],
                 answer["elapsed_ms"]

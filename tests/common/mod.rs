@@ -100,6 +100,8 @@ pub struct NodeOptions {
     pub extra_args: Vec<String>,
     /// Start on this manifest file as it is (default: a fresh file from the template).
     pub manifest_path: Option<PathBuf>,
+    /// Give the node no admin token, so that it generates its own (default: [`ADMIN_TOKEN`]).
+    pub generated_admin_token: bool,
 }
 
 /// The admin token every test node is started with.
@@ -174,7 +176,14 @@ impl TestNode {
         command.args(&options.extra_args);
         let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
-            .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "TRELLIS_ADMIN_TOKEN",
+                if options.generated_admin_token {
+                    ""
+                } else {
+                    ADMIN_TOKEN
+                },
+            )
             // One compile cache for every test node: each guest is compiled once per run.
             .env("TRELLIS_CACHE_DIR", shared_compile_cache())
             // A host secret no guest may see (the sandbox tests look for it).

@@ -64,8 +64,13 @@ async fn component(
     match (method, rest) {
         (&Method::GET, []) => component_status(registry, tenant, name),
         (&Method::PUT, []) => {
+            let params = form_pairs(request.uri().query().unwrap_or_default());
+            let version = param(&params, "version").map(str::to_string);
+            let action = action_from(&params, UploadAction::Activate)?;
             let spec: ComponentSpec = read_json(request).await?;
-            let created = registry.put_spec(tenant, name, spec).await?;
+            let created = registry
+                .put_spec(tenant, name, spec, version.as_deref(), action)
+                .await?;
             let mut response = component_status(registry, tenant, name)?;
             if created {
                 *response.status_mut() = StatusCode::CREATED;
@@ -96,11 +101,11 @@ async fn component(
             component_status(registry, tenant, name)
         }
         (&Method::POST, ["canary", "promote"]) => {
-            registry.promote_canary(tenant, name).await?;
+            registry.end_canary(tenant, name, true).await?;
             component_status(registry, tenant, name)
         }
         (&Method::DELETE, ["canary"]) => {
-            registry.abort_canary(tenant, name).await?;
+            registry.end_canary(tenant, name, false).await?;
             component_status(registry, tenant, name)
         }
         _ => Err(DeployError::new(
@@ -153,54 +158,8 @@ async fn upload(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, DeployError> {
     let started = Instant::now();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let params: Vec<(String, String)> = form_pairs(&query);
-    let param = |key: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    };
-    let action = if let Some(weight) = param("canary") {
-        let mut policy = serde_json::Map::new();
-        policy.insert(
-            "weight".into(),
-            serde_json::Value::from(weight.parse::<u64>().map_err(|_| {
-                DeployError::new(
-                    400,
-                    "bad_query",
-                    format!("canary={weight:?} is not a percentage"),
-                )
-            })?),
-        );
-        for key in ["sticky_header", "sticky_cookie", "window", "promote_after"] {
-            if let Some(value) = param(key) {
-                policy.insert(key.into(), value.into());
-            }
-        }
-        for key in ["max_failure_rate", "min_requests"] {
-            if let Some(value) = param(key) {
-                let number: f64 = value.parse().map_err(|_| {
-                    DeployError::new(400, "bad_query", format!("{key}={value:?} is not a number"))
-                })?;
-                policy.insert(
-                    key.into(),
-                    if key == "min_requests" {
-                        serde_json::Value::from(number as u64)
-                    } else {
-                        serde_json::Value::from(number)
-                    },
-                );
-            }
-        }
-        let policy: CanaryPolicy = serde_json::from_value(serde_json::Value::Object(policy))
-            .map_err(|e| DeployError::new(400, "bad_query", e.to_string()))?;
-        UploadAction::Canary(policy)
-    } else if matches!(param("activate"), Some("true" | "1" | "yes")) {
-        UploadAction::Activate
-    } else {
-        UploadAction::Keep
-    };
+    let params = form_pairs(request.uri().query().unwrap_or_default());
+    let action = action_from(&params, UploadAction::Keep)?;
     let expected = request
         .headers()
         .get("x-trellis-digest")
@@ -235,27 +194,86 @@ async fn upload(
         ));
     }
     let size = bytes.len();
-    let (version, state) = registry
+    let uploaded = registry
         .upload(tenant, name, bytes.to_vec(), expected.as_deref(), action)
         .await?;
-    let mut response = json(
-        StatusCode::CREATED,
-        serde_json::json!({
-            "tenant": tenant,
-            "component": name,
-            "version": &*version.digest,
-            "seq": version.seq,
-            "size": size,
-            "state": state,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-        }),
-    );
+    let mut answer = serde_json::json!({
+        "tenant": tenant,
+        "component": name,
+        "version": uploaded.digest,
+        "size": size,
+        "state": uploaded.state,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    });
+    if let Some(seq) = uploaded.seq {
+        answer["seq"] = seq.into();
+    }
+    let mut response = json(StatusCode::CREATED, answer);
     response.headers_mut().insert(
         header::LOCATION,
         HeaderValue::from_str(&format!("/v1/tenants/{tenant}/components/{name}"))
             .expect("names are header-safe"),
     );
     Ok(response)
+}
+
+fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// What to do with a version, from query parameters: `canary=PERCENT` (with the other
+/// canary fields as parameters), `activate=true|false`, or `default`.
+fn action_from(
+    params: &[(String, String)],
+    default: UploadAction,
+) -> Result<UploadAction, DeployError> {
+    if let Some(weight) = param(params, "canary") {
+        let mut policy = serde_json::Map::new();
+        let weight: u8 = weight.parse().map_err(|_| {
+            DeployError::new(
+                400,
+                "bad_query",
+                format!("canary={weight:?} is not a percentage (1-99)"),
+            )
+        })?;
+        policy.insert("weight".into(), weight.into());
+        for key in ["sticky_header", "sticky_cookie", "window", "promote_after"] {
+            if let Some(value) = param(params, key) {
+                policy.insert(key.into(), value.into());
+            }
+        }
+        if let Some(value) = param(params, "max_failure_rate") {
+            let rate: f64 = value.parse().map_err(|_| {
+                DeployError::new(
+                    400,
+                    "bad_query",
+                    format!("max_failure_rate={value:?} is not a number"),
+                )
+            })?;
+            policy.insert("max_failure_rate".into(), rate.into());
+        }
+        if let Some(value) = param(params, "min_requests") {
+            let count: u64 = value.parse().map_err(|_| {
+                DeployError::new(
+                    400,
+                    "bad_query",
+                    format!("min_requests={value:?} is not a whole number"),
+                )
+            })?;
+            policy.insert("min_requests".into(), count.into());
+        }
+        let policy: CanaryPolicy = serde_json::from_value(serde_json::Value::Object(policy))
+            .map_err(|e| DeployError::new(400, "bad_query", e.to_string()))?;
+        return Ok(UploadAction::Canary(policy));
+    }
+    Ok(match param(params, "activate") {
+        Some("true" | "1" | "yes") => UploadAction::Activate,
+        Some("false" | "0" | "no") => UploadAction::Keep,
+        _ => default,
+    })
 }
 
 fn too_large(registry: &Registry) -> DeployError {

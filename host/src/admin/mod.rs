@@ -79,6 +79,20 @@ impl Admin {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        api::handle(&self.registry, request).await
+        // A change runs to its end (swap and persist) even when the client goes away:
+        // it is a task of its own, not part of the connection's future.
+        let registry = self.registry.clone();
+        match tokio::spawn(async move { api::handle(&registry, request).await }).await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::error!(error = %e, "an admin call failed");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the call failed; see the node's log",
+                    None,
+                )
+            }
+        }
     }
 }

@@ -214,9 +214,10 @@ impl Registry {
 
     /// Deploys what the node should run: the stored state where it still applies, the
     /// manifest for the rest. Returns every manifest component that failed to load.
+    /// Components created through the API come last, so that the manifest's routes win a
+    /// clash (the API component is then left out, and the log says why).
     pub async fn start(&self, manifest: &LoadedManifest) -> Result<(), Vec<LoadError>> {
         let _change = self.changes.lock().await;
-        let mut restored = HashSet::new();
         let stored = match &self.state {
             Some(state) => state.load().await.unwrap_or_else(|e| {
                 tracing::error!(error = %format!("{e:#}"), "cannot read the stored deployments; starting from the manifest");
@@ -224,6 +225,8 @@ impl Registry {
             }),
             None => Vec::new(),
         };
+        let mut restored = HashSet::new();
+        let mut created_through_api = Vec::new();
         for (tenant, name, component) in stored {
             let declared = manifest
                 .manifest
@@ -237,6 +240,8 @@ impl Registry {
                             .lock()
                             .expect("pending lock")
                             .insert((tenant, name), *spec);
+                    } else {
+                        self.forget(&tenant, &name).await;
                     }
                 }
                 StoredComponent::Deployed(record) => {
@@ -248,16 +253,18 @@ impl Registry {
                         _ => false,
                     };
                     if !applies {
-                        tracing::info!(%tenant, component = %name, "the manifest changed since this component was deployed through the API; the manifest wins");
+                        tracing::info!(%tenant, component = %name, "the manifest changed since this component was last deployed through the API; the manifest wins");
                         self.forget(&tenant, &name).await;
-                        continue;
-                    }
-                    match self.restore(&tenant, &name, *record).await {
-                        Ok(()) => {
-                            restored.insert(name);
-                        }
-                        Err(e) => {
-                            tracing::error!(%tenant, component = %name, error = %e, "cannot restore a stored deployment");
+                    } else if record.origin == Origin::Api {
+                        created_through_api.push((tenant, name, record));
+                    } else {
+                        match self.restore(&tenant, &name, *record).await {
+                            Ok(()) => {
+                                restored.insert(name);
+                            }
+                            Err(e) => {
+                                tracing::error!(%tenant, component = %name, error = %e, "cannot restore a stored deployment; deploying the manifest's entry")
+                            }
                         }
                     }
                 }
@@ -279,6 +286,11 @@ impl Registry {
                     "component loaded"
                 ),
                 Err(e) => failures.push(e),
+            }
+        }
+        for (tenant, name, record) in created_through_api {
+            if let Err(e) = self.restore(&tenant, &name, *record).await {
+                tracing::error!(%tenant, component = %name, error = %e, "cannot restore a component created through the API; it is not served");
             }
         }
         if failures.is_empty() {
@@ -320,17 +332,13 @@ impl Registry {
             },
             None => None,
         };
+        let versions = Versions {
+            active,
+            previous,
+            canary,
+        };
         let slot = self
-            .install(
-                tenant,
-                name,
-                Versions {
-                    active,
-                    previous,
-                    canary,
-                },
-                record.origin.clone(),
-            )
+            .install(tenant, name, &|_| versions.clone(), record.origin.clone())
             .await?;
         slot.set_known(record.versions, record.events);
         tracing::info!(tenant, component = name, version = %record.active.digest, "component restored from the node's stored state");
@@ -339,8 +347,9 @@ impl Registry {
 
     // ---- building versions ----------------------------------------------------------
 
-    /// Compiles (or reuses compiled code), opens storage, runs migrations, links, and
-    /// instantiates once under the component's limits. Nothing is swapped in.
+    /// Compiles (or reuses compiled code), opens storage, links, applies migrations, and
+    /// instantiates once under the component's limits. Nothing is swapped in. Migrations
+    /// come after everything that could refuse the code without touching the database.
     async fn build(
         &self,
         tenant: &str,
@@ -349,20 +358,8 @@ impl Registry {
         bytes: Option<Vec<u8>>,
         spec: &ComponentSpec,
     ) -> Result<Arc<Version>, DeployError> {
-        let source_name = match &spec.source {
-            Some(path) if bytes.is_some() => path.display().to_string(),
-            _ => format!("version {digest}"),
-        };
-        let bytes = match bytes {
-            Some(bytes) => bytes,
-            None => self
-                .code
-                .get(digest)
-                .await
-                .map_err(|e| DeployError::new(404, "unknown_version", format!("{e:#}")))?,
-        };
-        let component = self.code.compile(digest, bytes, name, &source_name).await?;
-        let storage = self.storage_grants(tenant, name, spec).await?;
+        let component = self.compile(name, digest, bytes).await?;
+        let (storage, database) = self.open_storage(tenant, name, spec).await?;
         let services = VersionServices {
             storage,
             internal_calls: Some(InternalCalls {
@@ -383,42 +380,73 @@ impl Registry {
             },
             services,
         )?);
-        // The check takes a permit like any call: of the slot when there is one.
-        let existing = self.slot(tenant, name);
-        let scratch;
-        let admission = match &existing {
-            Some(slot) => &slot.admission,
-            None => {
-                scratch = Admission::new(1, self.metrics.for_component(tenant, name));
-                &scratch
+        if let (Some(dir), Some(database)) = (&spec.migrations, database) {
+            // A migration that fails refuses the version (its own transaction rolled back).
+            let applied = database.migrate(dir).await.map_err(|e| {
+                DeployError::new(
+                    422,
+                    "migration_failed",
+                    format!("component {name:?}: {e:#}"),
+                )
+            })?;
+            if !applied.is_empty() {
+                tracing::info!(tenant, component = name, ?applied, "applied migrations");
             }
-        };
-        let permit = admission.admit().await;
-        invoke::check(&version, &permit).await.map_err(|failure| {
-            let reason = match failure {
-                invoke::Failure::MemoryLimit(limit) => {
-                    format!("its initial memory is above limits.memory ({limit})")
-                }
-                other => other.to_string(),
-            };
-            DeployError::from(LoadError::Instantiate {
-                component: name.to_string(),
-                reason,
-            })
-        })?;
+        }
+        // The trial instance has an admission of its own: it never takes a permit from
+        // live traffic, so a deploy cannot make a busy component answer 503.
+        let scratch = Admission::new(1, self.metrics.for_component(tenant, name));
+        let permit = scratch.admit().await;
+        invoke::check(&version, &permit)
+            .await
+            .map_err(|failure| match failure {
+                invoke::Failure::PoolExhausted => DeployError::new(
+                    503,
+                    "node_busy",
+                    "the node's instance pool is exhausted (node.max_instances); try again",
+                ),
+                invoke::Failure::MemoryLimit(limit) => DeployError::from(LoadError::Instantiate {
+                    component: name.to_string(),
+                    reason: format!("its initial memory is above limits.memory ({limit})"),
+                }),
+                other => DeployError::from(LoadError::Instantiate {
+                    component: name.to_string(),
+                    reason: other.to_string(),
+                }),
+            })?;
         Ok(version)
     }
 
-    /// Opens the component's database (once) when it is granted storage, prepares each
-    /// granted capability, and applies migrations.
-    async fn storage_grants(
+    /// The compiled code of `digest`: from `bytes`, or the version store.
+    async fn compile(
+        &self,
+        name: &str,
+        digest: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<wasmtime::component::Component, DeployError> {
+        let (bytes, source_name) = match bytes {
+            Some(bytes) => (bytes, "the component".to_string()),
+            None => (
+                self.code
+                    .get(digest)
+                    .await
+                    .map_err(|e| DeployError::new(404, "unknown_version", format!("{e:#}")))?,
+                format!("version {digest}"),
+            ),
+        };
+        Ok(self.code.compile(digest, bytes, name, &source_name).await?)
+    }
+
+    /// Opens the component's database (once) when it is granted storage, and prepares each
+    /// granted capability on it; the database is returned for migrations.
+    async fn open_storage(
         &self,
         tenant: &str,
         name: &str,
         spec: &ComponentSpec,
-    ) -> Result<StorageGrants, DeployError> {
+    ) -> Result<(StorageGrants, Option<ComponentDatabase>), DeployError> {
         if spec.keyvalue.is_empty() && !spec.sql {
-            return Ok(StorageGrants::default());
+            return Ok((StorageGrants::default(), None));
         }
         let storage_error = |e: anyhow::Error| {
             DeployError::from(LoadError::Storage {
@@ -462,52 +490,87 @@ impl Registry {
         };
         let database = open.database.clone();
         drop(databases);
-        if let Some(dir) = &spec.migrations {
-            let applied = database.migrate(dir).await.map_err(storage_error)?;
-            if !applied.is_empty() {
-                tracing::info!(tenant, component = name, ?applied, "applied migrations");
-            }
-        }
-        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database)));
-        Ok(StorageGrants { keyvalue, sql })
+        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database.clone())));
+        Ok((StorageGrants { keyvalue, sql }, Some(database)))
     }
 
-    /// Puts `versions` in place: a new slot joins the table, an existing one swaps.
+    /// Puts a new set of versions in place, computed by `change` from the slot's current
+    /// set (none for a new component) at the moment of the swap. A new slot subscribes
+    /// before it is routed; an existing one subscribes to new patterns before the swap.
     async fn install(
         &self,
         tenant: &str,
         name: &str,
-        versions: Versions,
+        change: &(dyn Fn(Option<&Versions>) -> Versions + Send + Sync),
         origin: Origin,
     ) -> Result<Arc<Slot>, DeployError> {
-        let patterns = versions.active.spec.subscriptions.clone();
-        let slot = match self.slot(tenant, name) {
+        let existing = self.slot(tenant, name);
+        let preview = change(existing.as_ref().map(|slot| slot.versions()).as_deref());
+        if let Some(clash) = self.route_clash(tenant, name, &preview.active.spec.routes) {
+            return Err(DeployError::new(409, "route_taken", clash));
+        }
+        let patterns = preview.active.spec.subscriptions.clone();
+        let subscribe_error =
+            |e: anyhow::Error| DeployError::new(500, "subscribe_failed", format!("{e:#}"));
+        let slot = match existing {
             Some(slot) => {
-                let routes_changed = slot.active().spec.routes != versions.active.spec.routes;
-                slot.swap(versions);
+                slot.subscribe(&patterns).await.map_err(subscribe_error)?;
+                let routes_before = slot.active().spec.routes.clone();
+                let now = slot.update(|current| change(Some(current)));
                 slot.set_origin(origin);
-                if routes_changed {
+                if routes_before != now.active.spec.routes {
                     self.rebuild_table(None, None);
                 }
                 slot
             }
             None => {
                 let slot = Slot::new(
-                    versions.active.clone(),
+                    preview.active.clone(),
                     origin,
                     self.metrics.for_component(tenant, name),
                     self.bus.clone(),
                     self.me.clone() as Weak<dyn SlotObserver>,
                 );
-                slot.swap(versions);
+                slot.swap(preview);
+                slot.subscribe(&patterns).await.map_err(subscribe_error)?;
                 self.rebuild_table(Some(slot.clone()), None);
                 slot
             }
         };
-        slot.subscribe(&patterns)
-            .await
-            .map_err(|e| DeployError::new(500, "subscribe_failed", format!("{e:#}")))?;
+        self.forget_unused_code();
         Ok(slot)
+    }
+
+    /// Which component of `tenant` (other than `name`, running or waiting for its first
+    /// version) already serves one of `routes`.
+    fn route_clash(&self, tenant: &str, name: &str, routes: &[String]) -> Option<String> {
+        let table = self.table.load();
+        let pending = self.pending.lock().expect("pending lock");
+        let others = table
+            .slots
+            .values()
+            .filter(|slot| &*slot.tenant == tenant && &*slot.name != name)
+            .map(|slot| (slot.name.to_string(), slot.active().spec.routes.clone()))
+            .chain(
+                pending
+                    .iter()
+                    .filter(|((t, n), _)| t == tenant && n != name)
+                    .map(|((_, n), spec)| (n.clone(), spec.routes.clone())),
+            );
+        for (other, their_routes) in others {
+            for route in routes {
+                let normalized = normalize_route(route);
+                if their_routes
+                    .iter()
+                    .any(|r| normalize_route(r) == normalized)
+                {
+                    return Some(format!(
+                        "route {normalized:?} is already served by component {other:?} in tenant {tenant:?}"
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Rebuilds the table with `add` added and `remove` removed, routes from each slot's
@@ -529,6 +592,11 @@ impl Registry {
             .collect();
         let router = Router::new(&self.config.tenants, &routes);
         self.table.store(Arc::new(Table { slots, router }));
+    }
+
+    /// Drops compiled code that no version in use needs (its bytes stay on disk; running
+    /// instances hold their own reference).
+    fn forget_unused_code(&self) {
         let in_use: HashSet<String> = self
             .table
             .load()
@@ -589,38 +657,39 @@ impl Registry {
         spec: &ComponentSpec,
     ) -> Result<Arc<Version>, LoadError> {
         let source = spec.source.clone().unwrap_or_default();
-        let bytes = tokio::fs::read(&source)
-            .await
-            .map_err(|e| LoadError::Read {
-                component: name.to_string(),
-                source_name: source.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        let size = bytes.len() as u64;
-        let digest = self.code.put(&bytes).await.map_err(|e| LoadError::Read {
+        let read_error = |reason: String| LoadError::Read {
             component: name.to_string(),
             source_name: source.display().to_string(),
-            reason: format!("keeping it in the version store: {e:#}"),
-        })?;
+            reason,
+        };
+        let bytes = tokio::fs::read(&source)
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let size = bytes.len() as u64;
+        let digest = self
+            .code
+            .put(&bytes)
+            .await
+            .map_err(|e| read_error(format!("keeping it in the version store: {e:#}")))?;
         let fingerprint = fingerprint(spec, &digest);
         let version = self
             .build(&spec.tenant, name, &digest, Some(bytes), spec)
             .await
-            .map_err(|e| into_load_error(name, e))?;
-        let previous = self.slot(&spec.tenant, name).map(|slot| slot.active());
+            .map_err(into_load_error)?;
+        let active = version.clone();
         let slot = self
             .install(
                 &spec.tenant,
                 name,
-                Versions {
-                    active: version.clone(),
-                    previous,
+                &move |current| Versions {
+                    active: active.clone(),
+                    previous: current.map(|c| c.active.clone()),
                     canary: None,
                 },
                 Origin::Manifest { fingerprint },
             )
             .await
-            .map_err(|e| into_load_error(name, e))?;
+            .map_err(into_load_error)?;
         slot.know(&digest, size);
         slot.event("activated", &version, None);
         Ok(version)
@@ -638,13 +707,17 @@ impl Registry {
 
     // ---- the admin API ----------------------------------------------------------------
 
-    /// Creates a component (its entry; it serves once a version is uploaded) or changes
-    /// the entry of an existing one (a new version: same code, new entry, activated).
+    /// Sets a component's entry. A component the node does not have is created, waiting
+    /// for its first version (answers true). An existing one gets a new version: the code of
+    /// `version` (default: the active code) with the new entry, activated or started as a
+    /// canary as `action` says.
     pub async fn put_spec(
         &self,
         tenant: &str,
         name: &str,
         mut spec: ComponentSpec,
+        version: Option<&str>,
+        action: UploadAction,
     ) -> Result<bool, DeployError> {
         let _change = self.changes.lock().await;
         if !self.tenant_exists(tenant) {
@@ -664,54 +737,64 @@ impl Registry {
             }
         }
         self.check_spec(tenant, name, &spec)?;
-        match self.slot(tenant, name) {
-            Some(slot) => {
-                let current = slot.versions();
-                if current.canary.is_some() {
-                    return Err(DeployError::new(
-                        409,
-                        "canary_running",
-                        "promote or abort the running canary first",
-                    ));
-                }
-                let version = self
-                    .build(tenant, name, &current.active.digest, None, &spec)
-                    .await?;
-                self.install(
-                    tenant,
-                    name,
-                    Versions {
-                        active: version.clone(),
-                        previous: Some(current.active.clone()),
-                        canary: None,
-                    },
-                    slot.origin(),
-                )
-                .await?;
-                slot.event("activated", &version, Some("entry changed".into()));
-                self.persist(&slot).await;
-                Ok(false)
+        if let UploadAction::Canary(policy) = &action
+            && let Some(problem) = policy.problem()
+        {
+            return Err(DeployError::new(422, "invalid_canary", problem));
+        }
+        let Some(slot) = self.slot(tenant, name) else {
+            if version.is_some() {
+                return Err(DeployError::new(
+                    409,
+                    "no_active_version",
+                    "create the component first (an entry without a version), then upload its code",
+                ));
             }
-            None => {
-                if let Some(state) = &self.state {
-                    state
-                        .save(
-                            tenant,
-                            name,
-                            &StoredComponent::Pending {
-                                spec: Box::new(spec.clone()),
-                            },
-                        )
-                        .await
-                        .map_err(|e| DeployError::new(500, "state_failed", format!("{e:#}")))?;
-                }
-                self.pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert((tenant.to_string(), name.to_string()), spec);
-                Ok(true)
+            if let Some(state) = &self.state {
+                state
+                    .save(
+                        tenant,
+                        name,
+                        &StoredComponent::Pending {
+                            spec: Box::new(spec.clone()),
+                        },
+                    )
+                    .await
+                    .map_err(|e| DeployError::new(500, "state_failed", format!("{e:#}")))?;
+            }
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .insert((tenant.to_string(), name.to_string()), spec);
+            return Ok(true);
+        };
+        let current = slot.versions();
+        if current.canary.is_some()
+            && !matches!(action, UploadAction::Canary(_))
+            && (current.active.spec.routes != spec.routes
+                || current.active.spec.subscriptions != spec.subscriptions)
+        {
+            // The canary would no longer serve what the active version serves.
+            return Err(DeployError::new(
+                409,
+                "canary_running",
+                "promote or abort the running canary first",
+            ));
+        }
+        let digest = match version {
+            Some(digest) => self.known_digest(&slot, digest)?,
+            None => current.active.digest.to_string(),
+        };
+        let new = self.build(tenant, name, &digest, None, &spec).await?;
+        match action {
+            UploadAction::Canary(policy) => self.start_canary_locked(&slot, new, policy)?,
+            UploadAction::Keep | UploadAction::Activate => {
+                self.activate_locked(&slot, new, "activated", Some("entry changed".into()))
+                    .await?;
             }
         }
+        self.persist(&slot).await;
+        Ok(false)
     }
 
     /// Problems with an entry given through the API, including routes another component
@@ -723,24 +806,11 @@ impl Registry {
         spec: &ComponentSpec,
     ) -> Result<(), DeployError> {
         let mut problems = crate::manifest::component_problems(name, spec, &self.config.node);
-        let table = self.table.load();
-        for (i, route) in spec.routes.iter().enumerate() {
-            let normalized = normalize_route(route);
-            if let Some(other) = table.slots.values().find(|slot| {
-                &*slot.tenant == tenant
-                    && &*slot.name != name
-                    && slot
-                        .active()
-                        .spec
-                        .routes
-                        .iter()
-                        .any(|r| normalize_route(r) == normalized)
-            }) {
-                problems.push(Problem {
-                    field: format!("components.{name}.routes[{i}]"),
-                    reason: format!("route {normalized:?} is already served by component {:?} in tenant {tenant:?}", other.name),
-                });
-            }
+        if let Some(clash) = self.route_clash(tenant, name, &spec.routes) {
+            problems.push(Problem {
+                field: format!("components.{name}.routes"),
+                reason: clash,
+            });
         }
         if problems.is_empty() {
             return Ok(());
@@ -758,8 +828,10 @@ impl Registry {
         Err(error)
     }
 
-    /// Takes an uploaded version: verifies, keeps and compiles it, checks it against the
-    /// component's entry, then keeps it, activates it or starts a canary with it.
+    /// Takes an uploaded version. `Keep` verifies, keeps and compiles it and checks its
+    /// imports (what it must export depends on the entry it will run with: that is checked
+    /// when it is activated). `Activate` and `Canary` build it with the active entry (or a
+    /// new component's entry) and swap it in or start a canary with it.
     pub async fn upload(
         &self,
         tenant: &str,
@@ -767,7 +839,7 @@ impl Registry {
         bytes: Vec<u8>,
         expected_digest: Option<&str>,
         action: UploadAction,
-    ) -> Result<(Arc<Version>, &'static str), DeployError> {
+    ) -> Result<Uploaded, DeployError> {
         let size = bytes.len() as u64;
         let limit = self.config.node.max_component_size.as_u64();
         if size > limit {
@@ -803,33 +875,31 @@ impl Registry {
             (None, Some(spec)) => spec.clone(),
             (None, None) => return Err(DeployError::not_found(tenant, name)),
         };
-        if let UploadAction::Canary(policy) = &action
-            && let Some(problem) = policy.problem()
-        {
-            return Err(DeployError::new(422, "invalid_canary", problem));
+        if let UploadAction::Canary(policy) = &action {
+            if let Some(problem) = policy.problem() {
+                return Err(DeployError::new(422, "invalid_canary", problem));
+            }
+            if slot.is_none() {
+                return Err(DeployError::new(
+                    409,
+                    "no_active_version",
+                    "a canary needs an active version to run beside; upload the first version without one",
+                ));
+            }
         }
-        if slot.is_none() && matches!(action, UploadAction::Canary(_)) {
-            return Err(DeployError::new(
-                409,
-                "no_active_version",
-                "a canary needs an active version to run beside; upload the first version without one",
-            ));
-        }
-        let version = self
-            .build(tenant, name, &digest, Some(bytes.clone()), &spec)
-            .await?;
-        self.code
-            .put(&bytes)
-            .await
-            .map_err(|e| DeployError::new(500, "store_failed", format!("{e:#}")))?;
         let Some(slot) = slot else {
             // The first version of a component created through the API: it serves now.
+            let version = self
+                .build(tenant, name, &digest, Some(bytes.clone()), &spec)
+                .await?;
+            self.keep(&bytes).await?;
+            let active = version.clone();
             let slot = self
                 .install(
                     tenant,
                     name,
-                    Versions {
-                        active: version.clone(),
+                    &move |_| Versions {
+                        active: active.clone(),
                         previous: None,
                         canary: None,
                     },
@@ -843,23 +913,56 @@ impl Registry {
             slot.know(&digest, size);
             slot.event("activated", &version, None);
             self.persist(&slot).await;
-            return Ok((version, "active"));
+            return Ok(Uploaded {
+                digest,
+                seq: Some(version.seq),
+                state: "active",
+            });
         };
-        slot.know(&digest, size);
-        let outcome = match action {
-            UploadAction::Keep => "uploaded",
+        let (seq, state) = match action {
+            UploadAction::Keep => {
+                let component = self
+                    .code
+                    .compile(&digest, bytes.clone(), name, "the component")
+                    .await?;
+                self.linker.instantiate_pre(&component).map_err(|e| {
+                    DeployError::from(LoadError::MissingImport {
+                        component: name.to_string(),
+                        reason: format!("{e:#}"),
+                    })
+                })?;
+                self.keep(&bytes).await?;
+                (None, "uploaded")
+            }
             UploadAction::Activate => {
+                let version = self
+                    .build(tenant, name, &digest, Some(bytes.clone()), &spec)
+                    .await?;
+                self.keep(&bytes).await?;
                 self.activate_locked(&slot, version.clone(), "activated", None)
                     .await?;
-                "active"
+                (Some(version.seq), "active")
             }
             UploadAction::Canary(policy) => {
+                let version = self
+                    .build(tenant, name, &digest, Some(bytes.clone()), &spec)
+                    .await?;
+                self.keep(&bytes).await?;
                 self.start_canary_locked(&slot, version.clone(), policy)?;
-                "canary"
+                (Some(version.seq), "canary")
             }
         };
+        slot.know(&digest, size);
         self.persist(&slot).await;
-        Ok((version, outcome))
+        Ok(Uploaded { digest, seq, state })
+    }
+
+    async fn keep(&self, bytes: &[u8]) -> Result<(), DeployError> {
+        self.code
+            .put(bytes)
+            .await
+            .map(|_| ())
+            .map_err(|e| DeployError::new(500, "store_failed", format!("{e:#}")))
     }
 
     fn existing(&self, tenant: &str, name: &str) -> Result<Arc<Slot>, DeployError> {
@@ -867,9 +970,8 @@ impl Registry {
             .ok_or_else(|| DeployError::not_found(tenant, name))
     }
 
-    /// The version with `digest` for `slot`: the running ones first, else built from the
-    /// version store with the active entry.
-    async fn version_of(&self, slot: &Slot, digest: &str) -> Result<Arc<Version>, DeployError> {
+    /// `digest`, if it is a version of this component.
+    fn known_digest(&self, slot: &Slot, digest: &str) -> Result<String, DeployError> {
         if !code::is_digest(digest) {
             return Err(DeployError::new(
                 400,
@@ -877,20 +979,7 @@ impl Registry {
                 format!("{digest:?} is not a version (sha256:HEX)"),
             ));
         }
-        let current = slot.versions();
-        let candidates = [
-            Some(current.active.clone()),
-            current.previous.clone(),
-            current.canary.as_ref().map(|c| c.version.clone()),
-        ];
-        if let Some(version) = candidates
-            .into_iter()
-            .flatten()
-            .find(|v| &*v.digest == digest)
-        {
-            return Ok(version);
-        }
-        if !slot.knows(digest) {
+        if !slot.knows(digest) && *slot.active().digest != *digest {
             return Err(DeployError::new(
                 404,
                 "unknown_version",
@@ -900,8 +989,34 @@ impl Registry {
                 ),
             ));
         }
-        self.build(&slot.tenant, &slot.name, digest, None, &current.active.spec)
-            .await
+        Ok(digest.to_string())
+    }
+
+    /// The version with `digest` for `slot`: a running one, else built from the version
+    /// store with the active entry.
+    async fn version_of(&self, slot: &Slot, digest: &str) -> Result<Arc<Version>, DeployError> {
+        let digest = self.known_digest(slot, digest)?;
+        let current = slot.versions();
+        let candidates = [
+            Some(current.active.clone()),
+            current.previous.clone(),
+            current.canary.as_ref().map(|c| c.version.clone()),
+        ];
+        if let Some(version) = candidates
+            .into_iter()
+            .flatten()
+            .find(|v| *v.digest == *digest)
+        {
+            return Ok(version);
+        }
+        self.build(
+            &slot.tenant,
+            &slot.name,
+            &digest,
+            None,
+            &current.active.spec,
+        )
+        .await
     }
 
     pub async fn activate(
@@ -919,6 +1034,9 @@ impl Registry {
         Ok(version)
     }
 
+    /// Makes `version` active, the active one previous. A running canary survives only if
+    /// it is another version serving the same routes and subscriptions. The same code
+    /// with the same entry is already active: nothing changes.
     async fn activate_locked(
         &self,
         slot: &Arc<Slot>,
@@ -927,25 +1045,25 @@ impl Registry {
         reason: Option<String>,
     ) -> Result<(), DeployError> {
         let current = slot.versions();
-        if Arc::ptr_eq(&current.active, &version) {
+        if current.active.digest == version.digest && *current.active.spec == *version.spec {
             return Ok(());
         }
-        // A canary of the version being activated has done its job; another keeps running.
-        let canary = current
-            .canary
-            .clone()
-            .filter(|c| c.version.digest != version.digest);
-        self.install(
-            &slot.tenant,
-            &slot.name,
+        let active = version.clone();
+        let change = move |current: Option<&Versions>| {
+            let current = current.expect("activating needs a running component");
+            let canary = current.canary.clone().filter(|c| {
+                c.version.digest != active.digest
+                    && c.version.spec.routes == active.spec.routes
+                    && c.version.spec.subscriptions == active.spec.subscriptions
+            });
             Versions {
-                active: version.clone(),
+                active: active.clone(),
                 previous: Some(current.active.clone()),
                 canary,
-            },
-            slot.origin(),
-        )
-        .await?;
+            }
+        };
+        self.install(&slot.tenant, &slot.name, &change, slot.origin())
+            .await?;
         slot.event(event, &version, reason);
         Ok(())
     }
@@ -974,10 +1092,10 @@ impl Registry {
         policy: CanaryPolicy,
     ) -> Result<Arc<Version>, DeployError> {
         let _change = self.changes.lock().await;
+        let slot = self.existing(tenant, name)?;
         if let Some(problem) = policy.problem() {
             return Err(DeployError::new(422, "invalid_canary", problem));
         }
-        let slot = self.existing(tenant, name)?;
         let version = self.version_of(&slot, digest).await?;
         self.start_canary_locked(&slot, version.clone(), policy)?;
         self.persist(&slot).await;
@@ -1007,47 +1125,43 @@ impl Registry {
                 "a canary must serve the same routes and subscriptions as the active version; activate it instead",
             ));
         }
-        slot.swap(Versions {
+        let canary = Arc::new(Canary::new(version.clone(), policy.clone()));
+        slot.update(|current| Versions {
             active: current.active.clone(),
             previous: current.previous.clone(),
-            canary: Some(Arc::new(Canary::new(version.clone(), policy.clone()))),
+            canary: Some(canary.clone()),
         });
         slot.event(
             "canary_started",
             &version,
             Some(format!("{}% of calls", policy.weight)),
         );
+        self.forget_unused_code();
         Ok(())
     }
 
-    pub async fn promote_canary(
+    /// Promotes (or, with `promote` false, aborts) the running canary.
+    pub async fn end_canary(
         &self,
         tenant: &str,
         name: &str,
+        promote: bool,
     ) -> Result<Arc<Version>, DeployError> {
         let _change = self.changes.lock().await;
         let slot = self.existing(tenant, name)?;
-        let Some(canary) = slot.versions().canary.clone() else {
-            return Err(DeployError::new(409, "no_canary", "no canary is running"));
+        let no_canary = || DeployError::new(409, "no_canary", "no canary is running");
+        let canary = slot.versions().canary.clone().ok_or_else(no_canary)?;
+        // The node may have decided on it meanwhile.
+        if !slot.end_canary(&canary, promote) {
+            return Err(no_canary());
+        }
+        let event = if promote {
+            "canary_promoted"
+        } else {
+            "canary_aborted"
         };
-        slot.end_canary(&canary, true);
-        slot.event("canary_promoted", &canary.version, None);
-        self.persist(&slot).await;
-        Ok(canary.version.clone())
-    }
-
-    pub async fn abort_canary(
-        &self,
-        tenant: &str,
-        name: &str,
-    ) -> Result<Arc<Version>, DeployError> {
-        let _change = self.changes.lock().await;
-        let slot = self.existing(tenant, name)?;
-        let Some(canary) = slot.versions().canary.clone() else {
-            return Err(DeployError::new(409, "no_canary", "no canary is running"));
-        };
-        slot.end_canary(&canary, false);
-        slot.event("canary_aborted", &canary.version, None);
+        slot.event(event, &canary.version, None);
+        self.forget_unused_code();
         self.persist(&slot).await;
         Ok(canary.version.clone())
     }
@@ -1086,17 +1200,33 @@ impl Registry {
             .await
             .remove(&(slot.tenant.to_string(), slot.name.to_string()));
         self.forget(&slot.tenant, &slot.name).await;
+        self.forget_unused_code();
         tracing::info!(tenant = %slot.tenant, component = %slot.name, "component removed");
     }
 }
 
+/// What an upload became.
+pub struct Uploaded {
+    pub digest: String,
+    /// The version's sequence number, when it was built (activated or a canary).
+    pub seq: Option<u64>,
+    /// `uploaded`, `active` or `canary`.
+    pub state: &'static str,
+}
+
 impl SlotObserver for Registry {
     fn changed(&self, slot: Arc<Slot>) {
-        // A canary decided by itself; persisting it must not hold up the call that tipped it.
+        // A canary decided by itself; persisting it must not hold up the call that tipped
+        // it. A slot deleted (or replaced) meanwhile is not written back.
         if let Some(registry) = self.me.upgrade() {
             tokio::spawn(async move {
                 let _change = registry.changes.lock().await;
-                registry.persist(&slot).await;
+                if registry
+                    .slot(&slot.tenant, &slot.name)
+                    .is_some_and(|current| Arc::ptr_eq(&current, &slot))
+                {
+                    registry.persist(&slot).await;
+                }
             });
         }
     }
@@ -1131,7 +1261,7 @@ async fn fingerprint_of(spec: &ComponentSpec) -> anyhow::Result<String> {
     Ok(fingerprint(spec, &code::digest(&bytes)))
 }
 
-fn into_load_error(_name: &str, e: DeployError) -> LoadError {
+fn into_load_error(e: DeployError) -> LoadError {
     LoadError::Refused(e.message)
 }
 

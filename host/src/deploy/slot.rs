@@ -7,14 +7,14 @@
 //! swaps happen meanwhile; every call that starts after a swap sees the new set. A message
 //! delivery picks again on each attempt, so retries after a swap run the new version.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, header};
 use hyper::body::Body;
 use tokio::task::JoinHandle;
 
@@ -24,7 +24,7 @@ use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::deploy::canary::{Canary, Verdict};
 use crate::deploy::state::{CanaryRecord, Event, KnownVersion, Origin, SlotRecord, VersionRecord};
 use crate::grammar::subjects::tenant_prefix;
-use crate::runtime::invoke::{self, Admission};
+use crate::runtime::invoke::{self, Admission, Failure};
 use crate::runtime::version::Version;
 use crate::telemetry::metrics::ComponentMetrics;
 
@@ -32,6 +32,7 @@ use crate::telemetry::metrics::ComponentMetrics;
 const EVENTS_KEPT: usize = 20;
 
 /// The versions of a component at one moment; replaced whole on every change.
+#[derive(Clone)]
 pub struct Versions {
     pub active: Arc<Version>,
     pub previous: Option<Arc<Version>>,
@@ -63,10 +64,16 @@ struct Meta {
     events: VecDeque<Event>,
 }
 
+/// The slot's subscriptions, by pattern. Each task forwards its pattern's messages to
+/// deliveries until told to stop; then it stops taking new ones and drains what it holds.
 #[derive(Default)]
 struct Subscriptions {
-    patterns: Vec<String>,
-    tasks: Vec<JoinHandle<()>>,
+    by_pattern: BTreeMap<String, Subscription>,
+}
+
+struct Subscription {
+    stop: tokio::sync::oneshot::Sender<()>,
+    _task: JoinHandle<()>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -114,8 +121,22 @@ impl Slot {
 
     /// Replaces the set of versions; calls already running keep theirs.
     pub fn swap(&self, versions: Versions) {
-        self.admission.resize(versions.active.limits.max_concurrent);
         self.versions.store(Arc::new(versions));
+        self.fit_admission();
+    }
+
+    /// Changes the set of versions from whatever it is at that moment (a canary may have
+    /// been rolled back or promoted by the node meanwhile); returns the new set.
+    pub fn update(&self, change: impl Fn(&Versions) -> Versions) -> Arc<Versions> {
+        self.versions.rcu(|current| Arc::new(change(current)));
+        self.fit_admission();
+        self.versions()
+    }
+
+    /// The admission limit of the version active now.
+    fn fit_admission(&self) {
+        self.admission
+            .resize(self.versions.load().active.limits.max_concurrent);
     }
 
     pub fn origin(&self) -> Origin {
@@ -262,22 +283,36 @@ impl Slot {
                 _ => (versions.active.clone(), None),
             }
         };
+        // A canary is judged on how the call really ended: a trap after the response
+        // head (while streaming) counts too.
+        let on_end = canary.map(|canary| {
+            let slot = self.me.clone();
+            Box::new(move |end: invoke::CallEnd| {
+                let failed = match &end.failure {
+                    // The host's own overload says nothing about the candidate.
+                    Some(Failure::Overloaded { .. } | Failure::PoolExhausted) => return,
+                    Some(_) => true,
+                    None => end.status >= 500,
+                };
+                if let Some(slot) = slot.upgrade() {
+                    slot.judge(&canary, failed);
+                }
+            }) as invoke::OnEnd
+        });
         let started = Instant::now();
-        let response =
-            invoke::http(version, &self.admission, &self.metrics, request, local_addr).await;
+        let response = invoke::http(
+            version,
+            &self.admission,
+            &self.metrics,
+            request,
+            local_addr,
+            on_end,
+        )
+        .await;
         self.metrics
             .request_duration
             .observe(started.elapsed().as_secs_f64());
-        let status = response.status();
-        self.metrics.count_response(status.as_u16());
-        if let Some(canary) = canary {
-            // A 503 the host sent for admission says nothing about the candidate.
-            let host_overload = status == StatusCode::SERVICE_UNAVAILABLE
-                && response.headers().contains_key(header::RETRY_AFTER);
-            if !host_overload {
-                self.judge(&canary, status.is_server_error());
-            }
-        }
+        self.metrics.count_response(response.status().as_u16());
         response
     }
 
@@ -328,8 +363,7 @@ impl Slot {
             }
         });
         if ended && promote {
-            self.admission
-                .resize(self.versions.load().active.limits.max_concurrent);
+            self.fit_admission();
         }
         ended
     }
@@ -340,57 +374,65 @@ impl Slot {
         }
     }
 
-    /// Makes the slot's subscriptions match `patterns` (of the active version). Unchanged
-    /// patterns keep their subscriptions: a swap does not drop them.
+    /// Makes the slot's subscriptions match `patterns` (of the active version). A pattern
+    /// kept keeps its subscription: a swap does not drop it. New patterns are subscribed
+    /// before removed ones stop, and a removed one drains what it already received.
     pub async fn subscribe(&self, patterns: &[String]) -> anyhow::Result<()> {
-        if self.subscriptions.lock().expect("slot lock").patterns == patterns {
-            return Ok(());
-        }
+        let wanted: BTreeSet<&String> = patterns.iter().collect();
+        let current: BTreeSet<String> = self
+            .subscriptions
+            .lock()
+            .expect("slot lock")
+            .by_pattern
+            .keys()
+            .cloned()
+            .collect();
         let me = self.me.upgrade().expect("a slot being changed is alive");
         let prefix = tenant_prefix(&self.tenant);
         let queue_group = format!("trellis.{}.{}", self.tenant, self.name);
-        let mut tasks = Vec::new();
-        for pattern in patterns {
-            let mut messages = self
+        let mut added = Vec::new();
+        for pattern in wanted.iter().filter(|p| !current.contains(**p)) {
+            let messages = match self
                 .bus
                 .subscribe(format!("{prefix}{pattern}"), queue_group.clone())
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("subscribing component {:?} to {pattern:?}: {e}", self.name)
-                })?;
-            let slot = me.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some(message) = messages.recv().await {
-                    // The permit comes before instantiation, as for HTTP; a message waits
-                    // for a slot (backpressure) rather than being refused.
-                    let permit = slot.admission.admit().await;
-                    let slot = slot.clone();
-                    tokio::spawn(async move { slot.deliver(permit, message).await });
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    // Nothing changes: what this call subscribed so far stops again.
+                    for (_, subscription) in added {
+                        let subscription: Subscription = subscription;
+                        let _ = subscription.stop.send(());
+                    }
+                    anyhow::bail!("subscribing component {:?} to {pattern:?}: {e}", self.name);
                 }
-            }));
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(forward(me.clone(), messages, stopped));
+            added.push(((*pattern).clone(), Subscription { stop, _task: task }));
         }
-        // The new subscriptions are in place before the old ones go, so none is missed.
-        let old = std::mem::replace(
-            &mut *self.subscriptions.lock().expect("slot lock"),
-            Subscriptions {
-                patterns: patterns.to_vec(),
-                tasks,
-            },
-        );
-        for task in old.tasks {
-            task.abort();
+        let mut subscriptions = self.subscriptions.lock().expect("slot lock");
+        subscriptions.by_pattern.extend(added);
+        let removed: Vec<String> = current
+            .into_iter()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        for pattern in &removed {
+            if let Some(subscription) = subscriptions.by_pattern.remove(pattern) {
+                let _ = subscription.stop.send(());
+            }
         }
-        if !patterns.is_empty() {
+        if !patterns.is_empty() || !removed.is_empty() {
             tracing::info!(tenant = %self.tenant, component = %self.name, subscriptions = ?patterns, "subscribed");
         }
         Ok(())
     }
 
-    /// Stops delivering messages (the component is being deleted).
+    /// Stops taking messages (the component is being deleted); what was received drains.
     pub fn unsubscribe(&self) {
         let old = std::mem::take(&mut *self.subscriptions.lock().expect("slot lock"));
-        for task in old.tasks {
-            task.abort();
+        for (_, subscription) in old.by_pattern {
+            let _ = subscription.stop.send(());
         }
     }
 
@@ -411,7 +453,12 @@ impl Slot {
                 }
             };
             let outcome = invoke::message(&version, &self.metrics, &permit, &guest_message).await;
-            if let Some(canary) = &canary {
+            if let Some(canary) = &canary
+                && !matches!(
+                    outcome,
+                    Err(Failure::Overloaded { .. } | Failure::PoolExhausted)
+                )
+            {
                 self.judge(canary, outcome.is_err());
             }
             match outcome {
@@ -478,6 +525,33 @@ impl Slot {
         {
             tracing::error!(component = %self.name, error = %e, "could not publish to the dead-letter subject");
         }
+    }
+}
+
+/// Hands a subscription's messages to deliveries until `stopped`; then closes the
+/// subscription and drains what it had already received, so nothing taken is lost.
+async fn forward(
+    slot: Arc<Slot>,
+    mut messages: tokio::sync::mpsc::Receiver<Message>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut stopping = false;
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = &mut stopped, if !stopping => {
+                stopping = true;
+                messages.close();
+                continue;
+            }
+            message = messages.recv() => message,
+        };
+        let Some(message) = message else { break };
+        // The permit comes before instantiation, as for HTTP; a message waits for a
+        // slot (backpressure) rather than being refused.
+        let permit = slot.admission.admit().await;
+        let slot = slot.clone();
+        tokio::spawn(async move { slot.deliver(permit, message).await });
     }
 }
 

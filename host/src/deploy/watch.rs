@@ -23,9 +23,16 @@ pub async fn watch(registry: Arc<Registry>, manifest: LoadedManifest) -> anyhow:
     let manifest_path = std::path::absolute(&manifest.path)?;
     let (events, mut changes) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
-        if let Ok(batch) = result {
-            let _ = events.send(batch.into_iter().map(|e| e.path).collect());
-        }
+        let paths = match result {
+            Ok(batch) => batch.into_iter().map(|e| e.path).collect(),
+            Err(e) => {
+                // A lost event (an overflowing queue, a directory that went away) is a
+                // change we cannot name: look at everything again.
+                tracing::warn!(error = %e, "watch: events were lost; checking every component");
+                vec![PathBuf::new()]
+            }
+        };
+        let _ = events.send(paths);
     })?;
     let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
     let mut current = manifest;
@@ -38,7 +45,8 @@ pub async fn watch(registry: Arc<Registry>, manifest: LoadedManifest) -> anyhow:
             paths.extend(more);
         }
         let relevant = paths.iter().any(|p| {
-            p == &manifest_path
+            p.as_os_str().is_empty()
+                || p == &manifest_path
                 || current
                     .manifest
                     .components
@@ -58,6 +66,10 @@ pub async fn watch(registry: Arc<Registry>, manifest: LoadedManifest) -> anyhow:
         };
         apply(&registry, &current, &next).await;
         current = next;
+        if paths.iter().any(|p| p.as_os_str().is_empty()) {
+            // Directories may have been removed and made again: watch them afresh.
+            watched.clear();
+        }
         rewatch(&mut debouncer, &mut watched, &manifest_path, &current);
     }
     Ok(())
@@ -112,10 +124,21 @@ fn rewatch(
     for dir in watched.difference(&wanted) {
         let _ = debouncer.watcher().unwatch(dir);
     }
-    for dir in wanted.difference(watched) {
-        if let Err(e) = debouncer.watcher().watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch");
+    let mut now_watched = BTreeSet::new();
+    for dir in &wanted {
+        if watched.contains(dir) {
+            now_watched.insert(dir.clone());
+            continue;
+        }
+        let _ = debouncer.watcher().unwatch(dir);
+        match debouncer.watcher().watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                now_watched.insert(dir.clone());
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "watch: cannot watch; will try again at the next change")
+            }
         }
     }
-    *watched = wanted;
+    *watched = now_watched;
 }

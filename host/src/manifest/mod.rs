@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_TENANT: &str = "default";
 
 pub use crate::grammar::routes::RESERVED_PATHS;
+
+/// The longest `limits.deadline` accepted: a day.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 60 * 60);
 use crate::grammar::routes::{normalize_route, route_matches};
 use crate::grammar::subjects::subject_problem;
 
@@ -507,6 +510,15 @@ pub fn component_problems(
     }
     if limits.deadline.is_zero() {
         problem(at("limits.deadline"), "must be longer than zero".into());
+    }
+    if limits.deadline > MAX_DEADLINE {
+        problem(
+            at("limits.deadline"),
+            format!(
+                "{:?} is longer than the {MAX_DEADLINE:?} a request may take",
+                limits.deadline
+            ),
+        );
     }
     if limits.max_concurrent == 0 {
         problem(at("limits.max_concurrent"), "must be at least 1".into());

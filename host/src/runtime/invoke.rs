@@ -333,7 +333,55 @@ pub async fn http<B>(
     metrics: &ComponentMetrics,
     request: Request<B>,
     local_addr: SocketAddr,
+    on_end: Option<OnEnd>,
 ) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
+{
+    let (response, ending) = serve(version, admission, metrics, request, local_addr).await;
+    let status = response.status().as_u16();
+    match (ending, on_end) {
+        (Ending::Now(failure), Some(on_end)) => on_end(CallEnd { status, failure }),
+        (Ending::Now(_), None) => {}
+        (Ending::Later(instance), on_end) => {
+            // The guest streams its body: it runs on in a task of its own, which keeps the
+            // permit and reports how the call really ended.
+            tokio::spawn(async move {
+                let failure = instance.await.err();
+                if let Some(on_end) = on_end {
+                    on_end(CallEnd { status, failure });
+                }
+            });
+        }
+    }
+    response
+}
+
+/// How a call ended, known once its instance is gone (after a streamed body, too).
+pub struct CallEnd {
+    /// The status the client was sent.
+    pub status: u16,
+    /// Why the instance failed, if it did (a trap after the head counts).
+    pub failure: Option<Failure>,
+}
+
+/// Told how a call ended (a canary's verdict needs it).
+pub type OnEnd = Box<dyn FnOnce(CallEnd) + Send>;
+
+/// The end of a call: already known, or an instance still running (streaming its body).
+enum Ending {
+    Now(Option<Failure>),
+    Later(std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>),
+}
+
+async fn serve<B>(
+    version: Arc<Version>,
+    admission: &Admission,
+    metrics: &ComponentMetrics,
+    request: Request<B>,
+    local_addr: SocketAddr,
+) -> (Response<ResponseBody>, Ending)
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<wasmtime_wasi_http::Error> + Into<BoxError>,
@@ -346,7 +394,7 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared_length.is_some_and(|len| len > max_body) {
-        return body_too_large(&version);
+        return (body_too_large(&version), Ending::Now(None));
     }
 
     let Some(permit) = admission.try_admit() else {
@@ -354,7 +402,7 @@ where
             limit: admission.limit(),
         };
         failure.record(&version, metrics);
-        return failure.response(name);
+        return (failure.response(name), Ending::Now(Some(failure)));
     };
 
     let deadline = Instant::now() + version.limits.deadline;
@@ -375,17 +423,22 @@ where
                     .map_err(|never| match never {})
                     .boxed_unsync(),
                 Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return body_too_large(&version);
+                    return (body_too_large(&version), Ending::Now(None));
                 }
                 Ok(Err(e)) => {
-                    return error(
+                    let response = error(
                         StatusCode::BAD_REQUEST,
                         "bad_body",
                         &format!("reading the request body failed: {e}"),
                         Some(name),
                     );
+                    return (response, Ending::Now(None));
                 }
-                Err(_) => return Failure::Deadline(version.limits.deadline).response(name),
+                // The client was too slow to send its body: not the component's failure.
+                Err(_) => {
+                    let response = Failure::Deadline(version.limits.deadline).response(name);
+                    return (response, Ending::Now(None));
+                }
             }
         } else {
             body.map_err(Into::into).boxed_unsync()
@@ -396,7 +449,8 @@ where
         Ok(store) => store,
         Err(e) => {
             tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
-            return Failure::Internal("could not prepare the component".into()).response(name);
+            let failure = Failure::Internal("could not prepare the component".into());
+            return (failure.response(name), Ending::Now(Some(failure)));
         }
     };
     let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -408,48 +462,50 @@ where
     let (guest_request, response_out) = match resources {
         Ok(resources) => resources,
         Err(e) => {
-            return error(
+            let response = error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("{e:#}"),
                 Some(name),
             );
+            return (response, Ending::Now(None));
         }
     };
 
     let instance = version.clone();
     let instance_metrics = metrics.clone();
-    let mut run_instance = Box::pin(async move {
-        let _permit = permit;
-        let run = async {
-            let instantiating = Instant::now();
-            let Some(http) = instance.http() else {
-                wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+    let mut run_instance: std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>> =
+        Box::pin(async move {
+            let _permit = permit;
+            let run = async {
+                let instantiating = Instant::now();
+                let Some(http) = instance.http() else {
+                    wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+                };
+                let proxy = http.instantiate_async(&mut store).await?;
+                instance_metrics
+                    .instantiation_duration
+                    .observe(instantiating.elapsed().as_secs_f64());
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, guest_request, response_out)
+                    .await
             };
-            let proxy = http.instantiate_async(&mut store).await?;
-            instance_metrics
-                .instantiation_duration
-                .observe(instantiating.elapsed().as_secs_f64());
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, guest_request, response_out)
-                .await
-        };
-        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::classify(
-                e,
-                &instance,
-                store.data().limiter.refused,
-            )),
-            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
-        };
-        // Recorded in the instance task, so it happens even when the head was already sent.
-        if let Err(failure) = &outcome {
-            failure.record(&instance, &instance_metrics);
-        }
-        outcome
-    });
+            let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Failure::classify(
+                    e,
+                    &instance,
+                    store.data().limiter.refused,
+                )),
+                Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
+            };
+            // Recorded in the instance task, so it happens even when the head was already sent.
+            if let Err(failure) = &outcome {
+                failure.record(&instance, &instance_metrics);
+            }
+            outcome
+        });
 
     // Most guests answer and finish in one go, and a spawned task would cost a
     // cross-thread wakeup per request. Only a guest still running when its response head
@@ -460,16 +516,24 @@ where
         outcome = &mut run_instance => First::Finished(outcome),
         head = &mut receiver => First::Head(head),
     };
-    let (head, outcome) = match first {
-        First::Finished(outcome) => (receiver.await, Some(outcome)),
-        First::Head(Ok(head)) => {
-            tokio::spawn(run_instance);
-            (Ok(head), None)
+    let (head, outcome, ending) = match first {
+        First::Finished(outcome) => (
+            receiver.await,
+            Some(outcome.clone()),
+            Ending::Now(outcome.err()),
+        ),
+        First::Head(Ok(head)) => (Ok(head), None, Ending::Later(run_instance)),
+        First::Head(Err(closed)) => {
+            let outcome = run_instance.await;
+            (
+                Err(closed),
+                Some(outcome.clone()),
+                Ending::Now(outcome.err()),
+            )
         }
-        First::Head(Err(closed)) => (Err(closed), Some(run_instance.await)),
     };
 
-    match head {
+    let response = match head {
         Ok(Ok(response)) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
         Ok(Err(code)) => {
             tracing::warn!(component = name, error = ?code, "component answered with an error code");
@@ -485,7 +549,8 @@ where
                 Some(name),
             ),
         },
-    }
+    };
+    (response, ending)
 }
 
 /// Which came first: the instance finishing, or its response head.
