@@ -199,3 +199,40 @@ fn chunked_post(node: &TestNode, path: &str, body: &[u8]) -> (u16, String) {
         .unwrap_or(0);
     (status, response)
 }
+
+#[tokio::test]
+async fn the_node_memory_budget_refuses_a_growth_with_503_and_gives_memory_back() {
+    let node = TestNode::start(
+        r#"
+[node]
+max_memory = "48MiB"
+
+[components.hog]
+source = "{wasm:probe}"
+routes = ["/hog"]
+limits = { memory = "64MiB" }
+
+[components.capped]
+source = "{wasm:probe}"
+routes = ["/capped"]
+limits = { memory = "16MiB" }
+"#,
+    )
+    .await;
+    // The hog may grow to 64 MiB by its own limit, but the node has 48 MiB for everyone:
+    // refused as node overload (503, retry later), not as the component's fault.
+    let refused = node.get("/hog/grow").await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert!(refused.json()["message"].as_str().unwrap().contains("memory budget"));
+    assert_eq!(refused.headers["retry-after"], "1");
+    // Positive control: a component whose own cap comes first gets its own answer.
+    let capped = node.get("/capped/grow").await;
+    assert_eq!(capped.status, 500);
+    assert_eq!(capped.json()["error"], "memory_limit");
+    // Everything was given back, and the node serves.
+    assert_eq!(node.get("/hog").await.status, 200);
+    let metrics = node.metrics().await;
+    assert!(metrics.contains("trellis_node_memory_budget_bytes 50331648"), "{metrics}");
+    assert!(metrics.contains("trellis_node_memory_reserved_bytes 0"), "{metrics}");
+}

@@ -62,6 +62,10 @@ async fn main() -> anyhow::Result<()> {
             storage: Default::default(),
             internal_calls: None,
             bus: Arc::new(InProcessBus::default()),
+            memory_budget: Arc::new(trellis::runtime::memory::MemoryBudget::new(
+                u64::MAX,
+                Default::default(),
+            )),
         },
     )?;
 

@@ -89,6 +89,7 @@ fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::Node
         admin_listen: node.admin_listen,
         admin_token: None,
         max_component_size: node.max_component_size,
+        max_memory: node.max_memory,
     }
 }
 

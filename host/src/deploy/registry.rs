@@ -32,6 +32,7 @@ use crate::grammar::routes::normalize_route;
 use crate::manifest::{ComponentSpec, LoadedManifest, NodeSettings, Problem};
 use crate::runtime::instance::InstanceState;
 use crate::runtime::invoke::{self, Admission};
+use crate::runtime::memory::MemoryBudget;
 use crate::runtime::version::{LoadError, StorageGrants, Version, VersionServices, VersionSource};
 use crate::storage::{ComponentDatabase, Storage};
 use crate::telemetry::metrics::Metrics;
@@ -133,6 +134,8 @@ pub struct Registry {
     changes: tokio::sync::Mutex<()>,
     seq: AtomicU64,
     ready: AtomicBool,
+    /// The node's memory budget, shared by every instance.
+    memory_budget: Arc<MemoryBudget>,
 }
 
 impl Registry {
@@ -146,13 +149,24 @@ impl Registry {
     ) -> Arc<Self> {
         let router = Router::new(&config.tenants, &[]);
         let code = CodeStore::new(&config.node.data_dir, engine);
+        let metrics = Arc::new(Metrics::default());
+        let budget = config
+            .node
+            .max_memory
+            .map_or_else(crate::runtime::memory::default_budget, |b| b.as_u64());
+        metrics.node_memory_budget.set(budget as i64);
+        let memory_budget = Arc::new(MemoryBudget::new(
+            budget,
+            metrics.node_memory_reserved.clone(),
+        ));
         Arc::new_cyclic(|me| Registry {
             me: me.clone(),
             config,
             linker,
             storage,
             bus,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            memory_budget,
             code,
             state,
             table: ArcSwap::from_pointee(Table {
@@ -367,6 +381,7 @@ impl Registry {
                 tenant: tenant.into(),
             }),
             bus: self.bus.clone(),
+            memory_budget: self.memory_budget.clone(),
         };
         let version = Arc::new(Version::link(
             &self.linker,
@@ -400,10 +415,10 @@ impl Registry {
         invoke::check(&version, &permit)
             .await
             .map_err(|failure| match failure {
-                invoke::Failure::PoolExhausted => DeployError::new(
+                invoke::Failure::PoolExhausted | invoke::Failure::NodeMemory => DeployError::new(
                     503,
                     "node_busy",
-                    "the node's instance pool is exhausted (node.max_instances); try again",
+                    "the node is at its instance or memory limit (node.max_instances, node.max_memory); try again",
                 ),
                 invoke::Failure::MemoryLimit(limit) => DeployError::from(LoadError::Instantiate {
                     component: name.to_string(),

@@ -290,7 +290,7 @@ impl Slot {
             Box::new(move |end: invoke::CallEnd| {
                 let failed = match &end.failure {
                     // The host's own overload says nothing about the candidate.
-                    Some(Failure::Overloaded { .. } | Failure::PoolExhausted) => return,
+                    Some(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory) => return,
                     Some(_) => true,
                     None => end.status >= 500,
                 };
@@ -456,7 +456,7 @@ impl Slot {
             if let Some(canary) = &canary
                 && !matches!(
                     outcome,
-                    Err(Failure::Overloaded { .. } | Failure::PoolExhausted)
+                    Err(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory)
                 )
             {
                 self.judge(canary, outcome.is_err());

@@ -67,6 +67,9 @@ pub struct NodeSettings {
     pub admin_token: Option<String>,
     /// Largest component the admin API accepts in an upload.
     pub max_component_size: ByteSize,
+    /// The linear memory all live instances together may use; a growth past it is refused
+    /// and the call answered 503. Unset: three quarters of the machine's memory.
+    pub max_memory: Option<ByteSize>,
 }
 
 impl Default for NodeSettings {
@@ -82,6 +85,7 @@ impl Default for NodeSettings {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_token: None,
             max_component_size: ByteSize::mib(64),
+            max_memory: None,
         }
     }
 }
@@ -360,6 +364,11 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
 
     if manifest.node.max_instances == 0 {
         problem("node.max_instances".into(), "must be at least 1".into());
+    }
+    if let Some(budget) = manifest.node.max_memory
+        && budget.as_u64() < ByteSize::mib(1).as_u64()
+    {
+        problem("node.max_memory".into(), format!("{budget} is too small to run anything"));
     }
     if let Some(url) = &manifest.node.database_url
         && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))

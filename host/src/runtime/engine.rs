@@ -21,6 +21,9 @@ use wasmtime::{
 /// and request deadlines are enforced to this granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Unused pool slots kept warm (reset, up to 4 MiB resident each) for the next instances.
+pub const WARM_SLOTS: u32 = 32;
+
 /// The engine-wide limits a node is built with.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -95,7 +98,15 @@ fn engine_config(settings: &EngineSettings) -> Result<Config> {
         .linear_memory_keep_resident(4 << 20)
         .pagemap_scan(wasmtime::Enabled::Auto)
         .table_keep_resident(64 << 10)
-        .decommit_batch_size(64);
+        // Decommit what lies past the kept 4 MiB when the instance ends, not in batches:
+        // a batch holds every queued memory resident (64 entries of a guest that grew to
+        // 64 MiB is 4 GiB) with nothing to flush it when the node goes idle, and a queued
+        // slot cannot be reused meanwhile. A small guest's entry is empty (its dirty
+        // pages were reset in place), so this costs it no system call.
+        .decommit_batch_size(1)
+        // Reset slots kept warm for reuse beyond what is in use: each holds at most the
+        // 4 MiB above, so this bounds the node's reserve (see README, "Memory").
+        .max_unused_warm_slots(WARM_SLOTS.min(instances));
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
 
     if let Some(dir) = &settings.cache_dir {

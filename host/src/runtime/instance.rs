@@ -42,6 +42,8 @@ pub struct Grants {
     pub tenant: Arc<str>,
     pub component: Arc<str>,
     pub memory_limit: usize,
+    /// The node's memory budget, which every instance reserves from.
+    pub memory_budget: Arc<crate::runtime::memory::MemoryBudget>,
     pub config: Arc<WasiConfigVariables>,
     /// The config values again, as environment variables.
     pub env: Vec<(String, String)>,
@@ -99,6 +101,10 @@ impl InstanceState {
             limiter: MemoryLimiter {
                 limit: grants.memory_limit,
                 refused: false,
+                budget: grants.memory_budget.clone(),
+                reserved: 0,
+                last_growth: 0,
+                node_refused: false,
             },
         })
     }
@@ -147,12 +153,21 @@ impl WasiHttpView for InstanceState {
     }
 }
 
-/// Caps one instance's linear memory. Unlike wasmtime's `StoreLimits` it remembers that it
-/// refused, so a trap that follows (Rust guests abort when allocation fails) is reported
-/// as "memory limit" rather than as an anonymous trap.
+/// Caps one instance's linear memory, and reserves it from the node's budget. Unlike
+/// wasmtime's `StoreLimits` it remembers that it refused (and whose limit it was), so a
+/// trap that follows (Rust guests abort when allocation fails) is reported as "memory
+/// limit" or "node out of memory" rather than as an anonymous trap.
 pub struct MemoryLimiter {
     limit: usize,
+    /// The component's own limit refused a growth.
     pub refused: bool,
+    budget: Arc<crate::runtime::memory::MemoryBudget>,
+    /// Bytes this instance holds of the budget (all its memories).
+    reserved: u64,
+    /// The last growth granted, taken back if it then fails.
+    last_growth: u64,
+    /// The node's budget refused a growth.
+    pub node_refused: bool,
 }
 
 /// Tables hold function references; no real guest needs more than this many entries.
@@ -161,7 +176,7 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -169,7 +184,23 @@ impl ResourceLimiter for MemoryLimiter {
             self.refused = true;
             return Ok(false);
         }
+        let growth = desired.saturating_sub(current) as u64;
+        if !self.budget.try_reserve(growth) {
+            self.node_refused = true;
+            return Ok(false);
+        }
+        self.reserved += growth;
+        self.last_growth = growth;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Granted, but the allocator could not: the reservation goes back.
+        self.budget.release(self.last_growth);
+        self.reserved -= self.last_growth;
+        self.last_growth = 0;
+        tracing::debug!(error = %error, "a memory growth failed after it was granted");
+        Ok(())
     }
 
     fn table_growing(
@@ -179,6 +210,12 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.budget.release(self.reserved);
     }
 }
 

@@ -26,7 +26,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
-use crate::runtime::instance::InstanceState;
+use crate::runtime::instance::{InstanceState, MemoryLimiter};
 use crate::runtime::version::{DeadlineExceeded, Version};
 use crate::telemetry::metrics::ComponentMetrics;
 
@@ -142,6 +142,8 @@ pub enum Failure {
     Deadline(Duration),
     /// The guest tried to grow memory past `limits.memory`.
     MemoryLimit(bytesize::ByteSize),
+    /// The node's memory budget (`node.max_memory`) had no room for the growth.
+    NodeMemory,
     /// The guest trapped (a panic, `unreachable`, ...).
     Trap(String),
     /// The guest returned an error of its own (a message handler's `Err`).
@@ -151,7 +153,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn classify(error: wasmtime::Error, version: &Version, memory_refused: bool) -> Self {
+    fn classify(error: wasmtime::Error, version: &Version, limiter: &MemoryLimiter) -> Self {
         if error.downcast_ref::<DeadlineExceeded>().is_some() {
             Failure::Deadline(version.limits.deadline)
         } else if error
@@ -159,7 +161,9 @@ impl Failure {
             .is_some()
         {
             Failure::PoolExhausted
-        } else if memory_refused {
+        } else if limiter.node_refused {
+            Failure::NodeMemory
+        } else if limiter.refused {
             Failure::MemoryLimit(version.limits.memory)
         } else {
             tracing::debug!(error = ?error, "guest trap details");
@@ -200,6 +204,14 @@ impl Failure {
                     "node instance pool exhausted (node.max_instances)"
                 );
             }
+            Failure::NodeMemory => {
+                metrics.admission_rejections.inc();
+                tracing::warn!(
+                    tenant,
+                    component,
+                    "node memory budget reached (node.max_memory); call refused"
+                );
+            }
             Failure::Trap(reason) => {
                 metrics.traps.inc();
                 tracing::warn!(tenant, component, version = seq, reason = %reason, "guest trapped");
@@ -220,6 +232,9 @@ impl Failure {
             }
             Failure::PoolExhausted => {
                 return overloaded("the node is at its instance limit", name);
+            }
+            Failure::NodeMemory => {
+                return overloaded("the node is at its memory budget", name);
             }
             Failure::Deadline(deadline) => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -258,6 +273,7 @@ impl std::fmt::Display for Failure {
                 write!(f, "at its limit of {limit} concurrent instances")
             }
             Failure::PoolExhausted => write!(f, "the node is at its instance limit"),
+            Failure::NodeMemory => write!(f, "the node is at its memory budget"),
             Failure::Deadline(deadline) => write!(f, "ran past its deadline of {deadline:?}"),
             Failure::MemoryLimit(limit) => write!(f, "exceeded its memory limit of {limit}"),
             Failure::Trap(reason) => write!(f, "trapped: {reason}"),
@@ -276,7 +292,7 @@ pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     match version.instance_pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
-        Err(e) => Err(Failure::classify(e, version, store.data().limiter.refused)),
+        Err(e) => Err(Failure::classify(e, version, &store.data().limiter)),
     }
 }
 
@@ -310,7 +326,7 @@ pub async fn message(
     let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(guest_error))) => Err(Failure::GuestError(guest_error)),
-        Ok(Err(e)) => Err(Failure::classify(e, version, store.data().limiter.refused)),
+        Ok(Err(e)) => Err(Failure::classify(e, version, &store.data().limiter)),
         Err(_) => Err(Failure::Deadline(version.limits.deadline)),
     };
     if let Err(failure) = &outcome {
@@ -496,7 +512,7 @@ where
                 Ok(Err(e)) => Err(Failure::classify(
                     e,
                     &instance,
-                    store.data().limiter.refused,
+                    &store.data().limiter,
                 )),
                 Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
             };

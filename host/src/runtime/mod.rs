@@ -1,8 +1,10 @@
 //! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
 //! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
-//! the one path every call takes through it ([`invoke`]).
+//! the one path every call takes through it ([`invoke`]), and the node's memory budget
+//! ([`memory`]).
 
 pub mod engine;
 pub mod instance;
 pub mod invoke;
+pub mod memory;
 pub mod version;

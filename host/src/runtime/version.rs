@@ -96,6 +96,8 @@ pub struct VersionServices {
     /// Where its `NAME.internal` calls go (none: refused).
     pub internal_calls: Option<InternalCalls>,
     pub bus: Arc<dyn MessageBus>,
+    /// The node's memory budget.
+    pub memory_budget: Arc<crate::runtime::memory::MemoryBudget>,
 }
 
 /// One deployed version of a component, ready to instantiate.
@@ -179,6 +181,7 @@ impl Version {
             tenant: tenant.clone(),
             component: name.clone(),
             memory_limit: usize::try_from(spec.limits.memory.as_u64()).unwrap_or(usize::MAX),
+            memory_budget: services.memory_budget,
             config: Arc::new(spec.config.iter().collect::<WasiConfigVariables>()),
             env: spec
                 .config

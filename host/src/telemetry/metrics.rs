@@ -46,6 +46,9 @@ pub struct Metrics {
     activations: Family<ComponentLabels, Counter>,
     canary_rollbacks: Family<ComponentLabels, Counter>,
     unrouted: Counter,
+    /// Linear memory reserved by live instances, and the node's budget for it.
+    pub node_memory_reserved: Gauge,
+    pub node_memory_budget: Gauge,
 }
 
 impl Default for Metrics {
@@ -69,6 +72,18 @@ impl Default for Metrics {
         let message_failures = Family::<ComponentLabels, Counter>::default();
         let messages_dead_lettered = Family::<ComponentLabels, Counter>::default();
         let unrouted = Counter::default();
+        let node_memory_reserved = Gauge::default();
+        let node_memory_budget = Gauge::default();
+        registry.register(
+            "node_memory_reserved_bytes",
+            "Linear memory the node's live instances hold (node.max_memory bounds it)",
+            node_memory_reserved.clone(),
+        );
+        registry.register(
+            "node_memory_budget_bytes",
+            "The node's memory budget for live instances (node.max_memory)",
+            node_memory_budget.clone(),
+        );
         let activations = Family::<ComponentLabels, Counter>::default();
         let canary_rollbacks = Family::<ComponentLabels, Counter>::default();
         registry.register(
@@ -157,6 +172,8 @@ impl Default for Metrics {
             activations,
             canary_rollbacks,
             unrouted,
+            node_memory_reserved,
+            node_memory_budget,
         }
     }
 }
