@@ -224,7 +224,12 @@ limits = { memory = "16MiB" }
     let refused = node.get("/hog/grow").await;
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.json()["error"], "overloaded");
-    assert!(refused.json()["message"].as_str().unwrap().contains("memory budget"));
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory budget")
+    );
     assert_eq!(refused.headers["retry-after"], "1");
     // Positive control: a component whose own cap comes first gets its own answer.
     let capped = node.get("/capped/grow").await;
@@ -233,6 +238,12 @@ limits = { memory = "16MiB" }
     // Everything was given back, and the node serves.
     assert_eq!(node.get("/hog").await.status, 200);
     let metrics = node.metrics().await;
-    assert!(metrics.contains("trellis_node_memory_budget_bytes 50331648"), "{metrics}");
-    assert!(metrics.contains("trellis_node_memory_reserved_bytes 0"), "{metrics}");
+    assert!(
+        metrics.contains("trellis_node_memory_budget_bytes 50331648"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_node_memory_reserved_bytes 0"),
+        "{metrics}"
+    );
 }

@@ -109,6 +109,7 @@ pub fn run(root: &Path) -> Result<()> {
     let mut report = render(&results, &cost, &metrics);
     report.push_str(&capabilities(&release, &out_dir)?);
     report.push_str(&hot_deploy(root, &release, &out_dir)?);
+    report.push_str(&memory(root, &release, &out_dir)?);
     report.push_str(&shop_orders(root, &release, &out_dir)?);
     println!("\n{report}");
     std::fs::write(out_dir.join("results.md"), &report)?;
@@ -601,6 +602,71 @@ fn hot_deploy(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         list(&steady),
         swapping_rps / steady_rps,
         list(&swapping),
+    ))
+}
+
+/// Requests in the memory benchmark.
+const GROWERS: usize = 1_000;
+
+/// Node memory: resident set size of a node while 1,000 requests in a row each grow a
+/// guest's memory to its 64 MiB cap (the probe's `/grow`, which then traps at the cap),
+/// and once idle afterwards, against the cap and the node's budget.
+fn memory(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let data = out_dir.join("memory-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port()?;
+    let manifest = out_dir.join("memory.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nmax_memory = \"1GiB\"\n\n\
+             [components.grower]\nsource = \"{probe}\"\nroutes = [\"/\"]\nlimits = {{ memory = \"64MiB\" }}\n",
+            data = data.display(),
+            probe = root.join("target/wasm/probe.wasm").display()
+        ),
+    )?;
+    let node = start_trellis("trellis memory", release, &manifest, port)?;
+    let rss = |pid: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    let pid = node.pid();
+    let at_start = rss(pid).unwrap_or(0);
+    eprintln!("== memory: {GROWERS} requests growing to 64 MiB each");
+    let started = Instant::now();
+    let mut peak = at_start;
+    for _ in 0..GROWERS {
+        exchange(port, "GET", "/grow", &[], "", 500)?;
+        peak = peak.max(rss(pid).unwrap_or(0));
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = rss(pid).unwrap_or(0);
+    drop(node);
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    Ok(format!(
+        "\n### Node memory\n\n\
+         {GROWERS} requests in a row, each growing the probe's memory to its 64 MiB cap (then trapping there); \
+         node.max_memory = 1 GiB; resident set size of the node process (VmRSS), sampled after every request\n\n\
+         | when | node RSS | vs the 64 MiB cap |\n|---|---|---|\n\
+         | started, ready | {:.0} MiB | {:.1}x |\n\
+         | peak during the {GROWERS} requests ({:.1} s) | {:.0} MiB | {:.1}x |\n\
+         | idle, 2 s after the last | {:.0} MiB | {:.1}x |\n",
+        mib(at_start),
+        mib(at_start) / 64.0,
+        elapsed.as_secs_f64(),
+        mib(peak),
+        mib(peak) / 64.0,
+        mib(idle),
+        mib(idle) / 64.0,
     ))
 }
 

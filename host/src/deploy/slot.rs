@@ -290,7 +290,9 @@ impl Slot {
             Box::new(move |end: invoke::CallEnd| {
                 let failed = match &end.failure {
                     // The host's own overload says nothing about the candidate.
-                    Some(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory) => return,
+                    Some(
+                        Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory,
+                    ) => return,
                     Some(_) => true,
                     None => end.status >= 500,
                 };

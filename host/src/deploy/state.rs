@@ -143,8 +143,14 @@ impl StateStore {
             }
         };
         let created = &store;
-        on_backend!(created, pool => sqlx::query(CREATE).execute(pool).await.map(|_| ()))
-            .context("creating the trellis_deployments table")?;
+        match on_backend!(created, pool => sqlx::query(CREATE).execute(pool).await.map(|_| ())) {
+            Ok(()) => {}
+            // Another node created it at the same moment (PostgreSQL's IF NOT EXISTS is not
+            // safe under concurrency).
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("23505" | "42P07")) => {}
+            Err(e) => return Err(e).context("creating the trellis_deployments table"),
+        }
         Ok(store)
     }
 

@@ -368,7 +368,10 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
     if let Some(budget) = manifest.node.max_memory
         && budget.as_u64() < ByteSize::mib(1).as_u64()
     {
-        problem("node.max_memory".into(), format!("{budget} is too small to run anything"));
+        problem(
+            "node.max_memory".into(),
+            format!("{budget} is too small to run anything"),
+        );
     }
     if let Some(url) = &manifest.node.database_url
         && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))

@@ -509,11 +509,7 @@ where
             };
             let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(Failure::classify(
-                    e,
-                    &instance,
-                    &store.data().limiter,
-                )),
+                Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
                 Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
             };
             // Recorded in the instance task, so it happens even when the head was already sent.
