@@ -1013,3 +1013,42 @@ migrations = "{}"
         .await;
     assert!(!columns.body.contains("\"error\""), "{}", columns.body);
 }
+
+#[tokio::test]
+async fn a_healthy_canary_with_promote_after_is_promoted_by_the_node() {
+    let node = TestNode::start(MANIFEST).await;
+    let canary = upload(
+        &node,
+        SVC,
+        "hello-wstd",
+        "?canary=50&min_requests=4&promote_after=1s&window=1m",
+    )
+    .await;
+    let digest = canary["version"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&node, SVC).await["canary"].is_object() {
+        assert!(
+            Instant::now() < deadline,
+            "the healthy canary was never promoted"
+        );
+        assert_eq!(node.get("/svc").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = status(&node, SVC).await;
+    assert_eq!(
+        after["active"]["version"],
+        digest.as_str(),
+        "promoted, not dropped"
+    );
+    assert!(
+        after["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "canary_promoted"),
+        "{after}"
+    );
+    for _ in 0..10 {
+        assert_eq!(service(&node.get("/svc").await), "hello-wstd");
+    }
+}
