@@ -10,7 +10,6 @@
 //!
 //! Installs `wrk` (apt-get) and `wasmtime-cli` 48 (cargo install, ~11 min) when missing.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -800,9 +799,17 @@ impl Server {
         command
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE");
+        // The server's log goes to a file: a pipe nobody reads fills up and then blocks a
+        // server that logs (a warning per failed request, say) in the middle of a load.
+        let log_path = std::env::temp_dir().join(format!(
+            "trellis-bench-{}-{port}.log",
+            name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        ));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
         let child = command
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .with_context(|| format!("starting {command:?}"))?;
         let mut server = Server {
@@ -817,13 +824,7 @@ impl Server {
                 return Ok(server);
             }
             if let Some(status) = server.child.try_wait()? {
-                let mut stderr = String::new();
-                if let Some(pipe) = server.child.stderr.take() {
-                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        stderr.push_str(&line);
-                        stderr.push('\n');
-                    }
-                }
+                let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
                 bail!("{command:?} exited with {status}:\n{stderr}");
             }
             if started.elapsed() > Duration::from_secs(120) {
