@@ -654,10 +654,10 @@ fn memory(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     Ok(format!(
         "\n### Node memory\n\n\
          {GROWERS} requests in a row, each growing the probe's memory to its 64 MiB cap (then trapping there); \
-         node.max_memory = 1 GiB; resident set size of the node process (VmRSS), sampled after every request\n\n\
+         node.max_memory = 1 GiB; resident set size of the node process (VmRSS), read after every request\n\n\
          | when | node RSS | vs the 64 MiB cap |\n|---|---|---|\n\
          | started, ready | {:.0} MiB | {:.1}x |\n\
-         | peak during the {GROWERS} requests ({:.1} s) | {:.0} MiB | {:.1}x |\n\
+         | highest after any of the {GROWERS} requests ({:.1} s in all) | {:.0} MiB | {:.1}x |\n\
          | idle, 2 s after the last | {:.0} MiB | {:.1}x |\n",
         mib(at_start),
         mib(at_start) / 64.0,
