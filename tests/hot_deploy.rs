@@ -801,6 +801,10 @@ async fn the_cli_deploys_shows_status_rolls_back_and_exits_with_clear_codes() {
         "a progress line: {err}"
     );
     assert_eq!(service(&node.get("/svc").await), "hello-wstd");
+    // The same bytes again change nothing, and say so (the previous version stays hello).
+    let (code, out, err) = with(&["deploy", hello_wstd.to_str().unwrap(), "--component", "svc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is already active; nothing changed"), "{out}");
 
     let (code, out, _) = with(&["status"]);
     assert_eq!(code, 0);

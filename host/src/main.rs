@@ -427,6 +427,13 @@ async fn admin(command: Command) -> Result<(), ClientError> {
                 .as_u64()
                 .map(|seq| format!(" (#{seq})"))
                 .unwrap_or_default();
+            if answer["state"] == "unchanged" {
+                println!(
+                    "{label}: version {}{seq} is already active; nothing changed",
+                    answer["version"].as_str().unwrap_or("?")
+                );
+                return Ok(());
+            }
             println!(
                 "{label}: version {}{seq} is {} ({} bytes, compiled and checked in {} ms)",
                 answer["version"].as_str().unwrap_or("?"),

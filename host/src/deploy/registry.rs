@@ -949,6 +949,10 @@ impl Registry {
                 self.keep(&bytes).await?;
                 (None, "uploaded")
             }
+            // The same code with the same entry: nothing to build or swap.
+            UploadAction::Activate if *slot.active().digest == *digest => {
+                (Some(slot.active().seq), "unchanged")
+            }
             UploadAction::Activate => {
                 let version = self
                     .build(tenant, name, &digest, Some(bytes.clone()), &spec)
@@ -1225,7 +1229,7 @@ pub struct Uploaded {
     pub digest: String,
     /// The version's sequence number, when it was built (activated or a canary).
     pub seq: Option<u64>,
-    /// `uploaded`, `active` or `canary`.
+    /// `uploaded`, `active`, `canary`, or `unchanged` (already the active version).
     pub state: &'static str,
 }
 
