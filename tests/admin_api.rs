@@ -456,51 +456,50 @@ async fn the_openapi_document_matches_the_real_answers() {
         .await;
     assert_eq!(started["canary"]["version"], hello.as_str());
     assert_eq!(started["canary"]["policy"]["window"], "1m");
-    admin
-        .refused(
+    // (method, path, body, status, error code) refused while the canary runs.
+    let nobody_canary = format!("{NOBODY}/canary");
+    let refusals = [
+        (
             "PUT",
             SVC,
-            json_body(json!({"routes": ["/svc", "/svc-v2"]})),
+            json!({"routes": ["/svc", "/svc-v2"]}),
             409,
             "canary_running",
-        )
-        .await;
-    admin
-        .refused(
+        ),
+        (
             "POST",
-            &canary,
-            json_body(json!({"version": wstd, "weight": 20})),
+            canary.as_str(),
+            json!({"version": wstd, "weight": 20}),
             409,
             "already_active",
-        )
-        .await;
-    admin
-        .refused(
+        ),
+        (
             "POST",
-            &canary,
-            json_body(json!({"version": hello, "weight": 100})),
+            canary.as_str(),
+            json!({"version": hello, "weight": 100}),
             422,
             "invalid_canary",
-        )
-        .await;
-    admin
-        .refused(
+        ),
+        (
             "POST",
-            &canary,
-            json_body(json!({"weight": 20})),
+            canary.as_str(),
+            json!({"weight": 20}),
             400,
             "bad_json",
-        )
-        .await;
-    admin
-        .refused(
+        ),
+        (
             "POST",
-            &format!("{NOBODY}/canary"),
-            json_body(json!({"version": hello, "weight": 20})),
+            nobody_canary.as_str(),
+            json!({"version": hello, "weight": 20}),
             404,
             "not_found",
-        )
-        .await;
+        ),
+    ];
+    for (method, path, body, status, code) in refusals {
+        admin
+            .refused(method, path, json_body(body), status, code)
+            .await;
+    }
     let promoted = admin.expect("POST", &promote, None, 200).await;
     assert_eq!(promoted["active"]["version"], hello.as_str());
     assert!(promoted["canary"].is_null(), "{promoted}");
