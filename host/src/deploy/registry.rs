@@ -410,7 +410,8 @@ impl Registry {
         }
         // The trial instance has an admission of its own: it never takes a permit from
         // live traffic, so a deploy cannot make a busy component answer 503.
-        let scratch = Admission::new(1, self.metrics.for_component(tenant, name));
+        // Not counted in the component's in-flight gauge: no call is being served.
+        let scratch = Admission::new(1, Default::default());
         let permit = scratch.admit().await;
         invoke::check(&version, &permit)
             .await

@@ -48,7 +48,7 @@ pub trait SlotObserver: Send + Sync {
 pub struct Slot {
     pub tenant: Arc<str>,
     pub name: Arc<str>,
-    pub metrics: ComponentMetrics,
+    pub metrics: Arc<ComponentMetrics>,
     pub admission: Admission,
     versions: ArcSwap<Versions>,
     meta: Mutex<Meta>,
@@ -91,8 +91,8 @@ impl Slot {
         Arc::new_cyclic(|me| Slot {
             tenant: active.tenant.clone(),
             name: active.name.clone(),
-            admission: Admission::new(active.limits.max_concurrent, metrics.clone()),
-            metrics,
+            admission: Admission::new(active.limits.max_concurrent, metrics.in_flight.clone()),
+            metrics: Arc::new(metrics),
             versions: ArcSwap::from_pointee(Versions {
                 active,
                 previous: None,

@@ -56,7 +56,8 @@ static FRESH: FreshInstances = FreshInstances;
 pub struct Admission {
     semaphore: Arc<Semaphore>,
     size: std::sync::atomic::AtomicU32,
-    metrics: ComponentMetrics,
+    /// Instances alive under this admission (`trellis_instances_in_flight`).
+    in_flight: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Leave to run one instance; held until the instance is gone. Counts it in flight.
@@ -72,11 +73,11 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    pub fn new(max_concurrent: u32, metrics: ComponentMetrics) -> Self {
+    pub fn new(max_concurrent: u32, in_flight: prometheus_client::metrics::gauge::Gauge) -> Self {
         Self {
             semaphore: Arc::new(Semaphore::new(max_concurrent as usize)),
             size: max_concurrent.into(),
-            metrics,
+            in_flight,
         }
     }
 
@@ -123,10 +124,10 @@ impl Admission {
     }
 
     fn permit(&self, permit: OwnedSemaphorePermit) -> Permit {
-        self.metrics.in_flight.inc();
+        self.in_flight.inc();
         Permit {
             _permit: permit,
-            in_flight: self.metrics.in_flight.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -346,7 +347,7 @@ pub async fn message(
 pub async fn http<B>(
     version: Arc<Version>,
     admission: &Admission,
-    metrics: &ComponentMetrics,
+    metrics: &Arc<ComponentMetrics>,
     request: Request<B>,
     local_addr: SocketAddr,
     on_end: Option<OnEnd>,
@@ -394,7 +395,7 @@ enum Ending {
 async fn serve<B>(
     version: Arc<Version>,
     admission: &Admission,
-    metrics: &ComponentMetrics,
+    metrics: &Arc<ComponentMetrics>,
     request: Request<B>,
     local_addr: SocketAddr,
 ) -> (Response<ResponseBody>, Ending)
