@@ -1,7 +1,8 @@
 //! Messaging (`wasmcloud:messaging@0.2.0`) through real components: publish to a
 //! subscribed handler, request/reply, retries then dead-letter, publish grants; on the
-//! in-process bus and on a real nats-server, including two nodes sharing the work and a
-//! NATS restart in the middle.
+//! embedded default (in-process bus, durable events in the local queue) and on a real
+//! nats-server with JetStream, including two nodes sharing the work, a NATS restart in the
+//! middle, subscriptions taken at most once, and a server without JetStream.
 
 mod common;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ const MANIFEST: &str = r#"
 source = "{wasm:msg-probe}"
 routes = ["/orders"]
 keyvalue = ["default"]
-publish = ["order.*", "pay.>", "audit.*"]
+publish = ["order.*", "pay.>", "audit.*", "tick.*"]
 
 [components.notifier]
 source = "{wasm:msg-probe}"
@@ -28,6 +29,13 @@ source = "{wasm:msg-probe}"
 routes = ["/dlq"]
 keyvalue = ["default"]
 subscriptions = ["dead-letter.>"]
+
+[components.ticker]
+source = "{wasm:msg-probe}"
+routes = ["/ticker"]
+keyvalue = ["default"]
+subscriptions = ["tick.*"]
+ephemeral = ["tick.*"]
 "#;
 
 async fn post(node: &TestNode, path: &str, body: &str) -> serde_json::Value {
@@ -69,6 +77,43 @@ async fn publish_request_retry_and_dead_letter(options: NodeOptions) {
     })
     .await;
 
+    // The handler saw the event's host-assigned id, on its first attempt.
+    let details = node.get("/notifier/details").await.json()["details"].clone();
+    assert_eq!(details[0]["subject"], "order.created", "{details}");
+    assert!(
+        details[0]["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{details}"
+    );
+    assert_eq!(details[0]["attempt"], "1", "{details}");
+    // A subscription taken at most once gets its events from the core bus.
+    post(&node, "/orders/publish/tick.now", "t-1").await;
+    eventually(&node, "/ticker/received", |v| {
+        v["received"] == json!(["tick.now|t-1"])
+    })
+    .await;
+
+    // A handler that fails twice and then succeeds is redelivered and handled once.
+    post(&node, "/orders/publish/order.flaky", "f-1").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("order.flaky|f-1")))
+    })
+    .await;
+    assert_eq!(
+        node.get("/notifier/attempts/order.flaky").await.json()["attempts"],
+        3
+    );
+    let details = node.get("/notifier/details").await.json()["details"].clone();
+    let flaky: Vec<&serde_json::Value> = details
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["subject"] == "order.flaky")
+        .collect();
+    assert_eq!(flaky.len(), 1, "handled once: {details}");
+    assert_eq!(flaky[0]["attempt"], "3", "{details}");
+
     let reply = post(&node, "/orders/request/pay.charge?timeout=5000", "p-1").await;
     assert_eq!(reply, json!({"reply": "reply:p-1"}));
 
@@ -82,6 +127,24 @@ async fn publish_request_retry_and_dead_letter(options: NodeOptions) {
         node.get("/notifier/attempts/order.fail").await.json()["attempts"],
         3
     );
+    // The dead letter says how often the original was tried and why it failed.
+    let dead = node.get("/dlq/details").await.json()["details"][0].clone();
+    assert_eq!(dead["dead_letter_attempts"], "3", "{dead}");
+    assert!(
+        dead["dead_letter_error"]
+            .as_str()
+            .unwrap()
+            .contains("msg-probe was asked to fail on order.fail"),
+        "{dead}"
+    );
+    // And the stream moves on past it.
+    post(&node, "/orders/publish/order.moves-on", "a-1").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("order.moves-on|a-1")))
+    })
+    .await;
     // A trapping handler is retried too.
     post(&node, "/orders/publish/order.trap", "boom").await;
     eventually(&node, "/dlq/received", |v| {
@@ -97,6 +160,23 @@ async fn publish_request_retry_and_dead_letter(options: NodeOptions) {
         metrics.contains(
             r#"trellis_messages_dead_lettered_total{tenant="default",component="notifier"} 2"#
         ),
+        "{metrics}"
+    );
+    // order.flaky twice, order.fail twice, order.trap twice: the notifier's redeliveries.
+    assert_eq!(
+        node.metric("trellis_events_redelivered_total", "default", "notifier")
+            .await,
+        6.0,
+        "{metrics}"
+    );
+    assert!(
+        node.metric("trellis_events_acked_total", "default", "notifier")
+            .await
+            >= 5.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"trellis_events_pending{tenant="default",component="notifier"}"#),
         "{metrics}"
     );
 
@@ -240,7 +320,7 @@ async fn two_nodes_on_one_nats_server_handle_each_message_once() {
 }
 
 #[tokio::test]
-async fn delivery_resumes_after_nats_restarts() {
+async fn no_event_is_lost_while_nats_restarts() {
     let mut nats = Nats::start();
     let node = TestNode::start_with(
         MANIFEST,
@@ -250,7 +330,7 @@ async fn delivery_resumes_after_nats_restarts() {
         },
     )
     .await;
-    post(&node, "/orders/publish/order.before", "1").await;
+    post(&node, "/orders/publish/order.before", "0").await;
     eventually(&node, "/notifier/received", |v| {
         v["received"].as_array().is_some_and(|r| r.len() == 1)
     })
@@ -258,27 +338,58 @@ async fn delivery_resumes_after_nats_restarts() {
 
     nats.restart();
 
-    // Messages published while the node reconnects may be lost (core NATS is at-most-once);
-    // keep publishing until one arrives: the subscription must come back by itself.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut n = 0;
-    loop {
-        n += 1;
-        post(&node, &format!("/orders/publish/order.after{n}"), "2").await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let received = node.get("/notifier/received").await.json();
-        if received["received"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m.as_str().unwrap().starts_with("order.after"))
-        {
-            break;
+    // Every publish that answered ok is stored in the stream, however the restart fell
+    // between them: each one is handled.
+    let mut stored = vec!["order.before|0".to_string()];
+    for n in 1..=20 {
+        let answer = post(
+            &node,
+            &format!("/orders/publish/order.after{n}"),
+            &n.to_string(),
+        )
+        .await;
+        if answer["ok"] == json!(true) {
+            stored.push(format!("order.after{n}|{n}"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "no delivery after the NATS restart:\n{}",
-            node.log()
-        );
     }
+    assert!(
+        stored.len() > 10,
+        "most publishes succeed: {stored:?}\n{}",
+        node.log()
+    );
+    let received = eventually(&node, "/notifier/received", |v| {
+        stored
+            .iter()
+            .all(|m| v["received"].as_array().unwrap().contains(&json!(m)))
+    })
+    .await;
+    assert_eq!(
+        received["received"].as_array().unwrap().len(),
+        stored.len(),
+        "each handled once: {received}"
+    );
+}
+
+#[tokio::test]
+async fn a_nats_server_without_jetstream_is_refused_unless_events_are_ephemeral() {
+    let nats = Nats::start_without_jetstream();
+    let options = NodeOptions {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    let refused = match TestNode::try_start_with(MANIFEST, &options).await {
+        Ok(_) => panic!("a node with durable events started on NATS without JetStream"),
+        Err(output) => output,
+    };
+    assert!(refused.contains("JetStream disabled"), "{refused}");
+    assert!(refused.contains("node.events.durable = false"), "{refused}");
+
+    // The same server serves a node whose events are at most once.
+    let manifest = format!("[node.events]\ndurable = false\n{MANIFEST}");
+    let node = TestNode::start_with(&manifest, &options).await;
+    post(&node, "/orders/publish/order.created", "o-1").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"] == json!(["order.created|o-1"])
+    })
+    .await;
 }

@@ -1036,3 +1036,203 @@ async fn the_openapi_document_matches_the_real_responses() {
         problems.join("\n")
     );
 }
+
+/// What happens to the shop's events while orders are being placed.
+#[derive(Clone, Copy)]
+enum Disruption {
+    /// `kill -9` of the node, then a restart on the same data.
+    KillTheNode,
+    /// nats-server killed and started again on the same JetStream store.
+    RestartNats,
+}
+
+/// Places one order straight through the gateway (no OpenAPI record: the node may be
+/// gone): `Ok(Some(id))` when answered 201, `Ok(None)` when refused with 503 (its event
+/// could not be stored; nothing was placed), `Err` when the node did not answer.
+async fn place_order(
+    node: &TestNode,
+    token: &str,
+    product: &str,
+) -> Result<Option<String>, String> {
+    let body = json!({"items": [{"product_id": product, "quantity": 1}]}).to_string();
+    let bearer = format!("Bearer {token}");
+    let response = node
+        .try_request(
+            "POST",
+            "/api/v1/orders",
+            Some(body.into()),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer),
+            ],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status {
+        201 => Ok(Some(response.json()["id"].as_str().unwrap().to_string())),
+        503 => Ok(None),
+        status => panic!("placing an order: {status} {}", response.body),
+    }
+}
+
+/// Orders are placed by four clients at once while `disruption` happens. Afterwards every
+/// order that was answered 201 ends `confirmed`, with exactly one payment and exactly one
+/// `order_created` and one `order_confirmed` notification: no event was lost, and none
+/// was handled twice where it shows.
+async fn every_placed_order_is_completed(
+    options: NodeOptions,
+    disruption: Disruption,
+    mut nats: Option<Nats>,
+) {
+    let shop = Shop::start(&options).await;
+    let admin = shop.admin().await;
+    let (dana, _) = shop.user("dana@example.com", "Dana").await;
+    let product = shop.product(&admin, "STEADY-1", 100, 1_000_000).await;
+
+    let placed = Mutex::new(Vec::<String>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let client = || async {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match place_order(&shop.node, &dana, &product).await {
+                Ok(Some(id)) => placed.lock().unwrap().push(id),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => break,
+            }
+        }
+    };
+    let disrupt = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while placed.lock().unwrap().len() < 30 {
+            assert!(
+                Instant::now() < deadline,
+                "orders are too slow to place\n{}",
+                shop.node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match disruption {
+            Disruption::KillTheNode => {
+                let killed = std::process::Command::new("kill")
+                    .args(["-9", &shop.node.pid().to_string()])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+            }
+            Disruption::RestartNats => {
+                nats.as_mut().expect("a NATS server to restart").restart();
+                // Keep placing orders while the node reconnects.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(client(), client(), client(), client(), disrupt);
+    let placed = placed.into_inner().unwrap();
+    let shop = match disruption {
+        Disruption::KillTheNode => {
+            drop(shop);
+            Shop::start(&options).await
+        }
+        Disruption::RestartNats => shop,
+    };
+
+    let dana = shop.login("dana@example.com").await;
+    for order in &placed {
+        shop.wait_for_order(&dana, order, "confirmed").await;
+    }
+    for order in &placed {
+        let (status, payments) = shop
+            .send(
+                "GET",
+                &format!("/api/v1/payments?order_id={order}"),
+                Some(&dana),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{payments}");
+        assert_eq!(payments["total"], 1, "order {order}: {payments}");
+    }
+    // Notifications trail the confirmation a little.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut notifications = Vec::new();
+        let mut offset = 0;
+        loop {
+            let (status, page) = shop
+                .send(
+                    "GET",
+                    &format!("/api/v1/notifications?limit=100&offset={offset}"),
+                    Some(&dana),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let items = page["items"].as_array().unwrap().clone();
+            offset += items.len();
+            let done = items.len() < 100;
+            notifications.extend(items);
+            if done {
+                break;
+            }
+        }
+        let count = |order: &str, template: &str| {
+            notifications
+                .iter()
+                .filter(|n| {
+                    n["template"] == template && n["body"].as_str().unwrap().contains(order)
+                })
+                .count()
+        };
+        let wrong: Vec<String> = placed
+            .iter()
+            .flat_map(|order| {
+                ["order_created", "order_confirmed"]
+                    .into_iter()
+                    .filter(|t| count(order, t) != 1)
+                    .map(move |t| format!("{order}: {t} x{}", count(order, t)))
+            })
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            wrong.iter().all(|w| w.ends_with("x0")) && Instant::now() < deadline,
+            "notifications not exactly once: {wrong:?}\n{}",
+            shop.node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(nats);
+}
+
+#[tokio::test]
+async fn no_order_is_lost_when_the_node_is_killed_embedded() {
+    let data = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    };
+    every_placed_order_is_completed(options, Disruption::KillTheNode, None).await;
+}
+
+#[tokio::test]
+async fn no_order_is_lost_when_the_node_is_killed_on_jetstream() {
+    let nats = Nats::start();
+    let data = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    every_placed_order_is_completed(options, Disruption::KillTheNode, Some(nats)).await;
+}
+
+#[tokio::test]
+async fn no_order_is_lost_when_nats_restarts() {
+    let nats = Nats::start();
+    let options = NodeOptions {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    every_placed_order_is_completed(options, Disruption::RestartNats, Some(nats)).await;
+}

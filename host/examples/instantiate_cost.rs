@@ -48,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
     let linker = trellis::runtime::instance::build_linker(&runtime.engine)?;
     let component = wasmtime::component::Component::from_file(&runtime.engine, &wasm)
         .map_err(anyhow::Error::from)?;
+    let bus: Arc<dyn trellis::capabilities::messaging::MessageBus> =
+        Arc::new(InProcessBus::default());
     let deployment = Version::link(
         &linker,
         VersionSource {
@@ -61,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
         VersionServices {
             storage: Default::default(),
             internal_calls: None,
-            bus: Arc::new(InProcessBus::default()),
+            bus: bus.clone(),
+            events: Arc::new(trellis::capabilities::events::EphemeralLog::new(bus)),
             memory_budget: Arc::new(trellis::runtime::memory::MemoryBudget::new(
                 u64::MAX,
                 Default::default(),
@@ -95,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn one_request(deployment: &Version) -> anyhow::Result<()> {
-    let mut store = deployment.new_store(Instant::now() + Duration::from_secs(10))?;
+    let mut store = deployment.new_store(Instant::now() + Duration::from_secs(10), &[])?;
     let request = hyper::Request::builder()
         .uri("http://localhost/hello/bench")
         .header("host", "localhost")

@@ -50,12 +50,17 @@ async fn build_registry(
             .context("linking the host interfaces")?,
     );
     let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
-    let bus = crate::capabilities::messaging::connect(if serving {
+    let (bus, nats) = crate::capabilities::messaging::connect(if serving {
         node.nats_url.as_deref()
     } else {
         None
     })
     .await?;
+    let events = if serving {
+        crate::capabilities::events::open(&node.events, &node.data_dir, nats, bus.clone()).await?
+    } else {
+        Arc::new(crate::capabilities::events::EphemeralLog::new(bus.clone()))
+    };
     let state = if serving {
         Some(StateStore::open(&node.data_dir, node.database_url.as_deref()).await?)
     } else {
@@ -73,7 +78,15 @@ async fn build_registry(
         tenant_config,
         local_addr,
     };
-    let registry = Registry::new(config, runtime.engine.clone(), linker, storage, bus, state);
+    let registry = Registry::new(
+        config,
+        runtime.engine.clone(),
+        linker,
+        storage,
+        bus,
+        events,
+        state,
+    );
     Ok((runtime, registry))
 }
 
@@ -90,6 +103,7 @@ fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::Node
         admin_token: None,
         max_component_size: node.max_component_size,
         max_memory: node.max_memory,
+        events: node.events.clone(),
     }
 }
 

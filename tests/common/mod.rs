@@ -383,6 +383,11 @@ impl TestNode {
         })
     }
 
+    /// The node's process id (to kill it from another task while requests are running).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the node at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -539,32 +544,50 @@ impl Drop for Postgres {
 }
 
 /// A real nats-server (Debian's package, installed by `cargo xtask test`) on a free
-/// loopback port, stopped on drop. `restart` kills it and starts a new one on the same port.
+/// loopback port with JetStream (file storage in its own directory), stopped on drop.
+/// `restart` kills it and starts a new one on the same port and store.
 pub struct Nats {
     child: Child,
     pub port: u16,
+    /// JetStream's store; `None`: started without JetStream.
+    store: Option<tempfile::TempDir>,
 }
 
 impl Nats {
     pub fn start() -> Nats {
+        Self::start_with(true)
+    }
+
+    /// A server without JetStream (core NATS only).
+    pub fn start_without_jetstream() -> Nats {
+        Self::start_with(false)
+    }
+
+    fn start_with(jetstream: bool) -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let store = jetstream.then(|| tempfile::tempdir().unwrap());
         Nats {
-            child: Self::spawn(port),
+            child: Self::spawn(port, store.as_ref().map(|d| d.path())),
             port,
+            store,
         }
     }
 
-    fn spawn(port: u16) -> Child {
+    fn spawn(port: u16, store: Option<&Path>) -> Child {
         let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
             .expect("nats-server not found: run `cargo xtask test`, which installs Debian's nats-server");
-        let child = Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(binary);
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(store) = store {
+            command.args(["-js", "-sd", store.to_str().unwrap()]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -584,11 +607,12 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server (clients see the connection drop) and starts a fresh one.
+    /// Kills the server (clients see the connection drop) and starts it again on the same
+    /// port and JetStream store.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = Self::spawn(self.port);
+        self.child = Self::spawn(self.port, self.store.as_ref().map(|d| d.path()));
     }
 }
 

@@ -265,9 +265,17 @@ fn place(request: &Request) -> ApiResult {
     };
     let mut event = order.event();
     event["payment_token"] = json!(payment_token);
-    // The order stands even if the event is lost: it can still be paid through the API.
+    // An order is only placed once its event is stored: otherwise nothing would ever pay
+    // or cancel it. If the event cannot be stored, the order is withdrawn and the client
+    // told to try again.
     if let Err(e) = events::publish("order.created", &event) {
-        eprintln!("order {}: {}", order.id, e.message);
+        eprintln!("order {}: withdrawn: {}", order.id, e.message);
+        let _ = withdraw(&order.id);
+        return Err(ApiError::new(
+            503,
+            "events_unavailable",
+            "the order could not be recorded just now; try again".to_string(),
+        ));
     }
     Ok(Response::created(&order.to_json()))
 }
@@ -364,6 +372,15 @@ fn dependency(service: &str, status: u16, body: &Value) -> ApiError {
 }
 
 /// Gives an order's stock back (idempotent on the product side).
+/// Removes an order that was never announced, and gives its stock back.
+fn withdraw(order_id: &str) -> Result<(), ApiError> {
+    let tx = db::begin()?;
+    tx.execute("DELETE FROM order_items WHERE order_id = $1", params![order_id])?;
+    tx.execute("DELETE FROM orders WHERE id = $1", params![order_id])?;
+    db::commit(tx)?;
+    release(order_id)
+}
+
 fn release(order_id: &str) -> Result<(), ApiError> {
     let reply = call::internal(
         Method::Post,

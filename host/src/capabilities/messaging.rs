@@ -10,6 +10,9 @@
 //!   Its `subscriptions` patterns are what trigger its `handle-message`.
 //! - Each subscription uses the queue group `trellis.TENANT.COMPONENT`, so several nodes on
 //!   one NATS server split a component's messages instead of all handling each one.
+//! - A `publish` without a reply subject is an event: it goes to the node's event log
+//!   (`crate::capabilities::events`), durable by default, under `trellis-events.TENANT.`.
+//!   Requests, replies and publishes with a reply subject stay on the core bus.
 //!
 //! Delivering a subscription's messages to a component (admission, retries, dead letters)
 //! belongs to the component's slot (`crate::deploy`), which outlives its versions.
@@ -25,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wasmcloud::messaging::{consumer, types::BrokerMessage};
-use crate::grammar::subjects::{subject_matches, subject_problem, tenant_prefix};
+use crate::capabilities::events::{Event, EventLog};
+use crate::grammar::subjects::{events_prefix, subject_matches, subject_problem, tenant_prefix};
 
 /// A message on the bus (subjects here are full, tenant-prefixed bus subjects).
 #[derive(Debug, Clone)]
@@ -59,17 +63,25 @@ pub trait MessageBus: Send + Sync {
     ) -> Result<mpsc::Receiver<Message>, String>;
 }
 
-/// Connects the node's bus: NATS at `nats_url`, else the in-process bus.
-pub async fn connect(nats_url: Option<&str>) -> anyhow::Result<Arc<dyn MessageBus>> {
+/// Connects the node's bus: NATS at `nats_url` (its client is returned too, for the event
+/// log), else the in-process bus.
+pub async fn connect(
+    nats_url: Option<&str>,
+) -> anyhow::Result<(Arc<dyn MessageBus>, Option<async_nats::Client>)> {
     match nats_url {
-        None => Ok(Arc::new(InProcessBus::default())),
-        Some(url) => Ok(Arc::new(NatsBus::connect(url).await?)),
+        None => Ok((Arc::new(InProcessBus::default()), None)),
+        Some(url) => {
+            let bus = NatsBus::connect(url).await?;
+            let client = bus.client.clone();
+            Ok((Arc::new(bus), Some(client)))
+        }
     }
 }
 
 /// What a deployment is granted: the bus, its tenant, and the subjects it may publish on.
 pub struct MessagingGrant {
     pub bus: Arc<dyn MessageBus>,
+    pub events: Arc<dyn EventLog>,
     pub tenant: Arc<str>,
     pub publish: Vec<String>,
 }
@@ -96,10 +108,15 @@ impl MessagingGrant {
     }
 }
 
-/// The guest's view of a bus message: its tenant prefix removed.
+/// The guest's view of a bus message or event: its tenant prefix removed.
 pub fn to_guest(tenant: &str, message: Message) -> BrokerMessage {
-    let prefix = tenant_prefix(tenant);
-    let strip = |s: String| s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s);
+    let (core, events) = (tenant_prefix(tenant), events_prefix(tenant));
+    let strip = |s: String| {
+        s.strip_prefix(&core)
+            .or_else(|| s.strip_prefix(&events))
+            .map(str::to_string)
+            .unwrap_or(s)
+    };
     BrokerMessage {
         subject: strip(message.subject),
         body: message.body.to_vec(),
@@ -166,6 +183,13 @@ impl consumer::Host for Messaging<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
+        if reply_to.is_none() && !msg.subject.starts_with(INBOX_PREFIX) {
+            let subject = format!("{}{}", events_prefix(&grant.tenant), msg.subject);
+            return Ok(grant
+                .events
+                .append(Event::new(subject, msg.body.into()))
+                .await);
+        }
         Ok(grant
             .bus
             .publish(Message {
@@ -306,7 +330,7 @@ impl MessageBus for InProcessBus {
 /// NATS, through async-nats. It reconnects by itself, and re-subscribes (with the same
 /// queue groups) after a reconnect.
 pub struct NatsBus {
-    client: async_nats::Client,
+    pub client: async_nats::Client,
 }
 
 impl NatsBus {

@@ -19,6 +19,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 use wasmtime_wasi_http::WasiBody;
 
+use crate::capabilities::events::EventLog;
 use crate::capabilities::keyvalue::{KeyValueBackend, KeyValueGrant};
 use crate::capabilities::messaging::MessageBus;
 use crate::capabilities::outbound::{ComponentCaller, InternalCalls, ResponseBody};
@@ -121,6 +122,7 @@ pub struct Registry {
     linker: Arc<Linker<InstanceState>>,
     storage: Storage,
     bus: Arc<dyn MessageBus>,
+    events: Arc<dyn EventLog>,
     pub metrics: Arc<Metrics>,
     code: CodeStore,
     state: Option<StateStore>,
@@ -145,6 +147,7 @@ impl Registry {
         linker: Arc<Linker<InstanceState>>,
         storage: Storage,
         bus: Arc<dyn MessageBus>,
+        events: Arc<dyn EventLog>,
         state: Option<StateStore>,
     ) -> Arc<Self> {
         let router = Router::new(&config.tenants, &[]);
@@ -165,6 +168,7 @@ impl Registry {
             linker,
             storage,
             bus,
+            events,
             metrics,
             memory_budget,
             code,
@@ -381,6 +385,7 @@ impl Registry {
                 tenant: tenant.into(),
             }),
             bus: self.bus.clone(),
+            events: self.events.clone(),
             memory_budget: self.memory_budget.clone(),
         };
         let version = Arc::new(Version::link(
@@ -526,11 +531,14 @@ impl Registry {
             return Err(DeployError::new(409, "route_taken", clash));
         }
         let patterns = preview.active.spec.subscriptions.clone();
+        let ephemeral = preview.active.spec.ephemeral.clone();
         let subscribe_error =
             |e: anyhow::Error| DeployError::new(500, "subscribe_failed", format!("{e:#}"));
         let slot = match existing {
             Some(slot) => {
-                slot.subscribe(&patterns).await.map_err(subscribe_error)?;
+                slot.subscribe(&patterns, &ephemeral)
+                    .await
+                    .map_err(subscribe_error)?;
                 let routes_before = slot.active().spec.routes.clone();
                 let now = slot.update(|current| change(Some(current)));
                 slot.set_origin(origin);
@@ -545,10 +553,13 @@ impl Registry {
                     origin,
                     self.metrics.for_component(tenant, name),
                     self.bus.clone(),
+                    self.events.clone(),
                     self.me.clone() as Weak<dyn SlotObserver>,
                 );
                 slot.swap(preview);
-                slot.subscribe(&patterns).await.map_err(subscribe_error)?;
+                slot.subscribe(&patterns, &ephemeral)
+                    .await
+                    .map_err(subscribe_error)?;
                 self.rebuild_table(Some(slot.clone()), None);
                 slot
             }
@@ -788,7 +799,8 @@ impl Registry {
         if current.canary.is_some()
             && !matches!(action, UploadAction::Canary(_))
             && (current.active.spec.routes != spec.routes
-                || current.active.spec.subscriptions != spec.subscriptions)
+                || current.active.spec.subscriptions != spec.subscriptions
+                || current.active.spec.ephemeral != spec.ephemeral)
         {
             // The canary would no longer serve what the active version serves.
             return Err(DeployError::new(
@@ -1075,6 +1087,7 @@ impl Registry {
                 c.version.digest != active.digest
                     && c.version.spec.routes == active.spec.routes
                     && c.version.spec.subscriptions == active.spec.subscriptions
+                    && c.version.spec.ephemeral == active.spec.ephemeral
             });
             Versions {
                 active: active.clone(),
@@ -1138,6 +1151,7 @@ impl Registry {
         }
         if current.active.spec.routes != version.spec.routes
             || current.active.spec.subscriptions != version.spec.subscriptions
+            || current.active.spec.ephemeral != version.spec.ephemeral
         {
             return Err(DeployError::new(
                 409,
@@ -1213,7 +1227,7 @@ impl Registry {
     }
 
     async fn remove_locked(&self, slot: &Arc<Slot>) {
-        slot.unsubscribe();
+        slot.unsubscribe().await;
         self.rebuild_table(None, Some(&(slot.tenant.clone(), slot.name.clone())));
         self.databases
             .lock()

@@ -19,11 +19,15 @@ use hyper::body::Body;
 use tokio::task::JoinHandle;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
+use crate::capabilities::events::{
+    self, ATTEMPTS_HEADER, ConsumerSpec, Delivery, ERROR_HEADER, EventLog, consumer_name,
+    new_event_id,
+};
 use crate::capabilities::messaging::{DEAD_LETTER_PREFIX, Message, MessageBus, to_guest};
 use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::deploy::canary::{Canary, Verdict};
 use crate::deploy::state::{CanaryRecord, Event, KnownVersion, Origin, SlotRecord, VersionRecord};
-use crate::grammar::subjects::tenant_prefix;
+use crate::grammar::subjects::{events_prefix, tenant_prefix};
 use crate::runtime::invoke::{self, Admission, Failure};
 use crate::runtime::version::Version;
 use crate::telemetry::metrics::ComponentMetrics;
@@ -54,6 +58,7 @@ pub struct Slot {
     meta: Mutex<Meta>,
     subscriptions: Mutex<Subscriptions>,
     bus: Arc<dyn MessageBus>,
+    events: Arc<dyn EventLog>,
     observer: Weak<dyn SlotObserver>,
     me: Weak<Slot>,
 }
@@ -72,8 +77,16 @@ struct Subscriptions {
 }
 
 struct Subscription {
-    stop: tokio::sync::oneshot::Sender<()>,
-    _task: JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The durable consumer its events come from, if they are taken durably.
+    consumer: Option<String>,
+    _tasks: Vec<JoinHandle<()>>,
+}
+
+impl Subscription {
+    fn stop(self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -86,6 +99,7 @@ impl Slot {
         origin: Origin,
         metrics: ComponentMetrics,
         bus: Arc<dyn MessageBus>,
+        events: Arc<dyn EventLog>,
         observer: Weak<dyn SlotObserver>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Slot {
@@ -105,6 +119,7 @@ impl Slot {
             }),
             subscriptions: Mutex::new(Subscriptions::default()),
             bus,
+            events,
             observer,
             me: me.clone(),
         })
@@ -376,11 +391,24 @@ impl Slot {
         }
     }
 
-    /// Makes the slot's subscriptions match `patterns` (of the active version). A pattern
-    /// kept keeps its subscription: a swap does not drop it. New patterns are subscribed
-    /// before removed ones stop, and a removed one drains what it already received.
-    pub async fn subscribe(&self, patterns: &[String]) -> anyhow::Result<()> {
-        let wanted: BTreeSet<&String> = patterns.iter().collect();
+    /// Makes the slot's subscriptions match `patterns` (of the active version), those in
+    /// `ephemeral` taken at most once. A subscription kept keeps running: a swap does not
+    /// drop it. New ones start before removed ones stop; a removed one drains what it
+    /// already received, and its durable consumer (and what it still had to handle) is
+    /// removed.
+    pub async fn subscribe(&self, patterns: &[String], ephemeral: &[String]) -> anyhow::Result<()> {
+        let wanted: BTreeMap<String, (String, bool)> = patterns
+            .iter()
+            .map(|pattern| {
+                let durable = !ephemeral.contains(pattern) && self.events.durable();
+                let key = if durable {
+                    pattern.clone()
+                } else {
+                    format!("{pattern} (at most once)")
+                };
+                (key, (pattern.clone(), durable))
+            })
+            .collect();
         let current: BTreeSet<String> = self
             .subscriptions
             .lock()
@@ -389,97 +417,176 @@ impl Slot {
             .keys()
             .cloned()
             .collect();
-        let me = self.me.upgrade().expect("a slot being changed is alive");
-        let prefix = tenant_prefix(&self.tenant);
-        let queue_group = format!("trellis.{}.{}", self.tenant, self.name);
-        let mut added = Vec::new();
-        for pattern in wanted.iter().filter(|p| !current.contains(**p)) {
-            let messages = match self
-                .bus
-                .subscribe(format!("{prefix}{pattern}"), queue_group.clone())
-                .await
-            {
-                Ok(messages) => messages,
+        let mut added: Vec<(String, Subscription)> = Vec::new();
+        for (key, (pattern, durable)) in wanted.iter().filter(|(k, _)| !current.contains(*k)) {
+            match self.start_subscription(pattern, *durable).await {
+                Ok(subscription) => added.push((key.clone(), subscription)),
                 Err(e) => {
                     // Nothing changes: what this call subscribed so far stops again.
                     for (_, subscription) in added {
-                        let subscription: Subscription = subscription;
-                        let _ = subscription.stop.send(());
+                        subscription.stop();
                     }
                     anyhow::bail!("subscribing component {:?} to {pattern:?}: {e}", self.name);
                 }
-            };
-            let (stop, stopped) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(forward(me.clone(), messages, stopped));
-            added.push(((*pattern).clone(), Subscription { stop, _task: task }));
-        }
-        let mut subscriptions = self.subscriptions.lock().expect("slot lock");
-        subscriptions.by_pattern.extend(added);
-        let removed: Vec<String> = current
-            .into_iter()
-            .filter(|p| !wanted.contains(p))
-            .collect();
-        for pattern in &removed {
-            if let Some(subscription) = subscriptions.by_pattern.remove(pattern) {
-                let _ = subscription.stop.send(());
             }
         }
-        if !patterns.is_empty() || !removed.is_empty() {
-            tracing::info!(tenant = %self.tenant, component = %self.name, subscriptions = ?patterns, "subscribed");
+        let removed: Vec<Subscription> = {
+            let mut subscriptions = self.subscriptions.lock().expect("slot lock");
+            subscriptions.by_pattern.extend(added);
+            current
+                .iter()
+                .filter(|k| !wanted.contains_key(*k))
+                .filter_map(|k| subscriptions.by_pattern.remove(k))
+                .collect()
+        };
+        let any_removed = !removed.is_empty();
+        for subscription in removed {
+            self.end_subscription(subscription).await;
+        }
+        if !patterns.is_empty() || any_removed {
+            tracing::info!(tenant = %self.tenant, component = %self.name, subscriptions = ?patterns, ephemeral = ?ephemeral, "subscribed");
         }
         Ok(())
     }
 
-    /// Stops taking messages (the component is being deleted); what was received drains.
-    pub fn unsubscribe(&self) {
-        let old = std::mem::take(&mut *self.subscriptions.lock().expect("slot lock"));
-        for (_, subscription) in old.by_pattern {
-            let _ = subscription.stop.send(());
+    /// One pattern's subscription: core messages (requests) always; events from a durable
+    /// consumer, or from the core bus when taken at most once.
+    async fn start_subscription(
+        &self,
+        pattern: &str,
+        durable: bool,
+    ) -> Result<Subscription, String> {
+        let me = self.me.upgrade().expect("a slot being changed is alive");
+        let queue_group = format!("trellis.{}.{}", self.tenant, self.name);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let core = self
+            .bus
+            .subscribe(
+                format!("{}{pattern}", tenant_prefix(&self.tenant)),
+                queue_group.clone(),
+            )
+            .await?;
+        let mut tasks = vec![tokio::spawn(forward(me.clone(), core, stopped.clone()))];
+        let event_subject = format!("{}{pattern}", events_prefix(&self.tenant));
+        let consumer = if durable {
+            let spec = ConsumerSpec {
+                name: consumer_name(&self.tenant, &self.name, pattern),
+                filter: event_subject,
+            };
+            let deliveries = match self.events.consume(spec.clone()).await {
+                Ok(deliveries) => deliveries,
+                Err(e) => {
+                    let _ = stop.send(true);
+                    return Err(e);
+                }
+            };
+            tasks.push(tokio::spawn(forward_events(me, deliveries, stopped)));
+            Some(spec.name)
+        } else {
+            let events = match self.bus.subscribe(event_subject, queue_group).await {
+                Ok(events) => events,
+                Err(e) => {
+                    let _ = stop.send(true);
+                    return Err(e);
+                }
+            };
+            tasks.push(tokio::spawn(forward(me, events, stopped)));
+            None
+        };
+        Ok(Subscription {
+            stop,
+            consumer,
+            _tasks: tasks,
+        })
+    }
+
+    /// Stops a subscription that is no longer wanted and removes its durable consumer.
+    async fn end_subscription(&self, subscription: Subscription) {
+        let consumer = subscription.consumer.clone();
+        subscription.stop();
+        if let Some(name) = consumer
+            && let Err(e) = self.events.remove_consumer(&name).await
+        {
+            tracing::warn!(tenant = %self.tenant, component = %self.name, error = %e, "removing a durable consumer");
         }
     }
 
-    /// Delivers one message: the handler is tried up to `limits.message_attempts` times
-    /// (each attempt on the version current at that moment), then the message goes to the
-    /// tenant's `dead-letter.COMPONENT.SUBJECT`.
+    /// Stops taking messages (the component is being deleted): what was received drains,
+    /// and its durable consumers go (events still pending for it are dropped).
+    pub async fn unsubscribe(&self) {
+        let old = std::mem::take(&mut *self.subscriptions.lock().expect("slot lock"));
+        for (_, subscription) in old.by_pattern {
+            self.end_subscription(subscription).await;
+        }
+    }
+
+    /// The version a message goes to (a canary takes its share), and the canary if so.
+    fn pick_for_message(&self) -> (Arc<Version>, Option<Arc<Canary>>) {
+        let versions = self.versions.load();
+        match &versions.canary {
+            Some(canary) if canary.takes(None) => (canary.version.clone(), Some(canary.clone())),
+            _ => (versions.active.clone(), None),
+        }
+    }
+
+    fn judge_message(&self, canary: &Option<Arc<Canary>>, outcome: &Result<(), Failure>) {
+        if let Some(canary) = canary
+            && !matches!(
+                outcome,
+                Err(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory)
+            )
+        {
+            self.judge(canary, outcome.is_err());
+        }
+    }
+
+    fn log_handler_failure(
+        &self,
+        version: &Version,
+        subject: &str,
+        attempt: u32,
+        attempts: u32,
+        failure: &Failure,
+    ) {
+        self.metrics.message_failures.inc();
+        tracing::warn!(
+            tenant = %self.tenant,
+            component = %self.name,
+            version = version.seq,
+            %subject,
+            attempt,
+            attempts,
+            reason = %format!("the handler {failure}"),
+            "message handler failed"
+        );
+    }
+
+    /// Delivers one core message (a request, or an event taken at most once): the handler
+    /// is tried up to `limits.message_attempts` times (each attempt on the version current
+    /// at that moment), then the message is dead-lettered.
     async fn deliver(&self, permit: invoke::Permit, message: Message) {
         let guest_message: BrokerMessage = to_guest(&self.tenant, message.clone());
         let attempts = self.active().limits.message_attempts.max(1);
+        let mut last_error = String::new();
         for attempt in 1..=attempts {
-            let (version, canary) = {
-                let versions = self.versions.load();
-                match &versions.canary {
-                    Some(canary) if canary.takes(None) => {
-                        (canary.version.clone(), Some(canary.clone()))
-                    }
-                    _ => (versions.active.clone(), None),
-                }
-            };
-            let outcome = invoke::message(&version, &self.metrics, &permit, &guest_message).await;
-            if let Some(canary) = &canary
-                && !matches!(
-                    outcome,
-                    Err(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory)
-                )
-            {
-                self.judge(canary, outcome.is_err());
-            }
+            let (version, canary) = self.pick_for_message();
+            let outcome =
+                invoke::message(&version, &self.metrics, &permit, &guest_message, &[]).await;
+            self.judge_message(&canary, &outcome);
             match outcome {
                 Ok(()) => {
                     self.metrics.messages_handled.inc();
                     return;
                 }
                 Err(failure) => {
-                    self.metrics.message_failures.inc();
-                    tracing::warn!(
-                        tenant = %self.tenant,
-                        component = %self.name,
-                        version = version.seq,
-                        subject = %guest_message.subject,
+                    self.log_handler_failure(
+                        &version,
+                        &guest_message.subject,
                         attempt,
                         attempts,
-                        reason = %format!("the handler {failure}"),
-                        "message handler failed"
+                        &failure,
                     );
+                    last_error = format!("the handler {failure}");
                     if attempt < attempts {
                         tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                     }
@@ -487,11 +594,117 @@ impl Slot {
             }
         }
         drop(permit);
-        self.dead_letter(&guest_message, message.body, attempts)
-            .await;
+        let id = new_event_id();
+        if let Err(e) = self
+            .dead_letter(&guest_message, message.body, attempts, &last_error, &id)
+            .await
+        {
+            tracing::error!(tenant = %self.tenant, component = %self.name, error = %e, "could not store the dead letter");
+        }
     }
 
-    async fn dead_letter(&self, guest_message: &BrokerMessage, body: Bytes, attempts: u32) {
+    /// Delivers one durable event: one attempt per delivery. Success acknowledges it; a
+    /// failure hands it back for a later attempt with backoff, until the last attempt,
+    /// after which it is dead-lettered, then acknowledged. While the handler runs the
+    /// backend is told so, so that it does not hand the event to another node meanwhile.
+    async fn deliver_event(&self, permit: invoke::Permit, delivery: Delivery) {
+        let Delivery {
+            event,
+            attempt,
+            pending,
+            settle,
+        } = delivery;
+        self.metrics.events_pending.set(pending as i64);
+        if attempt > 1 {
+            self.metrics.events_redelivered.inc();
+        }
+        let guest_message = to_guest(
+            &self.tenant,
+            Message {
+                subject: event.subject.clone(),
+                reply_to: None,
+                body: event.body.clone(),
+            },
+        );
+        let attempts = self.active().limits.message_attempts.max(1);
+        let mut env = vec![
+            ("TRELLIS_EVENT_ID".to_string(), event.id.clone()),
+            ("TRELLIS_EVENT_ATTEMPT".to_string(), attempt.to_string()),
+        ];
+        if let Some(tried) = event.header(ATTEMPTS_HEADER) {
+            env.push(("TRELLIS_DEAD_LETTER_ATTEMPTS".into(), tried.into()));
+        }
+        if let Some(error) = event.header(ERROR_HEADER) {
+            env.push(("TRELLIS_DEAD_LETTER_ERROR".into(), error.into()));
+        }
+        let (version, canary) = self.pick_for_message();
+        let handling = invoke::message(&version, &self.metrics, &permit, &guest_message, &env);
+        let outcome = match self.events.heartbeat() {
+            None => handling.await,
+            Some(every) => {
+                tokio::pin!(handling);
+                loop {
+                    tokio::select! {
+                        outcome = &mut handling => break outcome,
+                        () = tokio::time::sleep(every) => { let _ = settle.in_progress().await; }
+                    }
+                }
+            }
+        };
+        drop(permit);
+        self.judge_message(&canary, &outcome);
+        let settled = match outcome {
+            Ok(()) => {
+                self.metrics.messages_handled.inc();
+                self.metrics.events_acked.inc();
+                settle.ack().await
+            }
+            Err(failure) => {
+                self.log_handler_failure(
+                    &version,
+                    &guest_message.subject,
+                    attempt,
+                    attempts,
+                    &failure,
+                );
+                if attempt < attempts {
+                    settle.retry_after(retry_delay(attempt)).await
+                } else {
+                    let reason = format!("the handler {failure}");
+                    let id = format!("{}.dead-letter.{}", event.id, self.name);
+                    match self
+                        .dead_letter(&guest_message, event.body, attempt, &reason, &id)
+                        .await
+                    {
+                        // Acknowledged only once the dead letter is stored: a crash in
+                        // between means another attempt, never a lost event.
+                        Ok(()) => {
+                            self.metrics.events_acked.inc();
+                            settle.ack().await
+                        }
+                        Err(e) => {
+                            tracing::error!(tenant = %self.tenant, component = %self.name, error = %e, "could not store the dead letter; the event will be tried again");
+                            settle.retry_after(retry_delay(attempt)).await
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(tenant = %self.tenant, component = %self.name, error = %e, "settling an event (it may be delivered again)");
+        }
+    }
+
+    /// Stores a message whose handler kept failing as the event
+    /// `dead-letter.COMPONENT.SUBJECT` of the tenant, with its attempts and last error.
+    async fn dead_letter(
+        &self,
+        guest_message: &BrokerMessage,
+        body: Bytes,
+        attempts: u32,
+        last_error: &str,
+        id: &str,
+    ) -> Result<(), String> {
         self.metrics.messages_dead_lettered.inc();
         if guest_message.subject.starts_with(DEAD_LETTER_PREFIX) {
             // Dead-lettering a failed dead letter again would loop forever.
@@ -501,47 +714,60 @@ impl Slot {
                 subject = %guest_message.subject,
                 "dead letter dropped: its handler failed {attempts} times"
             );
-            return;
+            return Ok(());
         }
-        let dead_letter = format!(
-            "{}{DEAD_LETTER_PREFIX}{}.{}",
-            tenant_prefix(&self.tenant),
-            self.name,
-            guest_message.subject
+        let subject = format!(
+            "{DEAD_LETTER_PREFIX}{}.{}",
+            self.name, guest_message.subject
         );
         tracing::error!(
             tenant = %self.tenant,
             component = %self.name,
             subject = %guest_message.subject,
-            %dead_letter,
+            dead_letter = %subject,
+            %last_error,
             "message dead-lettered after {attempts} attempts"
         );
-        if let Err(e) = self
-            .bus
-            .publish(Message {
-                subject: dead_letter,
-                reply_to: None,
+        self.events
+            .append(events::Event {
+                id: id.to_string(),
+                subject: format!("{}{subject}", events_prefix(&self.tenant)),
                 body,
+                headers: vec![
+                    (ATTEMPTS_HEADER.into(), attempts.to_string()),
+                    (ERROR_HEADER.into(), one_line(last_error)),
+                ],
             })
             .await
-        {
-            tracing::error!(component = %self.name, error = %e, "could not publish to the dead-letter subject");
-        }
     }
 }
 
-/// Hands a subscription's messages to deliveries until `stopped`; then closes the
-/// subscription and drains what it had already received, so nothing taken is lost.
+/// How long a failed event waits before its next attempt: 100 ms, doubling, at most 30 s.
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.saturating_sub(1).min(9)))
+        .min(Duration::from_secs(30))
+}
+
+/// Header values are one line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
+/// Hands core messages to deliveries until stopped; then closes the subscription and
+/// drains what it had already received, so nothing taken is lost.
 async fn forward(
     slot: Arc<Slot>,
     mut messages: tokio::sync::mpsc::Receiver<Message>,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut stopping = false;
     loop {
         let message = tokio::select! {
             biased;
-            _ = &mut stopped, if !stopping => {
+            _ = stopped.wait_for(|s| *s), if !stopping => {
                 stopping = true;
                 messages.close();
                 continue;
@@ -554,6 +780,30 @@ async fn forward(
         let permit = slot.admission.admit().await;
         let slot = slot.clone();
         tokio::spawn(async move { slot.deliver(permit, message).await });
+    }
+}
+
+/// Hands durable deliveries to handlers until stopped. What it holds unsettled then is
+/// simply dropped: the event log delivers it again.
+async fn forward_events(
+    slot: Arc<Slot>,
+    mut deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|s| *s) => return,
+            delivery = deliveries.recv() => delivery,
+        };
+        let Some(delivery) = delivery else { return };
+        let permit = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|s| *s) => return,
+            permit = slot.admission.admit() => permit,
+        };
+        let slot = slot.clone();
+        tokio::spawn(async move { slot.deliver_event(permit, delivery).await });
     }
 }
 

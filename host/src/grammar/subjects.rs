@@ -46,6 +46,13 @@ pub fn tenant_prefix(tenant: &str) -> String {
     format!("trellis.{tenant}.")
 }
 
+/// The prefix of `tenant`'s durable events: `order.created` of tenant `shop`, published
+/// as an event, is `trellis-events.shop.order.created` (apart from core subjects, which a
+/// JetStream stream must not capture: it would answer requests).
+pub fn events_prefix(tenant: &str) -> String {
+    format!("trellis-events.{tenant}.")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,6 +70,44 @@ pub struct NodeSettings {
     /// The linear memory all live instances together may use; a growth past it is refused
     /// and the call answered 503. Unset: three quarters of the machine's memory.
     pub max_memory: Option<ByteSize>,
+    /// How published events are stored and delivered.
+    pub events: EventSettings,
+}
+
+/// `[node.events]`: durable events (JetStream with `nats_url`, else `DATA_DIR/events.db`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    /// Store events before `publish` returns and deliver them at least once (default).
+    /// `false`: core NATS / the in-process bus, at most once.
+    pub durable: bool,
+    /// The JetStream stream's name.
+    pub stream: String,
+    /// Events older than this are dropped even if not yet handled.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Stored events at most (stream or local queue); past it, `publish` fails.
+    pub max_bytes: ByteSize,
+    /// JetStream drops an event re-sent with the same id within this window.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long JetStream waits for a node's ack before handing the event to another
+    /// (a running handler keeps extending it).
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            durable: true,
+            stream: "TRELLIS_EVENTS".into(),
+            max_age: Duration::from_secs(7 * 24 * 60 * 60),
+            max_bytes: ByteSize::gib(1),
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for NodeSettings {
@@ -86,6 +124,7 @@ impl Default for NodeSettings {
             admin_token: None,
             max_component_size: ByteSize::mib(64),
             max_memory: None,
+            events: EventSettings::default(),
         }
     }
 }
@@ -141,6 +180,10 @@ pub struct ComponentSpec {
     /// Subjects (NATS wildcards allowed) whose messages call its `handle-message`.
     #[serde(default)]
     pub subscriptions: Vec<String>,
+    /// Those of its `subscriptions` whose events it takes at most once, from core NATS or
+    /// the in-process bus, instead of durably (for example frequent, disposable ticks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ephemeral: Vec<String>,
     /// Subjects (NATS wildcards allowed) it may publish and send requests on.
     #[serde(default)]
     pub publish: Vec<String>,
@@ -381,6 +424,30 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
             "must be a postgres:// URL (leave it unset for SQLite)".into(),
         );
     }
+    let events = &manifest.node.events;
+    if events.stream.is_empty()
+        || !events
+            .stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problem(
+            "node.events.stream".into(),
+            format!(
+                "{:?} is not a stream name (letters, digits, '_' and '-')",
+                events.stream
+            ),
+        );
+    }
+    if events.ack_wait < Duration::from_secs(1) {
+        problem("node.events.ack_wait".into(), "must be at least 1s".into());
+    }
+    if events.max_age.is_zero() {
+        problem(
+            "node.events.max_age".into(),
+            "must be longer than zero".into(),
+        );
+    }
 
     // Tenants and the hosts they claim.
     let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
@@ -563,6 +630,14 @@ pub fn component_problems(
             if let Some(reason) = subject_problem(pattern, true) {
                 problem(at(&format!("{field}[{i}]")), reason);
             }
+        }
+    }
+    for (i, pattern) in component.ephemeral.iter().enumerate() {
+        if !component.subscriptions.contains(pattern) {
+            problem(
+                at(&format!("ephemeral[{i}]")),
+                format!("{pattern:?} is not one of the component's subscriptions"),
+            );
         }
     }
     if limits.message_attempts == 0 {

@@ -72,9 +72,10 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    pub fn new(grants: &Grants) -> wasmtime::Result<Self> {
+    pub fn new(grants: &Grants, extra_env: &[(String, String)]) -> wasmtime::Result<Self> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.envs(&grants.env)
+            .envs(extra_env)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

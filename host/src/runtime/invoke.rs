@@ -32,8 +32,13 @@ use crate::telemetry::metrics::ComponentMetrics;
 
 /// How an invocation gets a store to instantiate in. The seam for instance reuse.
 pub trait InstanceSource: Send + Sync {
-    fn store(&self, version: &Version, deadline: Instant)
-    -> wasmtime::Result<Store<InstanceState>>;
+    /// A store for one call; `env` adds per-call environment variables (an event's id).
+    fn store(
+        &self,
+        version: &Version,
+        deadline: Instant,
+        env: &[(String, String)],
+    ) -> wasmtime::Result<Store<InstanceState>>;
 }
 
 /// A fresh `Store` (and so a fresh instance) for every call: nothing survives a call.
@@ -44,8 +49,9 @@ impl InstanceSource for FreshInstances {
         &self,
         version: &Version,
         deadline: Instant,
+        env: &[(String, String)],
     ) -> wasmtime::Result<Store<InstanceState>> {
-        version.new_store(deadline)
+        version.new_store(deadline, env)
     }
 }
 
@@ -289,7 +295,7 @@ impl std::fmt::Display for Failure {
 pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
     let deadline = Instant::now() + version.limits.deadline;
     let mut store = FRESH
-        .store(version, deadline)
+        .store(version, deadline, &[])
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     match version.instance_pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
@@ -303,6 +309,7 @@ pub async fn message(
     metrics: &ComponentMetrics,
     _permit: &Permit,
     message: &BrokerMessage,
+    env: &[(String, String)],
 ) -> Result<(), Failure> {
     let Some(handler) = version.handler() else {
         return Err(Failure::Internal(
@@ -311,7 +318,7 @@ pub async fn message(
     };
     let deadline = Instant::now() + version.limits.deadline;
     let mut store = FRESH
-        .store(version, deadline)
+        .store(version, deadline, env)
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let run = async {
         let instantiating = Instant::now();
@@ -462,7 +469,7 @@ where
         };
     let request = Request::from_parts(parts, body);
 
-    let mut store = match FRESH.store(&version, deadline) {
+    let mut store = match FRESH.store(&version, deadline, &[]) {
         Ok(store) => store,
         Err(e) => {
             tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");

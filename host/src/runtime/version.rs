@@ -96,6 +96,7 @@ pub struct VersionServices {
     /// Where its `NAME.internal` calls go (none: refused).
     pub internal_calls: Option<InternalCalls>,
     pub bus: Arc<dyn MessageBus>,
+    pub events: Arc<dyn crate::capabilities::events::EventLog>,
     /// The node's memory budget.
     pub memory_budget: Arc<crate::runtime::memory::MemoryBudget>,
 }
@@ -198,6 +199,7 @@ impl Version {
             sql: services.storage.sql,
             messaging: Arc::new(MessagingGrant {
                 bus: services.bus,
+                events: services.events,
                 tenant: tenant.clone(),
                 publish: spec.publish.clone(),
             }),
@@ -233,10 +235,14 @@ impl Version {
 
     /// A fresh store for one call: the memory limiter installed and an epoch callback
     /// that yields to the executor every tick and traps once `deadline` has passed.
-    pub fn new_store(&self, deadline: Instant) -> wasmtime::Result<Store<InstanceState>> {
+    pub fn new_store(
+        &self,
+        deadline: Instant,
+        env: &[(String, String)],
+    ) -> wasmtime::Result<Store<InstanceState>> {
         let mut store = Store::new(
             self.instance_pre.engine(),
-            InstanceState::new(&self.grants)?,
+            InstanceState::new(&self.grants, env)?,
         );
         store.limiter(|state| &mut state.limiter);
         // At least one tick, so that even instantiation runs under the deadline.

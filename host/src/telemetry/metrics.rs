@@ -43,6 +43,9 @@ pub struct Metrics {
     messages_handled: Family<ComponentLabels, Counter>,
     message_failures: Family<ComponentLabels, Counter>,
     messages_dead_lettered: Family<ComponentLabels, Counter>,
+    events_pending: Family<ComponentLabels, Gauge>,
+    events_redelivered: Family<ComponentLabels, Counter>,
+    events_acked: Family<ComponentLabels, Counter>,
     activations: Family<ComponentLabels, Counter>,
     canary_rollbacks: Family<ComponentLabels, Counter>,
     unrouted: Counter,
@@ -71,6 +74,9 @@ impl Default for Metrics {
         let messages_handled = Family::<ComponentLabels, Counter>::default();
         let message_failures = Family::<ComponentLabels, Counter>::default();
         let messages_dead_lettered = Family::<ComponentLabels, Counter>::default();
+        let events_pending = Family::<ComponentLabels, Gauge>::default();
+        let events_redelivered = Family::<ComponentLabels, Counter>::default();
+        let events_acked = Family::<ComponentLabels, Counter>::default();
         let unrouted = Counter::default();
         let node_memory_reserved = Gauge::default();
         let node_memory_budget = Gauge::default();
@@ -110,6 +116,21 @@ impl Default for Metrics {
             "messages_dead_lettered",
             "Messages sent to the dead-letter subject after their last attempt",
             messages_dead_lettered.clone(),
+        );
+        registry.register(
+            "events_pending",
+            "Durable events waiting for the component's handler, as last reported by the event log",
+            events_pending.clone(),
+        );
+        registry.register(
+            "events_redelivered",
+            "Durable event deliveries that were not the event's first (a failed attempt, or a node that died mid-handler)",
+            events_redelivered.clone(),
+        );
+        registry.register(
+            "events_acked",
+            "Durable events acknowledged: handled, or dead-lettered after their last attempt",
+            events_acked.clone(),
         );
         registry.register(
             "requests",
@@ -169,6 +190,9 @@ impl Default for Metrics {
             messages_handled,
             message_failures,
             messages_dead_lettered,
+            events_pending,
+            events_redelivered,
+            events_acked,
             activations,
             canary_rollbacks,
             unrouted,
@@ -196,6 +220,9 @@ impl Metrics {
             messages_handled: self.messages_handled.get_or_create(&labels).clone(),
             message_failures: self.message_failures.get_or_create(&labels).clone(),
             messages_dead_lettered: self.messages_dead_lettered.get_or_create(&labels).clone(),
+            events_pending: self.events_pending.get_or_create(&labels).clone(),
+            events_redelivered: self.events_redelivered.get_or_create(&labels).clone(),
+            events_acked: self.events_acked.get_or_create(&labels).clone(),
             activations: self.activations.get_or_create(&labels).clone(),
             canary_rollbacks: self.canary_rollbacks.get_or_create(&labels).clone(),
             requests: self.requests.clone(),
@@ -229,6 +256,9 @@ pub struct ComponentMetrics {
     pub messages_handled: Counter,
     pub message_failures: Counter,
     pub messages_dead_lettered: Counter,
+    pub events_pending: Gauge,
+    pub events_redelivered: Counter,
+    pub events_acked: Counter,
     pub activations: Counter,
     pub canary_rollbacks: Counter,
     requests: Family<RequestLabels, Counter>,

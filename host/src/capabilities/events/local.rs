@@ -1,0 +1,551 @@
+//! Events on a single node: a durable queue in `DATA_DIR/events.db` (SQLite, WAL).
+//!
+//! An event is one row; each consumer whose filter matches it gets a delivery row in the
+//! same transaction, so an event stored is an event owed to every subscriber. A delivery
+//! row is deleted when its handler succeeded (or the event was dead-lettered), pushed back
+//! in time for a retry, and its attempt count is raised before the handler runs, so a
+//! handler that died with the node counts as an attempt. After a crash, every delivery row
+//! still there is due again. Consumers are rows too: events published while a component
+//! is between restarts are kept for it.
+//!
+//! All writes go through one task that commits whatever is waiting in one transaction
+//! (group commit); with WAL and `synchronous = NORMAL` a commit survives the process being
+//! killed (a power cut may lose the last commits; see the README).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::{ConsumerSpec, Delivery, Event, EventLog, Settle};
+use crate::capabilities::messaging::{Message, MessageBus};
+use crate::grammar::subjects::subject_matches;
+use crate::manifest::EventSettings;
+
+/// Deliveries fetched per query.
+const FETCH: i64 = 256;
+/// Writes committed together at most.
+const BATCH: usize = 512;
+
+pub struct LocalLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    bus: Arc<dyn MessageBus>,
+    consumers: Mutex<HashMap<String, Consumer>>,
+    writes: mpsc::Sender<Write>,
+    stored_bytes: AtomicU64,
+    max_bytes: u64,
+    max_age: Duration,
+}
+
+struct Consumer {
+    filter: String,
+    wake: Arc<Notify>,
+}
+
+enum Op {
+    Append(Event),
+    Ack {
+        consumer: String,
+        seq: i64,
+    },
+    Retry {
+        consumer: String,
+        seq: i64,
+        due_at: i64,
+    },
+}
+
+struct Write {
+    op: Op,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+impl LocalLog {
+    pub async fn open(
+        path: &Path,
+        settings: &EventSettings,
+        bus: Arc<dyn MessageBus>,
+    ) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("opening the event queue {}", path.display()))?;
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+             id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL, body BLOB NOT NULL, \
+             headers TEXT NOT NULL, stored_at INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS consumers (name TEXT PRIMARY KEY, filter TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS deliveries (consumer TEXT NOT NULL, seq INTEGER NOT NULL, \
+             attempts INTEGER NOT NULL, due_at INTEGER NOT NULL, PRIMARY KEY (consumer, seq))",
+            "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (consumer, due_at, seq)",
+        ] {
+            sqlx::query(ddl).execute(&pool).await.with_context(|| {
+                format!("creating the event queue's tables in {}", path.display())
+            })?;
+        }
+        let consumers = sqlx::query("SELECT name, filter FROM consumers")
+            .fetch_all(&pool)
+            .await?
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get::<String, _>(0),
+                    Consumer {
+                        filter: row.get(1),
+                        wake: Arc::new(Notify::new()),
+                    },
+                )
+            })
+            .collect();
+        let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events")
+            .fetch_one(&pool)
+            .await?
+            .get(0);
+        let (writes, queue) = mpsc::channel(4096);
+        let inner = Arc::new(Inner {
+            pool,
+            bus,
+            consumers: Mutex::new(consumers),
+            writes,
+            stored_bytes: AtomicU64::new(stored.max(0) as u64),
+            max_bytes: settings.max_bytes.as_u64(),
+            max_age: settings.max_age,
+        });
+        tokio::spawn(writer(Arc::downgrade(&inner), queue));
+        tokio::spawn(sweeper(Arc::downgrade(&inner)));
+        tracing::info!(path = %path.display(), "durable events in the local queue");
+        Ok(Self { inner })
+    }
+}
+
+impl Inner {
+    async fn write(&self, op: Op) -> Result<(), String> {
+        let (done, result) = oneshot::channel();
+        self.writes
+            .send(Write { op, done })
+            .await
+            .map_err(|_| "the event queue is closed".to_string())?;
+        result
+            .await
+            .map_err(|_| "the event queue is closed".to_string())?
+    }
+
+    fn wake(&self, consumer: &str) {
+        if let Some(c) = self.consumers.lock().expect("events lock").get(consumer) {
+            c.wake.notify_one();
+        }
+    }
+}
+
+/// Commits what is waiting, in one transaction, then answers each write.
+async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else { return };
+        let targets: Vec<(String, String)> = inner
+            .consumers
+            .lock()
+            .expect("events lock")
+            .iter()
+            .map(|(name, c)| (name.clone(), c.filter.clone()))
+            .collect();
+        let mut results: Vec<Result<(), String>> = Vec::with_capacity(batch.len());
+        let mut woken: HashSet<String> = HashSet::new();
+        let mut appended = Vec::new();
+        let outcome: Result<(), sqlx::Error> = async {
+            let mut tx = inner.pool.begin().await?;
+            let mut added_bytes = 0u64;
+            for write in &batch {
+                match &write.op {
+                    Op::Append(event) => {
+                        let size = event.body.len() as u64;
+                        if inner.stored_bytes.load(Ordering::Relaxed) + added_bytes + size
+                            > inner.max_bytes
+                        {
+                            results.push(Err(format!(
+                                "the event queue is full (node.events.max_bytes = {})",
+                                bytesize::ByteSize::b(inner.max_bytes)
+                            )));
+                            continue;
+                        }
+                        let headers = serde_json::to_string(&event.headers).unwrap_or_default();
+                        let inserted = sqlx::query(
+                            "INSERT OR IGNORE INTO events (id, subject, body, headers, stored_at) \
+                             VALUES (?, ?, ?, ?, ?)",
+                        )
+                        .bind(&event.id)
+                        .bind(&event.subject)
+                        .bind(event.body.as_ref())
+                        .bind(headers)
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await?;
+                        if inserted.rows_affected() == 1 {
+                            added_bytes += size;
+                            let seq = inserted.last_insert_rowid();
+                            for (name, filter) in &targets {
+                                if subject_matches(filter, &event.subject) {
+                                    sqlx::query(
+                                        "INSERT INTO deliveries (consumer, seq, attempts, due_at) \
+                                         VALUES (?, ?, 0, 0)",
+                                    )
+                                    .bind(name)
+                                    .bind(seq)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                    woken.insert(name.clone());
+                                }
+                            }
+                            appended.push(event.clone());
+                        }
+                        results.push(Ok(()));
+                    }
+                    Op::Ack { consumer, seq } => {
+                        sqlx::query("DELETE FROM deliveries WHERE consumer = ? AND seq = ?")
+                            .bind(consumer)
+                            .bind(seq)
+                            .execute(&mut *tx)
+                            .await?;
+                        results.push(Ok(()));
+                    }
+                    Op::Retry {
+                        consumer,
+                        seq,
+                        due_at,
+                    } => {
+                        sqlx::query(
+                            "UPDATE deliveries SET due_at = ? WHERE consumer = ? AND seq = ?",
+                        )
+                        .bind(due_at)
+                        .bind(consumer)
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await?;
+                        results.push(Ok(()));
+                    }
+                }
+            }
+            tx.commit().await?;
+            inner.stored_bytes.fetch_add(added_bytes, Ordering::Relaxed);
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                for (write, result) in batch.drain(..).zip(results) {
+                    let _ = write.done.send(result);
+                }
+                for name in &woken {
+                    inner.wake(name);
+                }
+                // Subscriptions marked ephemeral take events from the core bus.
+                for event in appended {
+                    let _ = inner
+                        .bus
+                        .publish(Message {
+                            subject: event.subject,
+                            reply_to: None,
+                            body: event.body,
+                        })
+                        .await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writing to the event queue");
+                for write in batch.drain(..) {
+                    let _ = write
+                        .done
+                        .send(Err(format!("writing to the event queue: {e}")));
+                }
+            }
+        }
+    }
+}
+
+/// Deletes events every consumer is done with, and events older than `max_age`.
+async fn sweeper(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let oldest = now_ms() - inner.max_age.as_millis() as i64;
+        let swept: Result<u64, sqlx::Error> = async {
+            let expired = sqlx::query(
+                "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM events WHERE stored_at < ?)",
+            )
+            .bind(oldest)
+            .execute(&inner.pool)
+            .await?
+            .rows_affected();
+            sqlx::query("DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)")
+                .execute(&inner.pool)
+                .await?;
+            let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events")
+                .fetch_one(&inner.pool)
+                .await?
+                .get(0);
+            inner
+                .stored_bytes
+                .store(stored.max(0) as u64, Ordering::Relaxed);
+            Ok(expired)
+        }
+        .await;
+        match swept {
+            Ok(0) => {}
+            Ok(expired) => tracing::warn!(
+                expired,
+                "events older than node.events.max_age were dropped undelivered"
+            ),
+            Err(e) => tracing::warn!(error = %e, "sweeping the event queue"),
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for LocalLog {
+    async fn append(&self, event: Event) -> Result<(), String> {
+        self.inner.write(Op::Append(event)).await
+    }
+
+    async fn consume(&self, spec: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String> {
+        sqlx::query("INSERT OR REPLACE INTO consumers (name, filter) VALUES (?, ?)")
+            .bind(&spec.name)
+            .bind(&spec.filter)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| format!("registering consumer {}: {e}", spec.name))?;
+        let wake = Arc::new(Notify::new());
+        self.inner.consumers.lock().expect("events lock").insert(
+            spec.name.clone(),
+            Consumer {
+                filter: spec.filter.clone(),
+                wake: wake.clone(),
+            },
+        );
+        let (sender, receiver) = mpsc::channel(64);
+        tokio::spawn(fetcher(self.inner.clone(), spec.name, wake, sender));
+        Ok(receiver)
+    }
+
+    async fn remove_consumer(&self, name: &str) -> Result<(), String> {
+        self.inner
+            .consumers
+            .lock()
+            .expect("events lock")
+            .remove(name);
+        let result: Result<(), sqlx::Error> = async {
+            let mut tx = self.inner.pool.begin().await?;
+            sqlx::query("DELETE FROM consumers WHERE name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM deliveries WHERE consumer = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await;
+        result.map_err(|e| format!("removing consumer {name}: {e}"))
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+}
+
+/// Hands a consumer's due deliveries out, oldest first, until its receiver is gone.
+async fn fetcher(
+    inner: Arc<Inner>,
+    consumer: String,
+    wake: Arc<Notify>,
+    sender: mpsc::Sender<Delivery>,
+) {
+    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    loop {
+        if sender.is_closed() {
+            return;
+        }
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT d.seq, d.attempts, e.id, e.subject, e.body, e.headers \
+             FROM deliveries d JOIN events e ON e.seq = d.seq \
+             WHERE d.consumer = ? AND d.due_at <= ? ORDER BY d.seq LIMIT ?",
+        )
+        .bind(&consumer)
+        .bind(now)
+        .bind(FETCH)
+        .fetch_all(&inner.pool)
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(%consumer, error = %e, "reading the event queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let fresh: Vec<_> = {
+            let taken = in_flight.lock().expect("in-flight lock");
+            rows.into_iter()
+                .filter(|row| !taken.contains(&row.get::<i64, _>(0)))
+                .collect()
+        };
+        if fresh.is_empty() {
+            let next_due: Option<i64> =
+                sqlx::query("SELECT MIN(due_at) FROM deliveries WHERE consumer = ? AND due_at > ?")
+                    .bind(&consumer)
+                    .bind(now)
+                    .fetch_one(&inner.pool)
+                    .await
+                    .ok()
+                    .and_then(|row| row.get(0));
+            let wait = next_due
+                .map(|due| Duration::from_millis((due - now).clamp(1, 1000) as u64))
+                .unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = sender.closed() => return,
+            }
+            continue;
+        }
+        // The attempt is counted before the handler runs, so a crash mid-handler counts.
+        let counted: Result<(), sqlx::Error> = async {
+            let mut tx = inner.pool.begin().await?;
+            for row in &fresh {
+                sqlx::query(
+                    "UPDATE deliveries SET attempts = attempts + 1 WHERE consumer = ? AND seq = ?",
+                )
+                .bind(&consumer)
+                .bind(row.get::<i64, _>(0))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = counted {
+            tracing::warn!(%consumer, error = %e, "counting event attempts");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let total = fresh.len() as u64;
+        for (i, row) in fresh.into_iter().enumerate() {
+            let seq: i64 = row.get(0);
+            let attempts: i64 = row.get(1);
+            let headers: Vec<(String, String)> =
+                serde_json::from_str(row.get::<&str, _>(5)).unwrap_or_default();
+            in_flight.lock().expect("in-flight lock").insert(seq);
+            let delivery = Delivery {
+                event: Event {
+                    id: row.get(2),
+                    subject: row.get(3),
+                    body: bytes::Bytes::from(row.get::<Vec<u8>, _>(4)),
+                    headers,
+                },
+                attempt: u32::try_from(attempts + 1).unwrap_or(u32::MAX),
+                pending: total - i as u64 - 1,
+                settle: Box::new(LocalSettle {
+                    inner: inner.clone(),
+                    consumer: consumer.clone(),
+                    seq,
+                    in_flight: in_flight.clone(),
+                    settled: AtomicBool::new(false),
+                }),
+            };
+            if sender.send(delivery).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct LocalSettle {
+    inner: Arc<Inner>,
+    consumer: String,
+    seq: i64,
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    settled: AtomicBool,
+}
+
+impl LocalSettle {
+    fn release(&self) {
+        self.settled.store(true, Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.seq);
+        self.inner.wake(&self.consumer);
+    }
+}
+
+#[async_trait]
+impl Settle for LocalSettle {
+    async fn ack(&self) -> Result<(), String> {
+        let result = self
+            .inner
+            .write(Op::Ack {
+                consumer: self.consumer.clone(),
+                seq: self.seq,
+            })
+            .await;
+        self.release();
+        result
+    }
+
+    async fn retry_after(&self, delay: Duration) -> Result<(), String> {
+        let result = self
+            .inner
+            .write(Op::Retry {
+                consumer: self.consumer.clone(),
+                seq: self.seq,
+                due_at: now_ms() + delay.as_millis() as i64,
+            })
+            .await;
+        self.release();
+        result
+    }
+
+    async fn in_progress(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl Drop for LocalSettle {
+    /// A delivery dropped unsettled (its node is stopping the subscription) is due again.
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::Relaxed) {
+            self.release();
+        }
+    }
+}
