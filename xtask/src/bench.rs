@@ -36,14 +36,64 @@ struct Measured {
     cpu_us_per_request: Option<f64>,
 }
 
-pub fn run(root: &Path) -> Result<()> {
+/// The sections of the report, in order; `cargo xtask bench SECTION...` runs only those.
+const SECTIONS: [&str; 6] = [
+    "gateway",
+    "capabilities",
+    "events",
+    "hot-deploy",
+    "memory",
+    "shop",
+];
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let wanted: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if let Some(unknown) = wanted.iter().find(|w| !SECTIONS.contains(w)) {
+        bail!(
+            "no benchmark section {unknown:?}; sections: {}",
+            SECTIONS.join(", ")
+        );
+    }
+    let runs = |section: &str| wanted.is_empty() || wanted.contains(&section);
     ensure_wrk()?;
-    let wasmtime = ensure_wasmtime_cli()?;
     super::run(super::cargo().args(["build", "--release", "--package", "trellis", "--examples"]))?;
     let release = root.join("target/release");
-    let hello = root.join("target/wasm/hello.wasm");
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
+
+    let mut report = String::new();
+    if runs("gateway") {
+        report.push_str(&gateway(root, &release, &out_dir)?);
+    }
+    if runs("capabilities") {
+        report.push_str(&capabilities(&release, &out_dir)?);
+    }
+    if runs("events") {
+        report.push_str(&events(&release, &out_dir)?);
+    }
+    if runs("hot-deploy") {
+        report.push_str(&hot_deploy(root, &release, &out_dir)?);
+    }
+    if runs("memory") {
+        report.push_str(&memory(root, &release, &out_dir)?);
+    }
+    if runs("shop") {
+        report.push_str(&shop_orders(root, &release, &out_dir)?);
+    }
+    println!("\n{report}");
+    std::fs::write(out_dir.join("results.md"), &report)?;
+    Ok(())
+}
+
+/// Hello through native hyper, `wasmtime serve` and Trellis, then the in-process
+/// instantiate+call cost.
+fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let wasmtime = ensure_wasmtime_cli()?;
+    let hello = root.join("target/wasm/hello.wasm");
 
     // All three run at once (an idle server costs nothing) so that the rounds can be
     // interleaved: drift in the machine's speed then hits every server alike.
@@ -75,7 +125,7 @@ pub fn run(root: &Path) -> Result<()> {
             hello = hello.display()
         ),
     )?;
-    let trellis = start_trellis("trellis gateway", &release, &manifest, port)?;
+    let trellis = start_trellis("trellis gateway", release, &manifest, port)?;
     let servers = [&native, &serve, &trellis];
     let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
     for round in 1..=ROUNDS {
@@ -105,14 +155,7 @@ pub fn run(root: &Path) -> Result<()> {
         .context("running the instantiate_cost example")?;
     let cost = String::from_utf8_lossy(&cost.stdout).trim().to_string();
 
-    let mut report = render(&results, &cost, &metrics);
-    report.push_str(&capabilities(&release, &out_dir)?);
-    report.push_str(&hot_deploy(root, &release, &out_dir)?);
-    report.push_str(&memory(root, &release, &out_dir)?);
-    report.push_str(&shop_orders(root, &release, &out_dir)?);
-    println!("\n{report}");
-    std::fs::write(out_dir.join("results.md"), &report)?;
-    Ok(())
+    Ok(render(&results, &cost, &metrics))
 }
 
 fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String {
@@ -165,37 +208,57 @@ fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String
 const MESSAGES: u64 = 20_000;
 const STORAGE_OPS: u64 = 2_000;
 
-/// Messages/s from NATS into a handler, key-value and SQL operations/s from inside a
-/// component, each against a native baseline run on the same infrastructure.
-fn capabilities(release: &Path, out_dir: &Path) -> Result<String> {
+/// A nats-server with JetStream (its store under `out_dir`), killed on drop.
+struct NatsServer {
+    child: Child,
+    url: String,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nats(out_dir: &Path) -> Result<NatsServer> {
     if !Path::new("/usr/sbin/nats-server").is_file() && super::which("nats-server").is_none() {
         super::apt_install(&["nats-server"])?;
     }
-    let nats_port = free_port()?;
-    let nats_binary = if Path::new("/usr/sbin/nats-server").is_file() {
+    let port = free_port()?;
+    let binary = if Path::new("/usr/sbin/nats-server").is_file() {
         "/usr/sbin/nats-server".into()
     } else {
         "nats-server".to_string()
     };
-    let mut nats = Command::new(nats_binary)
-        .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
+    let store = out_dir.join("nats-store");
+    let _ = std::fs::remove_dir_all(&store);
+    let child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting nats-server")?;
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let server = NatsServer {
+        child,
+        url: format!("nats://127.0.0.1:{port}"),
+    };
     let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err() {
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if started.elapsed() > Duration::from_secs(10) {
-            let _ = nats.kill();
             bail!("nats-server did not start");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let result = capability_runs(release, out_dir, &nats_url);
-    let _ = nats.kill();
-    let _ = nats.wait();
-    result
+    Ok(server)
+}
+
+/// Messages/s from NATS into a handler, key-value and SQL operations/s from inside a
+/// component, each against a native baseline run on the same infrastructure.
+fn capabilities(release: &Path, out_dir: &Path) -> Result<String> {
+    let nats = start_nats(out_dir)?;
+    capability_runs(release, out_dir, &nats.url)
 }
 
 fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<String> {
@@ -219,7 +282,8 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     std::fs::write(
         &manifest,
         format!(
-            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nnats_url = \"{nats_url}\"\n\n\
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nnats_url = \"{nats_url}\"\n\
+             [node.events]\ndurable = false\n\n\
              [components.producer]\nsource = \"{msg}\"\nroutes = [\"/producer\"]\nkeyvalue = [\"default\"]\npublish = [\"bench.>\"]\n\n\
              [components.sink]\nsource = \"{msg}\"\nroutes = [\"/sink\"]\nkeyvalue = [\"default\"]\nsubscriptions = [\"bench.>\"]\n\
              limits = {{ max_concurrent = 64 }}\n\n\
@@ -291,7 +355,7 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     };
     let rows = [
         (
-            "messages from NATS into a handler component (one node)",
+            "messages from core NATS into a handler component (one node, events at most once)",
             messages_per_sec,
             native(&native_nats, "messages_per_sec"),
             "async-nats queue subscriber",
@@ -324,66 +388,211 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     Ok(out)
 }
 
+/// Events in the events benchmark, and the guest requests publishing them at once.
+const EVENTS: u64 = 20_000;
+const PUBLISHERS: u64 = 8;
+
+/// Events/s from publishing guests into a handler component, durable against at most
+/// once, on NATS and embedded, all in this run.
+fn events(release: &Path, out_dir: &Path) -> Result<String> {
+    let nats = start_nats(out_dir)?;
+    let mut rows = Vec::new();
+    for (label, nats_url, durable) in [
+        ("core NATS, at most once", Some(nats.url.as_str()), false),
+        ("JetStream, durable", Some(nats.url.as_str()), true),
+        ("in-process bus, at most once", None, false),
+        ("local queue (SQLite), durable", None, true),
+    ] {
+        eprintln!("== events: {label}");
+        rows.push((
+            label,
+            durable,
+            event_rate(release, out_dir, nats_url, durable)?,
+        ));
+    }
+    let mut out = format!(
+        "\n### Events into a handler\n\n\
+         {EVENTS} events published by {PUBLISHERS} concurrent guest requests (`msg-probe` \
+         `publish-many`) and handled by another component (a fresh instance each, \
+         `max_concurrent = 64`), timed from the first publish until the handler's \
+         counter reaches {EVENTS}. Durable: each `publish` returns once the event is stored; \
+         each handled event is acknowledged.\n\n\
+         | delivery | events/s | durable vs at most once on the same transport |\n|---|---|---|\n"
+    );
+    for pair in rows.chunks(2) {
+        let (core_label, _, core) = pair[0];
+        let (durable_label, _, durable) = pair[1];
+        out.push_str(&format!("| {core_label} | {core:.0} | 1.00x |\n"));
+        out.push_str(&format!(
+            "| {durable_label} | {durable:.0} | {:.2}x |\n",
+            durable / core
+        ));
+    }
+    Ok(out)
+}
+
+fn event_rate(
+    release: &Path,
+    out_dir: &Path,
+    nats_url: Option<&str>,
+    durable: bool,
+) -> Result<f64> {
+    let port = free_port()?;
+    let data = out_dir.join("events-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let msg = release.parent().unwrap().join("wasm/msg-probe.wasm");
+    let manifest = out_dir.join("events.toml");
+    let nats_line = nats_url
+        .map(|url| format!("nats_url = \"{url}\"\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{nats_line}\
+             [node.events]\ndurable = {durable}\n\n\
+             [components.producer]\nsource = \"{msg}\"\nroutes = [\"/producer\"]\nkeyvalue = [\"default\"]\n\
+             publish = [\"bench.>\"]\nlimits = {{ deadline = \"300s\" }}\n\n\
+             [components.sink]\nsource = \"{msg}\"\nroutes = [\"/sink\"]\nkeyvalue = [\"default\"]\n\
+             subscriptions = [\"bench.>\"]\nlimits = {{ max_concurrent = 64 }}\n",
+            data = data.display(),
+            msg = msg.display(),
+        ),
+    )?;
+    let node = start_trellis("trellis events", release, &manifest, port)?;
+    let started = Instant::now();
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http_post(
+                    port,
+                    &format!(
+                        "/producer/publish-many/bench.load?n={}",
+                        EVENTS / PUBLISHERS
+                    ),
+                    "",
+                )
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        let answer = publisher.join().expect("publisher thread")?;
+        if !answer.contains("\"failed\":0") {
+            bail!("some publishes failed: {answer}");
+        }
+    }
+    let handled_line = "trellis_messages_handled_total{tenant=\"default\",component=\"sink\"}";
+    loop {
+        let metrics = node.metrics()?;
+        let handled = metrics
+            .lines()
+            .find(|l| l.starts_with(handled_line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if handled >= EVENTS as f64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("only {handled} of {EVENTS} events were handled within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(EVENTS as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Order placement through the gateway on the shop example (SQLite, in-process bus): the
 /// whole flow of `POST /api/v1/orders` (token check, user check, stock reservation, the
 /// order stored, `order.created` published), with the events' work (payment,
 /// confirmation, notifications) running on the same cores. Against the native storage
 /// floor (`order_baseline`): the same SQL on the same databases, with no HTTP or Wasm.
-fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
-    let data = out_dir.join("shop-data");
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let shop = start_trellis_with(
-        "trellis shop",
-        release,
-        &root.join("examples/shop/trellis.toml"),
-        port,
-        &[
-            "--listen".as_ref(),
-            listen.as_ref(),
-            "--data-dir".as_ref(),
-            data.as_os_str(),
-        ],
-    )?;
-    let json = "content-type: application/json";
-    for (email, password) in [
-        ("admin@shop.example", "admin-password"),
-        ("bench@example.com", "bench-password"),
-    ] {
-        let body = format!(r#"{{"email":"{email}","password":"{password}","name":"Bench"}}"#);
-        exchange(port, "POST", "/api/v1/users", &[json], &body, 201)?;
+/// A shop node with a customer, a product and a wrk script placing one-line orders.
+struct ShopNode {
+    server: Server,
+    script: std::path::PathBuf,
+}
+
+impl ShopNode {
+    fn start(release: &Path, manifest: &Path, out_dir: &Path, data: &str) -> Result<ShopNode> {
+        let data = out_dir.join(data);
+        let _ = std::fs::remove_dir_all(&data);
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let server = start_trellis_with(
+            "trellis shop",
+            release,
+            manifest,
+            port,
+            &[
+                "--listen".as_ref(),
+                listen.as_ref(),
+                "--data-dir".as_ref(),
+                data.as_os_str(),
+            ],
+        )?;
+        let json = "content-type: application/json";
+        for (email, password) in [
+            ("admin@shop.example", "admin-password"),
+            ("bench@example.com", "bench-password"),
+        ] {
+            let body = format!(r#"{{"email":"{email}","password":"{password}","name":"Bench"}}"#);
+            exchange(port, "POST", "/api/v1/users", &[json], &body, 201)?;
+        }
+        let login = |email: &str, password: &str| -> Result<String> {
+            let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
+            let answer = exchange(port, "POST", "/api/v1/auth/login", &[json], &body, 200)?;
+            json_string_field(&answer, "token").context("login answered no token")
+        };
+        let admin = format!(
+            "authorization: Bearer {}",
+            login("admin@shop.example", "admin-password")?
+        );
+        let customer = login("bench@example.com", "bench-password")?;
+        let product = exchange(
+            port,
+            "POST",
+            "/api/v1/products",
+            &[json, &admin],
+            r#"{"sku":"BENCH","name":"Bench","price_cents":100,"stock":1000000000}"#,
+            201,
+        )?;
+        let product = json_string_field(&product, "id").context("no product id")?;
+        let script = data.with_extension("lua");
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.method = \"POST\"\nwrk.headers[\"content-type\"] = \"application/json\"\n\
+                 wrk.headers[\"authorization\"] = \"Bearer {customer}\"\n\
+                 wrk.body = '{{\"items\":[{{\"product_id\":\"{product}\",\"quantity\":1}}]}}'\n"
+            ),
+        )?;
+        Ok(ShopNode { server, script })
     }
-    let login = |email: &str, password: &str| -> Result<String> {
-        let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
-        let answer = exchange(port, "POST", "/api/v1/auth/login", &[json], &body, 200)?;
-        json_string_field(&answer, "token").context("login answered no token")
-    };
-    let admin = format!(
-        "authorization: Bearer {}",
-        login("admin@shop.example", "admin-password")?
-    );
-    let customer = login("bench@example.com", "bench-password")?;
-    let product = exchange(
-        port,
-        "POST",
-        "/api/v1/products",
-        &[json, &admin],
-        r#"{"sku":"BENCH","name":"Bench","price_cents":100,"stock":1000000000}"#,
-        201,
-    )?;
-    let product = json_string_field(&product, "id").context("no product id")?;
-    let script = out_dir.join("order.lua");
+}
+
+fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    // The same shop with its events at most once: the cost of durable events.
+    let text = std::fs::read_to_string(root.join("examples/shop/trellis.toml"))?;
+    let ephemeral_manifest = out_dir.join("shop-at-most-once.toml");
     std::fs::write(
-        &script,
+        &ephemeral_manifest,
         format!(
-            "wrk.method = \"POST\"\nwrk.headers[\"content-type\"] = \"application/json\"\n\
-             wrk.headers[\"authorization\"] = \"Bearer {customer}\"\n\
-             wrk.body = '{{\"items\":[{{\"product_id\":\"{product}\",\"quantity\":1}}]}}'\n"
+            "[node.events]\ndurable = false\n\n{}",
+            text.replace("\"../../", &format!("\"{}/", root.display()))
         ),
     )?;
-    let url = format!("http://127.0.0.1:{port}/api/v1/orders");
-    let load_with = |connections: &str, duration: &str| -> Result<String> {
+    let durable = ShopNode::start(
+        release,
+        &root.join("examples/shop/trellis.toml"),
+        out_dir,
+        "shop-data",
+    )?;
+    let ephemeral = ShopNode::start(
+        release,
+        &ephemeral_manifest,
+        out_dir,
+        "shop-data-at-most-once",
+    )?;
+    let load_with = |shop: &ShopNode, connections: &str, duration: &str| -> Result<String> {
         let output = Command::new("wrk")
             .args([
                 "-t",
@@ -395,36 +604,41 @@ fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
                 "--latency",
                 "-s",
             ])
-            .arg(&script)
-            .arg(&url)
+            .arg(&shop.script)
+            .arg(format!(
+                "http://127.0.0.1:{}/api/v1/orders",
+                shop.server.port
+            ))
             .output()
             .context("running wrk")?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
-    let load = |duration: &str| load_with(CONNECTIONS, duration);
+    let load = |shop: &ShopNode, duration: &str| load_with(shop, CONNECTIONS, duration);
+    let measure = |output: &str| -> Result<(f64, f64, f64, f64)> {
+        Ok((
+            field(output, "Requests/sec:").context("wrk printed no Requests/sec")?,
+            latency(output, "50%").context("no p50")?,
+            latency(output, "99%").context("no p99")?,
+            field(output, "Non-2xx or 3xx responses:").unwrap_or(0.0),
+        ))
+    };
     eprintln!("== shop: order placement");
-    load(WARMUP)?;
+    load(&durable, WARMUP)?;
+    load(&ephemeral, WARMUP)?;
     let mut rounds = Vec::new();
+    let mut ephemeral_rounds = Vec::new();
     for _ in 0..ROUNDS {
-        let output = load(DURATION)?;
-        rounds.push((
-            field(&output, "Requests/sec:").context("wrk printed no Requests/sec")?,
-            latency(&output, "50%").context("no p50")?,
-            latency(&output, "99%").context("no p99")?,
-            field(&output, "Non-2xx or 3xx responses:").unwrap_or(0.0),
-        ));
+        rounds.push(measure(&load(&durable, DURATION)?)?);
+        ephemeral_rounds.push(measure(&load(&ephemeral, DURATION)?)?);
     }
     // Latency when the node is not saturated: a few clients at a time.
-    let light = load_with(LIGHT_CONNECTIONS, DURATION)?;
-    let light = (
-        field(&light, "Requests/sec:").context("wrk printed no Requests/sec")?,
-        latency(&light, "50%").context("no p50")?,
-        latency(&light, "99%").context("no p99")?,
-    );
-    let metrics = shop.metrics()?;
-    drop(shop);
+    let light = measure(&load_with(&durable, LIGHT_CONNECTIONS, DURATION)?)?;
+    let metrics = durable.server.metrics()?;
+    drop((durable, ephemeral));
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (orders, p50, p99, non_2xx) = rounds[rounds.len() / 2];
+    ephemeral_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let ephemeral = ephemeral_rounds[ephemeral_rounds.len() / 2];
 
     let baseline_dir = out_dir.join("order-baseline");
     let _ = std::fs::remove_dir_all(&baseline_dir);
@@ -457,13 +671,26 @@ fn shop_orders(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
          | what | orders/s | p50 | p99 | vs native | non-2xx | all rounds |\n|---|---|---|---|---|---|---|\n\
          | native storage floor (order_baseline: same SQL, same databases, no HTTP/Wasm) | {native_orders:.0} | {native_p50:.2} ms | {native_p99:.2} ms | 1.00x | - | - |\n\
          | trellis shop, whole flow through the gateway | {orders:.0} | {p50:.2} ms | {p99:.2} ms | {:.2}x | {non_2xx:.0} | {} |\n\
-         | the same, {LIGHT_CONNECTIONS} connections (not saturated) | {:.0} | {:.2} ms | {:.2} ms | - | - | - |\n\n\
-         Messages handled by the shop's components during the run: {handled:.0}.\n",
+         | the same, {LIGHT_CONNECTIONS} connections (not saturated) | {:.0} | {:.2} ms | {:.2} ms | - | - | - |\n\
+         | the same, events at most once (`node.events.durable = false`), interleaved rounds | {:.0} | {:.2} ms | {:.2} ms | {:.2}x | {:.0} | {} |\n\n\
+         Durable events (the default, a local SQLite queue) against at most once: {:.2}x the orders/s.\n\
+         Messages handled by the shop's components during the durable run: {handled:.0}.\n",
         orders / native_orders,
         all.join(", "),
         light.0,
         light.1,
-        light.2
+        light.2,
+        ephemeral.0,
+        ephemeral.1,
+        ephemeral.2,
+        ephemeral.0 / native_orders,
+        ephemeral.3,
+        ephemeral_rounds
+            .iter()
+            .map(|r| format!("{:.0}", r.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        orders / ephemeral.0,
     ))
 }
 

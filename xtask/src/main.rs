@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         }
         "bench" => {
             build_all(true)?;
-            bench::run(&workspace_root())
+            bench::run(&workspace_root(), rest)
         }
         _ => {
             eprintln!(
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
                  test [ARGS..]      install test dependencies when missing, build guests, run all tests\n  \
                  build [--release]  build the guest components into target/wasm/ and the host\n  \
                  components         build only the guest components\n  \
-                 bench              run the benchmarks recorded in BENCHMARKS.md"
+                 bench [SECTION...] run the benchmarks recorded in BENCHMARKS.md (sections: gateway,\n                                    capabilities, events, hot-deploy, memory, shop; default all)"
             );
             if command == "help" || command == "--help" {
                 Ok(())
