@@ -393,3 +393,78 @@ async fn a_nats_server_without_jetstream_is_refused_unless_events_are_ephemeral(
     })
     .await;
 }
+
+/// Events waiting for a busy handler (one at a time, 300 ms each) far longer than
+/// JetStream's `ack_wait` are kept alive by the node, not handed out again: each is
+/// handled once, on its first attempt.
+#[tokio::test]
+async fn events_waiting_for_a_busy_handler_are_not_redelivered() {
+    let nats = Nats::start();
+    let manifest = r#"
+[node.events]
+ack_wait = "1s"
+
+[components.producer]
+source = "{wasm:msg-probe}"
+routes = ["/producer"]
+keyvalue = ["default"]
+publish = ["work.*"]
+
+[components.worker]
+source = "{wasm:msg-probe}"
+routes = ["/worker"]
+keyvalue = ["default"]
+subscriptions = ["work.*"]
+limits = { max_concurrent = 1 }
+"#;
+    let node = TestNode::start_with(
+        manifest,
+        &NodeOptions {
+            nats_url: Some(nats.url()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let answer = post(&node, "/producer/publish-many/work.slow?n=12", "").await;
+    assert_eq!(answer, json!({"published": 12, "failed": 0}));
+    // The worker's one permit is mostly its handler's: a read may be refused (503).
+    let read = || async {
+        loop {
+            let response = node.get("/worker/details").await;
+            if response.status == 200 {
+                return response.json()["details"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let details = read().await;
+        if details.as_array().unwrap().len() >= 12 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{details}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 12 × 300 ms one at a time: the last waited well over three times `ack_wait`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let details = read().await;
+    assert_eq!(
+        details.as_array().unwrap().len(),
+        12,
+        "each handled once: {details}"
+    );
+    assert!(
+        details
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["attempt"] == "1"),
+        "{details}"
+    );
+    assert_eq!(
+        node.metric("trellis_events_redelivered_total", "default", "worker")
+            .await,
+        0.0
+    );
+}

@@ -605,8 +605,8 @@ impl Slot {
 
     /// Delivers one durable event: one attempt per delivery. Success acknowledges it; a
     /// failure hands it back for a later attempt with backoff, until the last attempt,
-    /// after which it is dead-lettered, then acknowledged. While the handler runs the
-    /// backend is told so, so that it does not hand the event to another node meanwhile.
+    /// after which it is dead-lettered, then acknowledged. Until it is settled the event
+    /// log keeps the delivery alive, so no other node gets it meanwhile.
     async fn deliver_event(&self, permit: invoke::Permit, delivery: Delivery) {
         let Delivery {
             event,
@@ -638,19 +638,7 @@ impl Slot {
             env.push(("TRELLIS_DEAD_LETTER_ERROR".into(), error.into()));
         }
         let (version, canary) = self.pick_for_message();
-        let handling = invoke::message(&version, &self.metrics, &permit, &guest_message, &env);
-        let outcome = match self.events.heartbeat() {
-            None => handling.await,
-            Some(every) => {
-                tokio::pin!(handling);
-                loop {
-                    tokio::select! {
-                        outcome = &mut handling => break outcome,
-                        () = tokio::time::sleep(every) => { let _ = settle.in_progress().await; }
-                    }
-                }
-            }
-        };
+        let outcome = invoke::message(&version, &self.metrics, &permit, &guest_message, &env).await;
         drop(permit);
         self.judge_message(&canary, &outcome);
         let settled = match outcome {

@@ -4,18 +4,27 @@
 //! consumers, so each event goes to one node at a time; an event not acknowledged within
 //! `ack_wait` (its node died) is delivered again. Acks and naks are the server's.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::{ConsumerSpec, Delivery, Event, EventLog, Settle};
 use crate::manifest::EventSettings;
 
 /// How long a publish keeps trying to store its event (NATS restarting, a lost ack).
 const APPEND_PATIENCE: Duration = Duration::from_secs(8);
+
+/// Deliveries one consumer may hold unsettled on this node.
+const HELD: usize = 64;
+/// How long one pull waits for events before asking again.
+const PULL_WAIT: Duration = Duration::from_secs(5);
 
 /// The subjects every event lives under (`trellis-events.TENANT.SUBJECT`).
 const EVENT_SUBJECTS: &str = "trellis-events.>";
@@ -131,53 +140,79 @@ impl EventLog for JetStreamLog {
         }
     }
 
+    /// Pulls only as many events as may be outstanding (`HELD`), in one-shot batches, so
+    /// that the node never holds an event it does not keep alive: every delivery handed
+    /// out and not yet settled — waiting in the channel, waiting for admission, or in a
+    /// handler — gets an in-progress ack every third of `ack_wait`, and the server hands
+    /// it to another node only when this one stops doing so (it died).
     async fn consume(&self, spec: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String> {
         let consumer: consumer::PullConsumer = self
             .stream
             .get_or_create_consumer(&spec.name, self.consumer_config(&spec))
             .await
             .map_err(|e| format!("creating consumer {}: {e}", spec.name))?;
-        let (sender, receiver) = mpsc::channel(64);
+        let (sender, receiver) = mpsc::channel(HELD);
+        let held = Held::default();
+        tokio::spawn(keep_alive(held.clone(), self.ack_wait / 3, sender.clone()));
         let stream = self.stream.clone();
         let config = self.consumer_config(&spec);
         tokio::spawn(async move {
             let mut consumer = consumer;
             loop {
-                match consumer.messages().await {
-                    Ok(mut messages) => {
-                        while let Some(message) = tokio::select! {
-                            m = messages.next() => m,
+                // Wait for room: settled deliveries make it.
+                loop {
+                    let room = held.room.notified();
+                    if held.count() < HELD {
+                        break;
+                    }
+                    tokio::select! {
+                        () = room => {}
+                        () = sender.closed() => return,
+                    }
+                }
+                let want = HELD - held.count();
+                let batch = consumer
+                    .batch()
+                    .max_messages(want)
+                    .expires(PULL_WAIT)
+                    .messages()
+                    .await;
+                let mut batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::warn!(consumer = %spec.name, error = %e, "pulling events; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
                             () = sender.closed() => return,
-                        } {
-                            let message = match message {
-                                Ok(m) => m,
-                                Err(e) => {
-                                    tracing::debug!(consumer = %spec.name, error = %e, "pulling events");
-                                    continue;
-                                }
-                            };
-                            let Some(delivery) = delivery(message) else {
-                                continue;
-                            };
+                        }
+                        // The consumer may have been removed meanwhile (by another node).
+                        if let Ok(again) = stream
+                            .get_or_create_consumer(&spec.name, config.clone())
+                            .await
+                        {
+                            consumer = again;
+                        }
+                        continue;
+                    }
+                };
+                loop {
+                    let message = tokio::select! {
+                        message = batch.next() => message,
+                        () = sender.closed() => return,
+                    };
+                    match message {
+                        None => break,
+                        Some(Ok(message)) => {
+                            let delivery = delivery(message, &held);
                             if sender.send(delivery).await.is_err() {
                                 return;
                             }
                         }
+                        Some(Err(e)) => {
+                            tracing::debug!(consumer = %spec.name, error = %e, "pulling events");
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(consumer = %spec.name, error = %e, "pulling events; retrying")
-                    }
-                }
-                if sender.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // The consumer may have been removed meanwhile (by another node): make it again.
-                if let Ok(again) = stream
-                    .get_or_create_consumer(&spec.name, config.clone())
-                    .await
-                {
-                    consumer = again;
                 }
             }
         });
@@ -195,13 +230,55 @@ impl EventLog for JetStreamLog {
     fn durable(&self) -> bool {
         true
     }
+}
 
-    fn heartbeat(&self) -> Option<Duration> {
-        Some(self.ack_wait / 3)
+/// Deliveries handed out and not settled yet, kept alive with in-progress acks.
+#[derive(Clone, Default)]
+struct Held {
+    ackers: Arc<Mutex<HashMap<u64, Arc<Acker>>>>,
+    next: Arc<AtomicU64>,
+    room: Arc<Notify>,
+}
+
+impl Held {
+    fn count(&self) -> usize {
+        self.ackers.lock().expect("held lock").len()
+    }
+
+    fn add(&self, acker: Arc<Acker>) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.ackers.lock().expect("held lock").insert(token, acker);
+        token
+    }
+
+    fn release(&self, token: u64) {
+        self.ackers.lock().expect("held lock").remove(&token);
+        self.room.notify_one();
     }
 }
 
-fn delivery(message: jetstream::Message) -> Option<Delivery> {
+/// Tells the server every `every` that the held deliveries are still being worked on,
+/// until the consumer's receiver is gone.
+async fn keep_alive(held: Held, every: Duration, sender: mpsc::Sender<Delivery>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = sender.closed() => return,
+        }
+        let ackers: Vec<Arc<Acker>> = held
+            .ackers
+            .lock()
+            .expect("held lock")
+            .values()
+            .cloned()
+            .collect();
+        for acker in ackers {
+            let _ = acker.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+fn delivery(message: jetstream::Message, held: &Held) -> Delivery {
     let (attempt, pending) = match message.info() {
         Ok(info) => (
             u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -223,7 +300,9 @@ fn delivery(message: jetstream::Message) -> Option<Delivery> {
             }
         }
     }
-    Some(Delivery {
+    let acker = Arc::new(acker);
+    let token = held.add(acker.clone());
+    Delivery {
         event: Event {
             id: id.unwrap_or_default(),
             subject: message.subject.to_string(),
@@ -232,27 +311,42 @@ fn delivery(message: jetstream::Message) -> Option<Delivery> {
         },
         attempt: attempt.max(1),
         pending,
-        settle: Box::new(JetStreamSettle(acker)),
-    })
+        settle: Box::new(JetStreamSettle {
+            acker,
+            held: held.clone(),
+            token,
+        }),
+    }
 }
 
-struct JetStreamSettle(jetstream::message::Acker);
+struct JetStreamSettle {
+    acker: Arc<Acker>,
+    held: Held,
+    token: u64,
+}
 
 #[async_trait]
 impl Settle for JetStreamSettle {
     async fn ack(&self) -> Result<(), String> {
-        self.0.ack().await.map_err(|e| e.to_string())
+        let result = self.acker.ack().await.map_err(|e| e.to_string());
+        self.held.release(self.token);
+        result
     }
     async fn retry_after(&self, delay: Duration) -> Result<(), String> {
-        self.0
+        let result = self
+            .acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        self.held.release(self.token);
+        result
     }
-    async fn in_progress(&self) -> Result<(), String> {
-        self.0
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(|e| e.to_string())
+}
+
+impl Drop for JetStreamSettle {
+    /// A delivery dropped unsettled stops being kept alive: the server redelivers it
+    /// after `ack_wait`.
+    fn drop(&mut self) {
+        self.held.release(self.token);
     }
 }

@@ -351,7 +351,7 @@ impl EventLog for LocalLog {
                 wake: wake.clone(),
             },
         );
-        let (sender, receiver) = mpsc::channel(64);
+        let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(fetcher(self.inner.clone(), spec.name, wake, sender));
         Ok(receiver)
     }
@@ -534,10 +534,6 @@ impl Settle for LocalSettle {
             .await;
         self.release();
         result
-    }
-
-    async fn in_progress(&self) -> Result<(), String> {
-        Ok(())
     }
 }
 

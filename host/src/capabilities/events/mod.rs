@@ -82,9 +82,10 @@ pub trait Settle: Send + Sync {
     async fn ack(&self) -> Result<(), String>;
     /// Hands the event back, to be delivered again after `delay`.
     async fn retry_after(&self, delay: Duration) -> Result<(), String>;
-    /// Tells the backend the handler is still running (so it does not redeliver yet).
-    async fn in_progress(&self) -> Result<(), String>;
 }
+
+// A delivery that is dropped unsettled is delivered again (by every backend that keeps
+// events): that is what happens to what a stopping subscription still held.
 
 /// A durable consumer: one per component and subscription pattern.
 #[derive(Debug, Clone)]
@@ -105,11 +106,6 @@ pub trait EventLog: Send + Sync {
     async fn remove_consumer(&self, name: &str) -> Result<(), String>;
     /// Whether deliveries survive a crash (acks and retries mean something).
     fn durable(&self) -> bool;
-    /// How often a running handler should tell the backend it is still at work, if the
-    /// backend redelivers events that stay unacknowledged for long.
-    fn heartbeat(&self) -> Option<Duration> {
-        None
-    }
 }
 
 /// Opens the node's event log for its settings: JetStream with NATS, the local queue
@@ -174,9 +170,6 @@ impl Settle for NothingToSettle {
         Ok(())
     }
     async fn retry_after(&self, _: Duration) -> Result<(), String> {
-        Ok(())
-    }
-    async fn in_progress(&self) -> Result<(), String> {
         Ok(())
     }
 }
