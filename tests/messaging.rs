@@ -468,3 +468,65 @@ limits = { max_concurrent = 1 }
         0.0
     );
 }
+
+/// A subscription dropped from the manifest while the node was down leaves no consumer
+/// behind: what is published meanwhile is not kept for it, so when the subscription comes
+/// back it starts fresh. Events for a subscription that stays are kept across restarts.
+#[tokio::test]
+async fn a_subscription_dropped_while_the_node_was_down_keeps_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    };
+    let manifest = |subscriptions: &str| {
+        format!(
+            r#"
+[components.orders]
+source = "{{wasm:msg-probe}}"
+routes = ["/orders"]
+keyvalue = ["default"]
+publish = ["order.*", "audit.*"]
+
+[components.notifier]
+source = "{{wasm:msg-probe}}"
+routes = ["/notifier"]
+keyvalue = ["default"]
+subscriptions = {subscriptions}
+"#
+        )
+    };
+    let both = manifest(r#"["order.*", "audit.*"]"#);
+    let node = TestNode::start_with(&both, &options).await;
+    post(&node, "/orders/publish/audit.first", "1").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"] == json!(["audit.first|1"])
+    })
+    .await;
+    drop(node);
+
+    let node = TestNode::start_with(&manifest(r#"["order.*"]"#), &options).await;
+    post(&node, "/orders/publish/audit.meanwhile", "2").await;
+    post(&node, "/orders/publish/order.meanwhile", "3").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"] == json!(["audit.first|1", "order.meanwhile|3"])
+    })
+    .await;
+    drop(node);
+
+    let node = TestNode::start_with(&both, &options).await;
+    post(&node, "/orders/publish/audit.after", "4").await;
+    eventually(&node, "/notifier/received", |v| {
+        v["received"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("audit.after|4"))
+    })
+    .await;
+    let received = node.get("/notifier/received").await.json();
+    assert_eq!(
+        received["received"],
+        json!(["audit.first|1", "order.meanwhile|3", "audit.after|4"]),
+        "audit.meanwhile was published while nothing subscribed to audit.*"
+    );
+}

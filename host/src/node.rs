@@ -162,6 +162,7 @@ pub async fn up(manifest: LoadedManifest, options: UpOptions) -> Result<()> {
                 .join("\n")
         );
     }
+    registry.retain_claimed_consumers().await;
     registry.set_ready();
     tracing::info!(components = registry.slots().len(), "node ready");
     if options.watch {

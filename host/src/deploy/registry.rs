@@ -193,6 +193,20 @@ impl Registry {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Removes the event consumers no running subscription claims (a subscription
+    /// dropped from the manifest while the node was down keeps none behind). Called once
+    /// every component has started.
+    pub async fn retain_claimed_consumers(&self) {
+        let claimed: HashSet<String> = self
+            .slots()
+            .iter()
+            .flat_map(|slot| slot.consumers())
+            .collect();
+        if let Err(e) = self.events.retain_consumers(&claimed).await {
+            tracing::warn!(error = %e, "removing unclaimed event consumers");
+        }
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }

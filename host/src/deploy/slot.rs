@@ -500,6 +500,17 @@ impl Slot {
         })
     }
 
+    /// The durable consumers its subscriptions take events from.
+    pub fn consumers(&self) -> Vec<String> {
+        self.subscriptions
+            .lock()
+            .expect("slot lock")
+            .by_pattern
+            .values()
+            .filter_map(|s| s.consumer.clone())
+            .collect()
+    }
+
     /// Stops a subscription that is no longer wanted and removes its durable consumer.
     async fn end_subscription(&self, subscription: Subscription) {
         let consumer = subscription.consumer.clone();

@@ -33,6 +33,7 @@ pub struct JetStreamLog {
     context: jetstream::Context,
     stream: stream::Stream,
     ack_wait: Duration,
+    max_age: Duration,
 }
 
 impl JetStreamLog {
@@ -86,6 +87,7 @@ impl JetStreamLog {
             context,
             stream,
             ack_wait: settings.ack_wait,
+            max_age: settings.max_age,
         })
     }
 
@@ -99,7 +101,12 @@ impl JetStreamLog {
             // letter), so the server never gives up by itself.
             max_deliver: -1,
             max_ack_pending: 1024,
-            deliver_policy: consumer::DeliverPolicy::All,
+            // A new subscription starts with the events published from then on (as the
+            // local queue does), not with whatever the stream still keeps for others.
+            deliver_policy: consumer::DeliverPolicy::New,
+            // A consumer no node pulls from for as long as events live (its subscription
+            // was dropped while every node was down) is removed by the server.
+            inactive_threshold: self.max_age,
             ..Default::default()
         }
     }
@@ -209,7 +216,22 @@ impl EventLog for JetStreamLog {
                             }
                         }
                         Some(Err(e)) => {
-                            tracing::debug!(consumer = %spec.name, error = %e, "pulling events");
+                            // The consumer may be gone (removed by another node or by
+                            // hand): make it again, after a pause.
+                            tracing::warn!(consumer = %spec.name, error = %e, "pulling events; recreating the consumer");
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                () = sender.closed() => return,
+                            }
+                            match stream
+                                .get_or_create_consumer(&spec.name, config.clone())
+                                .await
+                            {
+                                Ok(again) => consumer = again,
+                                Err(e) => {
+                                    tracing::warn!(consumer = %spec.name, error = %e, "recreating the consumer")
+                                }
+                            }
                             break;
                         }
                     }

@@ -1,11 +1,12 @@
 //! Events on a single node: a durable queue in `DATA_DIR/events.db` (SQLite, WAL).
 //!
 //! An event is one row; each consumer whose filter matches it gets a delivery row in the
-//! same transaction, so an event stored is an event owed to every subscriber. A delivery
-//! row is deleted when its handler succeeded (or the event was dead-lettered), pushed back
-//! in time for a retry, and its attempt count is raised before the handler runs, so a
-//! handler that died with the node counts as an attempt. After a crash, every delivery row
-//! still there is due again. Consumers are rows too: events published while a component
+//! same transaction, so an event stored is an event owed to every subscriber. Handing a
+//! delivery out leases it (so it is not handed out twice) and counts the attempt, so a
+//! handler that died with the node counts as one. A delivery row is deleted when its
+//! handler succeeded (or the event was dead-lettered); a retry clears the lease and pushes
+//! the row back in time. Opening the queue clears every lease: after a crash, whatever was
+//! being handled is due again. Consumers are rows too: events published while a component
 //! is between restarts are kept for it.
 //!
 //! All writes go through one task that commits whatever is waiting in one transaction
@@ -31,8 +32,8 @@ use crate::capabilities::messaging::{Message, MessageBus};
 use crate::grammar::subjects::subject_matches;
 use crate::manifest::EventSettings;
 
-/// Deliveries fetched per query.
-const FETCH: i64 = 256;
+/// Deliveries leased per query (and at most waiting in a consumer's channel).
+const FETCH: i64 = 16;
 /// Writes committed together at most.
 const BATCH: usize = 512;
 
@@ -42,7 +43,9 @@ pub struct LocalLog {
 
 struct Inner {
     pool: SqlitePool,
-    bus: Arc<dyn MessageBus>,
+    /// Appended events, for core subscribers (`ephemeral`), published off the writer so
+    /// that a slow subscriber never holds up a commit.
+    fan_out: mpsc::UnboundedSender<Event>,
     consumers: Mutex<HashMap<String, Consumer>>,
     writes: mpsc::Sender<Write>,
     stored_bytes: AtomicU64,
@@ -66,6 +69,12 @@ enum Op {
         seq: i64,
         due_at: i64,
     },
+    /// The delivery is due again now (dropped unsettled).
+    Release {
+        consumer: String,
+        seq: i64,
+    },
+    RemoveConsumer(String),
 }
 
 struct Write {
@@ -106,8 +115,11 @@ impl LocalLog {
              headers TEXT NOT NULL, stored_at INTEGER NOT NULL)",
             "CREATE TABLE IF NOT EXISTS consumers (name TEXT PRIMARY KEY, filter TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS deliveries (consumer TEXT NOT NULL, seq INTEGER NOT NULL, \
-             attempts INTEGER NOT NULL, due_at INTEGER NOT NULL, PRIMARY KEY (consumer, seq))",
-            "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (consumer, due_at, seq)",
+             attempts INTEGER NOT NULL, due_at INTEGER NOT NULL, leased INTEGER NOT NULL DEFAULT 0, \
+             PRIMARY KEY (consumer, seq))",
+            "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (consumer, leased, due_at, seq)",
+            // Nothing is being handled yet: what was leased before a crash is due again.
+            "UPDATE deliveries SET leased = 0 WHERE leased = 1",
         ] {
             sqlx::query(ddl).execute(&pool).await.with_context(|| {
                 format!("creating the event queue's tables in {}", path.display())
@@ -132,9 +144,11 @@ impl LocalLog {
             .await?
             .get(0);
         let (writes, queue) = mpsc::channel(4096);
+        let (fan_out, appended) = mpsc::unbounded_channel();
+        tokio::spawn(fan_out_to_core(appended, bus));
         let inner = Arc::new(Inner {
             pool,
-            bus,
+            fan_out,
             consumers: Mutex::new(consumers),
             writes,
             stored_bytes: AtomicU64::new(stored.max(0) as u64),
@@ -244,13 +258,36 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                         due_at,
                     } => {
                         sqlx::query(
-                            "UPDATE deliveries SET due_at = ? WHERE consumer = ? AND seq = ?",
+                            "UPDATE deliveries SET due_at = ?, leased = 0 WHERE consumer = ? AND seq = ?",
                         )
                         .bind(due_at)
                         .bind(consumer)
                         .bind(seq)
                         .execute(&mut *tx)
                         .await?;
+                        woken.insert(consumer.clone());
+                        results.push(Ok(()));
+                    }
+                    Op::Release { consumer, seq } => {
+                        sqlx::query(
+                            "UPDATE deliveries SET leased = 0 WHERE consumer = ? AND seq = ?",
+                        )
+                        .bind(consumer)
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await?;
+                        woken.insert(consumer.clone());
+                        results.push(Ok(()));
+                    }
+                    Op::RemoveConsumer(name) => {
+                        sqlx::query("DELETE FROM consumers WHERE name = ?")
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("DELETE FROM deliveries WHERE consumer = ?")
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
                         results.push(Ok(()));
                     }
                 }
@@ -268,16 +305,8 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                 for name in &woken {
                     inner.wake(name);
                 }
-                // Subscriptions marked ephemeral take events from the core bus.
                 for event in appended {
-                    let _ = inner
-                        .bus
-                        .publish(Message {
-                            subject: event.subject,
-                            reply_to: None,
-                            body: event.body,
-                        })
-                        .await;
+                    let _ = inner.fan_out.send(event);
                 }
             }
             Err(e) => {
@@ -289,6 +318,19 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                 }
             }
         }
+    }
+}
+
+/// Subscriptions marked ephemeral take events from the core bus.
+async fn fan_out_to_core(mut appended: mpsc::UnboundedReceiver<Event>, bus: Arc<dyn MessageBus>) {
+    while let Some(event) = appended.recv().await {
+        let _ = bus
+            .publish(Message {
+                subject: event.subject,
+                reply_to: None,
+                body: event.body,
+            })
+            .await;
     }
 }
 
@@ -362,20 +404,28 @@ impl EventLog for LocalLog {
             .lock()
             .expect("events lock")
             .remove(name);
-        let result: Result<(), sqlx::Error> = async {
-            let mut tx = self.inner.pool.begin().await?;
-            sqlx::query("DELETE FROM consumers WHERE name = ?")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM deliveries WHERE consumer = ?")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
+        // Through the writer, so that no append committed after it adds deliveries for it.
+        self.inner
+            .write(Op::RemoveConsumer(name.to_string()))
+            .await
+            .map_err(|e| format!("removing consumer {name}: {e}"))
+    }
+
+    async fn retain_consumers(&self, keep: &HashSet<String>) -> Result<(), String> {
+        let unclaimed: Vec<String> = self
+            .inner
+            .consumers
+            .lock()
+            .expect("events lock")
+            .keys()
+            .filter(|name| !keep.contains(*name))
+            .cloned()
+            .collect();
+        for name in unclaimed {
+            tracing::info!(consumer = %name, "removing a consumer no subscription claims any more");
+            self.remove_consumer(&name).await?;
         }
-        .await;
-        result.map_err(|e| format!("removing consumer {name}: {e}"))
+        Ok(())
     }
 
     fn durable(&self) -> bool {
@@ -390,23 +440,22 @@ async fn fetcher(
     wake: Arc<Notify>,
     sender: mpsc::Sender<Delivery>,
 ) {
-    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
     loop {
-        if sender.is_closed() {
-            return;
-        }
+        // Lease only what the channel can take at once.
+        let room = loop {
+            let room = sender.capacity();
+            if room > 0 {
+                break room;
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = sender.closed() => return,
+            }
+        };
         let now = now_ms();
-        let rows = sqlx::query(
-            "SELECT d.seq, d.attempts, e.id, e.subject, e.body, e.headers \
-             FROM deliveries d JOIN events e ON e.seq = d.seq \
-             WHERE d.consumer = ? AND d.due_at <= ? ORDER BY d.seq LIMIT ?",
-        )
-        .bind(&consumer)
-        .bind(now)
-        .bind(FETCH)
-        .fetch_all(&inner.pool)
-        .await;
-        let rows = match rows {
+        let leased = lease(&inner, &consumer, now, (room as i64).min(FETCH)).await;
+        let rows = match leased {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(%consumer, error = %e, "reading the event queue");
@@ -414,21 +463,16 @@ async fn fetcher(
                 continue;
             }
         };
-        let fresh: Vec<_> = {
-            let taken = in_flight.lock().expect("in-flight lock");
-            rows.into_iter()
-                .filter(|row| !taken.contains(&row.get::<i64, _>(0)))
-                .collect()
-        };
-        if fresh.is_empty() {
-            let next_due: Option<i64> =
-                sqlx::query("SELECT MIN(due_at) FROM deliveries WHERE consumer = ? AND due_at > ?")
-                    .bind(&consumer)
-                    .bind(now)
-                    .fetch_one(&inner.pool)
-                    .await
-                    .ok()
-                    .and_then(|row| row.get(0));
+        if rows.is_empty() {
+            let next_due: Option<i64> = sqlx::query(
+                "SELECT MIN(due_at) FROM deliveries WHERE consumer = ? AND leased = 0 AND due_at > ?",
+            )
+            .bind(&consumer)
+            .bind(now)
+            .fetch_one(&inner.pool)
+            .await
+            .ok()
+            .and_then(|row| row.get(0));
             let wait = next_due
                 .map(|due| Duration::from_millis((due - now).clamp(1, 1000) as u64))
                 .unwrap_or(Duration::from_secs(1));
@@ -439,50 +483,20 @@ async fn fetcher(
             }
             continue;
         }
-        // The attempt is counted before the handler runs, so a crash mid-handler counts.
-        let counted: Result<(), sqlx::Error> = async {
-            let mut tx = inner.pool.begin().await?;
-            for row in &fresh {
-                sqlx::query(
-                    "UPDATE deliveries SET attempts = attempts + 1 WHERE consumer = ? AND seq = ?",
-                )
-                .bind(&consumer)
-                .bind(row.get::<i64, _>(0))
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = counted {
-            tracing::warn!(%consumer, error = %e, "counting event attempts");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let total = fresh.len() as u64;
-        for (i, row) in fresh.into_iter().enumerate() {
-            let seq: i64 = row.get(0);
-            let attempts: i64 = row.get(1);
-            let headers: Vec<(String, String)> =
-                serde_json::from_str(row.get::<&str, _>(5)).unwrap_or_default();
-            in_flight.lock().expect("in-flight lock").insert(seq);
+        let total = rows.len() as u64;
+        for (i, row) in rows.into_iter().enumerate() {
             let delivery = Delivery {
-                event: Event {
-                    id: row.get(2),
-                    subject: row.get(3),
-                    body: bytes::Bytes::from(row.get::<Vec<u8>, _>(4)),
-                    headers,
-                },
-                attempt: u32::try_from(attempts + 1).unwrap_or(u32::MAX),
+                attempt: row.attempt,
                 pending: total - i as u64 - 1,
                 settle: Box::new(LocalSettle {
                     inner: inner.clone(),
                     consumer: consumer.clone(),
-                    seq,
-                    in_flight: in_flight.clone(),
+                    seq: row.seq,
                     settled: AtomicBool::new(false),
                 }),
+                event: row.event,
             };
+            // A send that fails drops the delivery, whose settle releases its lease.
             if sender.send(delivery).await.is_err() {
                 return;
             }
@@ -490,50 +504,85 @@ async fn fetcher(
     }
 }
 
+struct Leased {
+    seq: i64,
+    attempt: u32,
+    event: Event,
+}
+
+/// Leases up to `limit` due deliveries of `consumer` and counts their attempt, in one
+/// transaction (before any handler runs, so a crash mid-handler counts).
+async fn lease(
+    inner: &Inner,
+    consumer: &str,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<Leased>, sqlx::Error> {
+    let mut tx = inner.pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT d.seq, d.attempts, e.id, e.subject, e.body, e.headers \
+         FROM deliveries d JOIN events e ON e.seq = d.seq \
+         WHERE d.consumer = ? AND d.leased = 0 AND d.due_at <= ? ORDER BY d.seq LIMIT ?",
+    )
+    .bind(consumer)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut leased = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq: i64 = row.get(0);
+        sqlx::query(
+            "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE consumer = ? AND seq = ?",
+        )
+        .bind(consumer)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        let attempts: i64 = row.get(1);
+        leased.push(Leased {
+            seq,
+            attempt: u32::try_from(attempts + 1).unwrap_or(u32::MAX),
+            event: Event {
+                id: row.get(2),
+                subject: row.get(3),
+                body: bytes::Bytes::from(row.get::<Vec<u8>, _>(4)),
+                headers: serde_json::from_str(row.get::<&str, _>(5)).unwrap_or_default(),
+            },
+        });
+    }
+    tx.commit().await?;
+    Ok(leased)
+}
+
 struct LocalSettle {
     inner: Arc<Inner>,
     consumer: String,
     seq: i64,
-    in_flight: Arc<Mutex<HashSet<i64>>>,
     settled: AtomicBool,
-}
-
-impl LocalSettle {
-    fn release(&self) {
-        self.settled.store(true, Ordering::Relaxed);
-        self.in_flight
-            .lock()
-            .expect("in-flight lock")
-            .remove(&self.seq);
-        self.inner.wake(&self.consumer);
-    }
 }
 
 #[async_trait]
 impl Settle for LocalSettle {
     async fn ack(&self) -> Result<(), String> {
-        let result = self
-            .inner
+        self.settled.store(true, Ordering::Relaxed);
+        self.inner
             .write(Op::Ack {
                 consumer: self.consumer.clone(),
                 seq: self.seq,
             })
-            .await;
-        self.release();
-        result
+            .await
     }
 
     async fn retry_after(&self, delay: Duration) -> Result<(), String> {
-        let result = self
-            .inner
+        self.settled.store(true, Ordering::Relaxed);
+        self.inner
             .write(Op::Retry {
                 consumer: self.consumer.clone(),
                 seq: self.seq,
                 due_at: now_ms() + delay.as_millis() as i64,
             })
-            .await;
-        self.release();
-        result
+            .await
     }
 }
 
@@ -541,7 +590,16 @@ impl Drop for LocalSettle {
     /// A delivery dropped unsettled (its node is stopping the subscription) is due again.
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Relaxed) {
-            self.release();
+            let inner = self.inner.clone();
+            let op = Op::Release {
+                consumer: std::mem::take(&mut self.consumer),
+                seq: self.seq,
+            };
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = inner.write(op).await;
+                });
+            }
         }
     }
 }

@@ -104,6 +104,15 @@ pub trait EventLog: Send + Sync {
     async fn consume(&self, consumer: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String>;
     /// Forgets a consumer and what it still had to handle (its subscription was removed).
     async fn remove_consumer(&self, name: &str) -> Result<(), String>;
+    /// Removes the consumers not in `keep` (once every component has subscribed after a
+    /// start: a subscription dropped from the manifest while the node was down). Only
+    /// where this node alone owns the consumers; shared ones (JetStream) expire instead.
+    async fn retain_consumers(
+        &self,
+        _keep: &std::collections::HashSet<String>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether deliveries survive a crash (acks and retries mean something).
     fn durable(&self) -> bool;
 }
