@@ -375,7 +375,10 @@ fn dependency(service: &str, status: u16, body: &Value) -> ApiError {
 /// Removes an order that was never announced, and gives its stock back.
 fn withdraw(order_id: &str) -> Result<(), ApiError> {
     let tx = db::begin()?;
-    tx.execute("DELETE FROM order_items WHERE order_id = $1", params![order_id])?;
+    tx.execute(
+        "DELETE FROM order_items WHERE order_id = $1",
+        params![order_id],
+    )?;
     tx.execute("DELETE FROM orders WHERE id = $1", params![order_id])?;
     db::commit(tx)?;
     release(order_id)
