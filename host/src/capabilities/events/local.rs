@@ -33,7 +33,7 @@ use crate::grammar::subjects::subject_matches;
 use crate::manifest::EventSettings;
 
 /// Deliveries leased per query (and at most waiting in a consumer's channel).
-const FETCH: i64 = 16;
+const FETCH: i64 = 32;
 /// Writes committed together at most.
 const BATCH: usize = 512;
 
@@ -199,6 +199,7 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
         let outcome: Result<(), sqlx::Error> = async {
             let mut tx = inner.pool.begin().await?;
             let mut added_bytes = 0u64;
+            let mut acked: HashMap<&str, Vec<i64>> = HashMap::new();
             for write in &batch {
                 match &write.op {
                     Op::Append(event) => {
@@ -227,29 +228,30 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                         if inserted.rows_affected() == 1 {
                             added_bytes += size;
                             let seq = inserted.last_insert_rowid();
-                            for (name, filter) in &targets {
-                                if subject_matches(filter, &event.subject) {
-                                    sqlx::query(
-                                        "INSERT INTO deliveries (consumer, seq, attempts, due_at) \
-                                         VALUES (?, ?, 0, 0)",
-                                    )
-                                    .bind(name)
-                                    .bind(seq)
-                                    .execute(&mut *tx)
-                                    .await?;
-                                    woken.insert(name.clone());
-                                }
+                            let owed: Vec<&String> = targets
+                                .iter()
+                                .filter(|(_, filter)| subject_matches(filter, &event.subject))
+                                .map(|(name, _)| name)
+                                .collect();
+                            if !owed.is_empty() {
+                                // One statement for every consumer the event is owed to.
+                                sqlx::query(
+                                    "INSERT INTO deliveries (consumer, seq, attempts, due_at) \
+                                     SELECT value, ?, 0, 0 FROM json_each(?)",
+                                )
+                                .bind(seq)
+                                .bind(serde_json::to_string(&owed).unwrap_or_default())
+                                .execute(&mut *tx)
+                                .await?;
+                                woken.extend(owed.into_iter().cloned());
                             }
                             appended.push(event.clone());
                         }
                         results.push(Ok(()));
                     }
                     Op::Ack { consumer, seq } => {
-                        sqlx::query("DELETE FROM deliveries WHERE consumer = ? AND seq = ?")
-                            .bind(consumer)
-                            .bind(seq)
-                            .execute(&mut *tx)
-                            .await?;
+                        // Deleted together after the loop, one statement per consumer.
+                        acked.entry(consumer.as_str()).or_default().push(*seq);
                         results.push(Ok(()));
                     }
                     Op::Retry {
@@ -291,6 +293,16 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                         results.push(Ok(()));
                     }
                 }
+            }
+            for (consumer, seqs) in &acked {
+                sqlx::query(
+                    "DELETE FROM deliveries WHERE consumer = ? \
+                     AND seq IN (SELECT value FROM json_each(?))",
+                )
+                .bind(consumer)
+                .bind(serde_json::to_string(seqs).unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
             }
             tx.commit().await?;
             inner.stored_bytes.fetch_add(added_bytes, Ordering::Relaxed);
@@ -393,7 +405,7 @@ impl EventLog for LocalLog {
                 wake: wake.clone(),
             },
         );
-        let (sender, receiver) = mpsc::channel(16);
+        let (sender, receiver) = mpsc::channel(32);
         tokio::spawn(fetcher(self.inner.clone(), spec.name, wake, sender));
         Ok(receiver)
     }
@@ -510,49 +522,58 @@ struct Leased {
     event: Event,
 }
 
-/// Leases up to `limit` due deliveries of `consumer` and counts their attempt, in one
-/// transaction (before any handler runs, so a crash mid-handler counts).
+/// Leases up to `limit` due deliveries of `consumer` and counts their attempt (before any
+/// handler runs, so a crash mid-handler counts). Two statements whatever the count: the
+/// lease itself is one atomic UPDATE, and a crash before the read that follows leaves
+/// leases that opening the queue clears.
 async fn lease(
     inner: &Inner,
     consumer: &str,
     now: i64,
     limit: i64,
 ) -> Result<Vec<Leased>, sqlx::Error> {
-    let mut tx = inner.pool.begin().await?;
-    let rows = sqlx::query(
-        "SELECT d.seq, d.attempts, e.id, e.subject, e.body, e.headers \
-         FROM deliveries d JOIN events e ON e.seq = d.seq \
-         WHERE d.consumer = ? AND d.leased = 0 AND d.due_at <= ? ORDER BY d.seq LIMIT ?",
+    let leased = sqlx::query(
+        "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
+         (SELECT rowid FROM deliveries WHERE consumer = ? AND leased = 0 AND due_at <= ? \
+          ORDER BY seq LIMIT ?) RETURNING seq, attempts",
     )
     .bind(consumer)
     .bind(now)
     .bind(limit)
-    .fetch_all(&mut *tx)
+    .fetch_all(&inner.pool)
     .await?;
-    let mut leased = Vec::with_capacity(rows.len());
-    for row in rows {
-        let seq: i64 = row.get(0);
-        sqlx::query(
-            "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE consumer = ? AND seq = ?",
-        )
-        .bind(consumer)
-        .bind(seq)
-        .execute(&mut *tx)
-        .await?;
-        let attempts: i64 = row.get(1);
-        leased.push(Leased {
-            seq,
-            attempt: u32::try_from(attempts + 1).unwrap_or(u32::MAX),
-            event: Event {
-                id: row.get(2),
-                subject: row.get(3),
-                body: bytes::Bytes::from(row.get::<Vec<u8>, _>(4)),
-                headers: serde_json::from_str(row.get::<&str, _>(5)).unwrap_or_default(),
-            },
-        });
+    if leased.is_empty() {
+        return Ok(Vec::new());
     }
-    tx.commit().await?;
-    Ok(leased)
+    let attempts: HashMap<i64, i64> = leased
+        .iter()
+        .map(|row| (row.get::<i64, _>(0), row.get::<i64, _>(1)))
+        .collect();
+    let seqs: Vec<i64> = attempts.keys().copied().collect();
+    let rows = sqlx::query(
+        "SELECT seq, id, subject, body, headers FROM events \
+         WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
+    )
+    .bind(serde_json::to_string(&seqs).unwrap_or_default())
+    .fetch_all(&inner.pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let seq: i64 = row.get(0);
+            Leased {
+                seq,
+                attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1))
+                    .unwrap_or(u32::MAX),
+                event: Event {
+                    id: row.get(1),
+                    subject: row.get(2),
+                    body: bytes::Bytes::from(row.get::<Vec<u8>, _>(3)),
+                    headers: serde_json::from_str(row.get::<&str, _>(4)).unwrap_or_default(),
+                },
+            }
+        })
+        .collect())
 }
 
 struct LocalSettle {
