@@ -304,23 +304,7 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
         &format!("/producer/publish-many/bench.load?n={MESSAGES}"),
         "",
     )?;
-    let handled_line = "trellis_messages_handled_total{tenant=\"default\",component=\"sink\"}";
-    loop {
-        let metrics = node.metrics()?;
-        let handled = metrics
-            .lines()
-            .find(|l| l.starts_with(handled_line))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if handled >= MESSAGES as f64 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("only {handled} of {MESSAGES} messages were handled within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_handled(&node, "sink", MESSAGES, started, Duration::from_secs(120))?;
     let messages_per_sec = MESSAGES as f64 / started.elapsed().as_secs_f64();
 
     let started = Instant::now();
@@ -386,6 +370,35 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
         ));
     }
     Ok(out)
+}
+
+/// Waits until `component`'s handler has accepted `count` messages, at most `patience`
+/// after `started`.
+fn wait_until_handled(
+    node: &Server,
+    component: &str,
+    count: u64,
+    started: Instant,
+    patience: Duration,
+) -> Result<()> {
+    let line =
+        format!("trellis_messages_handled_total{{tenant=\"default\",component=\"{component}\"}}");
+    loop {
+        let metrics = node.metrics()?;
+        let handled = metrics
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if handled >= count as f64 {
+            return Ok(());
+        }
+        if started.elapsed() > patience {
+            bail!("only {handled} of {count} messages were handled within {patience:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Events in the events benchmark, and the guest requests publishing them at once.
@@ -480,23 +493,7 @@ fn event_rate(
             bail!("some publishes failed: {answer}");
         }
     }
-    let handled_line = "trellis_messages_handled_total{tenant=\"default\",component=\"sink\"}";
-    loop {
-        let metrics = node.metrics()?;
-        let handled = metrics
-            .lines()
-            .find(|l| l.starts_with(handled_line))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if handled >= EVENTS as f64 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("only {handled} of {EVENTS} events were handled within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_handled(&node, "sink", EVENTS, started, Duration::from_secs(300))?;
     Ok(EVENTS as f64 / started.elapsed().as_secs_f64())
 }
 
