@@ -80,7 +80,7 @@ struct Subscription {
     stop: tokio::sync::watch::Sender<bool>,
     /// The durable consumer its events come from, if they are taken durably.
     consumer: Option<String>,
-    _tasks: Vec<JoinHandle<()>>,
+    _tasks: [JoinHandle<()>; 2],
 }
 
 impl Subscription {
@@ -466,37 +466,35 @@ impl Slot {
                 queue_group.clone(),
             )
             .await?;
-        let mut tasks = vec![tokio::spawn(forward(me.clone(), core, stopped.clone()))];
+        let core_task = tokio::spawn(forward(me.clone(), core, stopped.clone()));
         let event_subject = format!("{}{pattern}", events_prefix(&self.tenant));
-        let consumer = if durable {
+        let events = if durable {
             let spec = ConsumerSpec {
                 name: consumer_name(&self.tenant, &self.name, pattern),
                 filter: event_subject,
             };
-            let deliveries = match self.events.consume(spec.clone()).await {
-                Ok(deliveries) => deliveries,
-                Err(e) => {
-                    let _ = stop.send(true);
-                    return Err(e);
-                }
-            };
-            tasks.push(tokio::spawn(forward_events(me, deliveries, stopped)));
-            Some(spec.name)
+            self.events.consume(spec.clone()).await.map(|deliveries| {
+                let task = tokio::spawn(forward_events(me, deliveries, stopped));
+                (task, Some(spec.name))
+            })
         } else {
-            let events = match self.bus.subscribe(event_subject, queue_group).await {
-                Ok(events) => events,
-                Err(e) => {
-                    let _ = stop.send(true);
-                    return Err(e);
-                }
-            };
-            tasks.push(tokio::spawn(forward(me, events, stopped)));
-            None
+            self.bus
+                .subscribe(event_subject, queue_group)
+                .await
+                .map(|events| (tokio::spawn(forward(me, events, stopped)), None))
+        };
+        let (events_task, consumer) = match events {
+            Ok(started) => started,
+            Err(e) => {
+                // The core subscription started above stops again.
+                let _ = stop.send(true);
+                return Err(e);
+            }
         };
         Ok(Subscription {
             stop,
             consumer,
-            _tasks: tasks,
+            _tasks: [core_task, events_task],
         })
     }
 

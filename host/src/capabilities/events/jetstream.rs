@@ -178,63 +178,26 @@ impl EventLog for JetStreamLog {
                     }
                 }
                 let want = HELD - held.count();
-                let batch = consumer
-                    .batch()
-                    .max_messages(want)
-                    .expires(PULL_WAIT)
-                    .messages()
-                    .await;
-                let mut batch = match batch {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        tracing::warn!(consumer = %spec.name, error = %e, "pulling events; retrying");
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                            () = sender.closed() => return,
-                        }
-                        // The consumer may have been removed meanwhile (by another node).
-                        if let Ok(again) = stream
-                            .get_or_create_consumer(&spec.name, config.clone())
-                            .await
-                        {
-                            consumer = again;
-                        }
-                        continue;
-                    }
-                };
-                loop {
-                    let message = tokio::select! {
-                        message = batch.next() => message,
+                if let Err(e) = pull_batch(&consumer, want, &held, &sender).await {
+                    // The consumer may be gone (removed by another node or by hand): make
+                    // it again, after a pause.
+                    tracing::warn!(consumer = %spec.name, error = %e, "pulling events; recreating the consumer");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
                         () = sender.closed() => return,
-                    };
-                    match message {
-                        None => break,
-                        Some(Ok(message)) => {
-                            let delivery = delivery(message, &held);
-                            if sender.send(delivery).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            // The consumer may be gone (removed by another node or by
-                            // hand): make it again, after a pause.
-                            tracing::warn!(consumer = %spec.name, error = %e, "pulling events; recreating the consumer");
-                            tokio::select! {
-                                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                                () = sender.closed() => return,
-                            }
-                            match stream
-                                .get_or_create_consumer(&spec.name, config.clone())
-                                .await
-                            {
-                                Ok(again) => consumer = again,
-                                Err(e) => {
-                                    tracing::warn!(consumer = %spec.name, error = %e, "recreating the consumer")
-                                }
-                            }
-                            break;
+                    }
+                    match stream
+                        .get_or_create_consumer(&spec.name, config.clone())
+                        .await
+                    {
+                        Ok(again) => consumer = again,
+                        Err(e) => {
+                            tracing::warn!(consumer = %spec.name, error = %e, "recreating the consumer")
                         }
                     }
+                }
+                if sender.is_closed() {
+                    return;
                 }
             }
         });
@@ -251,6 +214,39 @@ impl EventLog for JetStreamLog {
 
     fn durable(&self) -> bool {
         true
+    }
+}
+
+/// One pull of up to `want` events, each handed to `sender` as it arrives. Ends when the
+/// server ends the pull (the count reached, or nothing more within `PULL_WAIT`) or the
+/// receiver is gone.
+async fn pull_batch(
+    consumer: &consumer::PullConsumer,
+    want: usize,
+    held: &Held,
+    sender: &mpsc::Sender<Delivery>,
+) -> Result<(), String> {
+    let mut batch = consumer
+        .batch()
+        .max_messages(want)
+        .expires(PULL_WAIT)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let message = tokio::select! {
+            message = batch.next() => message,
+            () = sender.closed() => return Ok(()),
+        };
+        match message {
+            None => return Ok(()),
+            Some(Ok(message)) => {
+                if sender.send(delivery(message, held)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+        }
     }
 }
 

@@ -69,11 +69,6 @@ enum Op {
         seq: i64,
         due_at: i64,
     },
-    /// The delivery is due again now (dropped unsettled).
-    Release {
-        consumer: String,
-        seq: i64,
-    },
     RemoveConsumer(String),
 }
 
@@ -263,17 +258,6 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
                             "UPDATE deliveries SET due_at = ?, leased = 0 WHERE consumer = ? AND seq = ?",
                         )
                         .bind(due_at)
-                        .bind(consumer)
-                        .bind(seq)
-                        .execute(&mut *tx)
-                        .await?;
-                        woken.insert(consumer.clone());
-                        results.push(Ok(()));
-                    }
-                    Op::Release { consumer, seq } => {
-                        sqlx::query(
-                            "UPDATE deliveries SET leased = 0 WHERE consumer = ? AND seq = ?",
-                        )
                         .bind(consumer)
                         .bind(seq)
                         .execute(&mut *tx)
@@ -612,9 +596,11 @@ impl Drop for LocalSettle {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Relaxed) {
             let inner = self.inner.clone();
-            let op = Op::Release {
+            // Due again at once.
+            let op = Op::Retry {
                 consumer: std::mem::take(&mut self.consumer),
                 seq: self.seq,
+                due_at: now_ms(),
             };
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {

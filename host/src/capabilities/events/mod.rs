@@ -170,19 +170,6 @@ impl EphemeralLog {
     }
 }
 
-/// Nothing to settle: a core message is gone once delivered.
-struct NothingToSettle;
-
-#[async_trait]
-impl Settle for NothingToSettle {
-    async fn ack(&self) -> Result<(), String> {
-        Ok(())
-    }
-    async fn retry_after(&self, _: Duration) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 #[async_trait]
 impl EventLog for EphemeralLog {
     async fn append(&self, event: Event) -> Result<(), String> {
@@ -195,26 +182,14 @@ impl EventLog for EphemeralLog {
             .await
     }
 
+    /// There are no consumers to keep: a subscription whose events are at most once
+    /// takes them from the core bus itself (`durable()` says so), with in-memory retries.
     async fn consume(&self, consumer: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String> {
-        let mut messages = self
-            .bus
-            .subscribe(consumer.filter, format!("trellis-events.{}", consumer.name))
-            .await?;
-        let (sender, receiver) = mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Some(message) = messages.recv().await {
-                let delivery = Delivery {
-                    event: Event::new(message.subject, message.body),
-                    attempt: 1,
-                    pending: 0,
-                    settle: Box::new(NothingToSettle),
-                };
-                if sender.send(delivery).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(receiver)
+        Err(format!(
+            "events are at most once on this node (node.events.durable = false); \
+             {} takes them from the core bus",
+            consumer.name
+        ))
     }
 
     async fn remove_consumer(&self, _: &str) -> Result<(), String> {
