@@ -3,7 +3,9 @@
 //! Layers, each depending only on those listed before it:
 //! - [`grammar`]: routes, hosts and subjects (leaves); [`manifest`]: the `trellis.toml`
 //!   (parsing and validation only);
-//! - [`storage`]: one database per component; [`telemetry`]: metrics;
+//! - [`storage`]: one database per component; [`telemetry`]: metrics; `runtime::memory`
+//!   (a leaf: memory budgets);
+//! - [`tenancy`]: tenants as runtime objects, their quotas and tokens;
 //! - [`capabilities`]: what a guest may be granted (key-value, SQL, messaging, outbound
 //!   HTTP and `NAME.internal` calls), each with its linker wiring;
 //! - [`runtime`]: the engine, per-instance state, a version ready to instantiate, and the
@@ -24,3 +26,4 @@ pub mod node;
 pub mod runtime;
 pub mod storage;
 pub mod telemetry;
+pub mod tenancy;

@@ -66,16 +66,9 @@ async fn build_registry(
     } else {
         None
     };
-    let tenant_config = manifest
-        .manifest
-        .tenants
-        .iter()
-        .map(|(name, tenant)| (name.clone(), tenant.config.clone()))
-        .collect();
     let config = RegistryConfig {
         node: clone_settings(node),
-        tenants: manifest.tenants(),
-        tenant_config,
+        tenants: manifest.tenant_specs(),
         local_addr,
     };
     let registry = Registry::new(
@@ -104,6 +97,7 @@ fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::Node
         max_component_size: node.max_component_size,
         max_memory: node.max_memory,
         events: node.events.clone(),
+        tenant_quota: node.tenant_quota,
     }
 }
 

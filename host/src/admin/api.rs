@@ -1,9 +1,23 @@
-//! The admin API's endpoints. Every path names the tenant and component it changes:
+//! The admin API's endpoints. Every path names the tenant (and component) it changes.
+//! The operator token may call every one; a tenant token only those marked T, for its
+//! own tenant (anything else answers 403 `forbidden`):
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /metrics` | Prometheus metrics of every component |
+//! | `GET /metrics` | Prometheus metrics (T: the tenant's series only) |
 //! | `GET /v1/status` | the node and every component |
+//! | `GET /v1/tenants` | every tenant, its quota and usage |
+//! | `GET /v1/tenants/T` | one tenant (T) |
+//! | `PUT /v1/tenants/T` | create a tenant or change it (JSON: hosts, config, quota) |
+//! | `DELETE /v1/tenants/T?data=keep\|delete` | remove it, keeping (default) or deleting its data |
+//! | `GET /v1/tenants/T/tokens` | its tokens (ids only) |
+//! | `POST /v1/tenants/T/tokens` | issue a token (shown once) |
+//! | `DELETE /v1/tenants/T/tokens/ID` | revoke one |
+//!
+//! and, all T:
+//!
+//! | method and path | does |
+//! |---|---|
 //! | `GET /v1/tenants/T/components` | the tenant's components |
 //! | `GET /v1/tenants/T/components/C` | one component: versions, canary, history |
 //! | `PUT /v1/tenants/T/components/C` | create it (JSON entry), or change its entry |
@@ -23,34 +37,208 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use crate::admin::Caller;
 use crate::capabilities::outbound::ResponseBody;
 use crate::deploy::canary::CanaryPolicy;
 use crate::deploy::registry::{DeployError, Registry, UploadAction};
-use crate::manifest::ComponentSpec;
+use crate::deploy::tenants::TenantData;
+use crate::manifest::{ComponentSpec, TenantSpec};
 use crate::runtime::invoke::{full, json};
+use crate::tenancy::Tenant;
 
 /// Largest JSON body the API reads.
 const MAX_JSON: usize = 1 << 20;
 
-pub async fn handle(registry: &Registry, request: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(
+    registry: &Registry,
+    caller: &Caller,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
     let path = request.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = request.method().clone();
-    let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => Ok(metrics(registry)),
+    if let Err(e) = allowed(caller, &method, &segments) {
+        return deploy_error(&e);
+    }
+    let result = route(registry, caller, &method, &path, &segments, request).await;
+    result.unwrap_or_else(|e| deploy_error(&e))
+}
+
+async fn route(
+    registry: &Registry,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+    segments: &[&str],
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, DeployError> {
+    match (method, segments) {
+        (&Method::GET, ["metrics"]) => Ok(metrics(registry, caller)),
         (&Method::GET, ["v1", "status"]) => Ok(status(registry)),
+        (&Method::GET, ["v1", "tenants"]) => Ok(json(
+            StatusCode::OK,
+            serde_json::json!({"tenants": registry.tenants.all().iter().map(|t| tenant_status(registry, t)).collect::<Vec<_>>()}),
+        )),
+        (&Method::GET, ["v1", "tenants", tenant]) => registry
+            .tenants
+            .get(tenant)
+            .map(|t| json(StatusCode::OK, tenant_status(registry, &t)))
+            .ok_or_else(|| unknown_tenant(tenant)),
+        (&Method::PUT, ["v1", "tenants", tenant]) => {
+            let tenant = tenant.to_string();
+            let spec: TenantSpec = read_json(request).await?;
+            let (t, created) = registry.put_tenant(&tenant, spec).await?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(json(status, tenant_status(registry, &t)))
+        }
+        (&Method::DELETE, ["v1", "tenants", tenant]) => {
+            let params = form_pairs(request.uri().query().unwrap_or_default());
+            let data = match param(&params, "data") {
+                None | Some("keep") => TenantData::Keep,
+                Some("delete") => TenantData::Delete,
+                Some(other) => {
+                    return Err(DeployError::new(
+                        400,
+                        "bad_query",
+                        format!("data={other:?}: say keep or delete"),
+                    ));
+                }
+            };
+            registry
+                .remove_tenant(tenant, data)
+                .await
+                .map(|()| no_content())
+        }
+        (&Method::GET, ["v1", "tenants", tenant, "tokens"]) => {
+            if registry.tenant_exists(tenant) {
+                Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({"tokens": registry.tokens.of(tenant).iter().map(|r| serde_json::json!({"id": r.id, "created_at": r.created_at, "label": r.label})).collect::<Vec<_>>()}),
+                ))
+            } else {
+                Err(unknown_tenant(tenant))
+            }
+        }
+        (&Method::POST, ["v1", "tenants", tenant, "tokens"]) => {
+            let tenant = tenant.to_string();
+            let body: TokenBody = read_json_or_empty(request).await?;
+            let (token, record) = registry.issue_token(&tenant, body.label).await?;
+            Ok(json(
+                StatusCode::CREATED,
+                serde_json::json!({
+                    "tenant": tenant,
+                    "id": record.id,
+                    "token": token,
+                    "created_at": record.created_at,
+                    "label": record.label,
+                }),
+            ))
+        }
+        (&Method::DELETE, ["v1", "tenants", tenant, "tokens", id]) => registry
+            .revoke_token(tenant, id)
+            .await
+            .map(|()| no_content()),
         (&Method::GET, ["v1", "tenants", tenant, "components"]) => list(registry, tenant),
         (_, ["v1", "tenants", tenant, "components", name, rest @ ..]) => {
             let (tenant, name) = (tenant.to_string(), name.to_string());
-            component(registry, &method, &tenant, &name, rest, request).await
+            component(registry, method, &tenant, &name, rest, request).await
         }
         _ => Err(DeployError::new(
             404,
             "not_found",
             format!("no admin endpoint {method} {path}"),
         )),
+    }
+}
+
+/// Whether `caller` may make this call: a tenant token only on its own tenant's
+/// components, its own tenant's status and the metrics (scoped to it).
+fn allowed(caller: &Caller, method: &Method, segments: &[&str]) -> Result<(), DeployError> {
+    let Caller::Tenant(own) = caller else {
+        return Ok(());
     };
-    result.unwrap_or_else(|e| deploy_error(&e))
+    let permitted = match (method, segments) {
+        (&Method::GET, ["metrics"]) => true,
+        (&Method::GET, ["v1", "tenants", tenant]) => tenant == own,
+        (_, ["v1", "tenants", tenant, "components", ..]) => tenant == own,
+        _ => false,
+    };
+    if permitted {
+        Ok(())
+    } else {
+        Err(DeployError::new(
+            403,
+            "forbidden",
+            format!(
+                "this token manages tenant {own:?} only; that call needs the operator's token or the other tenant's"
+            ),
+        ))
+    }
+}
+
+fn unknown_tenant(tenant: &str) -> DeployError {
+    DeployError::new(
+        404,
+        "unknown_tenant",
+        format!("there is no tenant {tenant:?}"),
+    )
+}
+
+fn no_content() -> Response<ResponseBody> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+fn tenant_status(registry: &Registry, tenant: &Tenant) -> serde_json::Value {
+    let mut status = tenant.status();
+    let mut components: Vec<String> = registry
+        .slots()
+        .iter()
+        .filter(|s| s.tenant == tenant.name)
+        .map(|s| s.name.to_string())
+        .collect();
+    components.extend(
+        registry
+            .pending()
+            .into_iter()
+            .filter(|(t, _, _)| *t == *tenant.name)
+            .map(|(_, n, _)| n),
+    );
+    status["usage"]["components"] = components.len().into();
+    status["usage"]["code_bytes"] = registry
+        .slots()
+        .iter()
+        .filter(|s| s.tenant == tenant.name)
+        .map(|s| s.code_size())
+        .sum::<u64>()
+        .into();
+    status["components"] = components.into();
+    status
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    #[serde(default)]
+    label: Option<String>,
+}
+
+async fn read_json_or_empty<T: serde::de::DeserializeOwned + Default>(
+    request: Request<Incoming>,
+) -> Result<T, DeployError> {
+    let empty = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v == "0");
+    if empty {
+        return Ok(T::default());
+    }
+    read_json(request).await
 }
 
 async fn component(
@@ -79,9 +267,7 @@ async fn component(
         }
         (&Method::DELETE, []) => {
             registry.delete(tenant, name).await?;
-            let mut response = Response::new(full(Bytes::new()));
-            *response.status_mut() = StatusCode::NO_CONTENT;
-            Ok(response)
+            Ok(no_content())
         }
         (&Method::POST, ["versions"]) => upload(registry, tenant, name, request).await,
         (&Method::POST, ["activate"]) => {
@@ -341,8 +527,12 @@ fn deploy_error(e: &DeployError) -> Response<ResponseBody> {
     response
 }
 
-fn metrics(registry: &Registry) -> Response<ResponseBody> {
-    let mut response = Response::new(full(registry.metrics.encode()));
+fn metrics(registry: &Registry, caller: &Caller) -> Response<ResponseBody> {
+    let text = match caller {
+        Caller::Operator => registry.metrics.encode(),
+        Caller::Tenant(tenant) => registry.metrics.encode_for_tenant(tenant),
+    };
+    let mut response = Response::new(full(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),

@@ -1,4 +1,5 @@
-//! Who may use the admin API: the bearer of the node's token. The token comes from
+//! Who may use the admin API: the bearer of the node's operator token (tenant tokens are
+//! `crate::tenancy::tokens`). The token comes from
 //! `node.admin_token`, else `TRELLIS_ADMIN_TOKEN`, else a token the node generates at its
 //! first start and keeps in `DATA_DIR/admin-token` (mode 0600), so it stays the same across
 //! restarts and only the node's owner can read it.
@@ -61,15 +62,19 @@ fn write_private(path: &Path, token: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether the `Authorization` header carries `token`, compared in constant time.
-pub fn authorized(header: Option<&http::HeaderValue>, token: &str) -> bool {
+/// The bearer token an `Authorization` header carries.
+pub fn bearer(header: Option<&http::HeaderValue>) -> Option<&str> {
     // The scheme name is case-insensitive (RFC 9110), the token is not.
-    let Some(presented) = header
+    header
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token)
-    else {
+        .map(|(_, token)| token.trim())
+}
+
+/// Whether the `Authorization` header carries `token`, compared in constant time.
+pub fn authorized(header: Option<&http::HeaderValue>, token: &str) -> bool {
+    let Some(presented) = bearer(header) else {
         return false;
     };
     let (a, b) = (presented.trim().as_bytes(), token.as_bytes());

@@ -1,6 +1,7 @@
 //! The admin API, on its own listener (`node.admin_listen`, default `127.0.0.1:8081`),
-//! never on the gateway: JSON in and out, every call authenticated with the node's bearer
-//! token ([`auth`]). It serves `/metrics` and the deployment calls of [`api`]; the CLI's
+//! never on the gateway: JSON in and out, every call authenticated ([`auth`]) with the
+//! node's operator token, which may do everything, or a tenant token, which may manage
+//! its own tenant's components and read its own status and metrics (anything else: 403). It serves `/metrics` and the deployment calls of [`api`]; the CLI's
 //! side of it is [`client`]. `docs/admin-api.openapi.json` describes every endpoint.
 
 pub mod api;
@@ -19,6 +20,13 @@ use tokio::net::TcpListener;
 use crate::capabilities::outbound::ResponseBody;
 use crate::deploy::registry::Registry;
 use crate::runtime::invoke::error;
+
+/// Who is calling: the node's operator, or the bearer of a tenant's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Operator,
+    Tenant(String),
+}
 
 pub struct Admin {
     pub registry: Arc<Registry>,
@@ -62,7 +70,16 @@ impl Admin {
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
-        if !auth::authorized(request.headers().get(header::AUTHORIZATION), &self.token) {
+        let header = request.headers().get(header::AUTHORIZATION);
+        let caller = if auth::authorized(header, &self.token) {
+            Some(Caller::Operator)
+        } else {
+            auth::bearer(header)
+                .and_then(|token| self.registry.tokens.tenant_of(token))
+                .filter(|tenant| self.registry.tenant_exists(tenant))
+                .map(Caller::Tenant)
+        };
+        let Some(caller) = caller else {
             let mut response = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -78,11 +95,11 @@ impl Admin {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
-        }
+        };
         // A change runs to its end (swap and persist) even when the client goes away:
         // it is a task of its own, not part of the connection's future.
         let registry = self.registry.clone();
-        match tokio::spawn(async move { api::handle(&registry, request).await }).await {
+        match tokio::spawn(async move { api::handle(&registry, &caller, request).await }).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::error!(error = %e, "an admin call failed");

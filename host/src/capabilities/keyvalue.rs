@@ -19,7 +19,7 @@ use tokio::sync::OwnedMutexGuard;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
 use crate::bindings::wasi::keyvalue::{atomics, batch, store};
-use crate::storage::{ComponentDatabase, SqliteDatabase};
+use crate::storage::{ComponentDatabase, SqliteDatabase, StorageMeter};
 
 /// Keys returned per `list-keys` page.
 const LIST_PAGE: u64 = 1000;
@@ -78,6 +78,8 @@ pub trait KeyValueBackend: Send + Sync {
 pub struct KeyValueGrant {
     buckets: Vec<String>,
     backend: Arc<dyn KeyValueBackend>,
+    /// The tenant's storage quota, checked before writes (deletes always pass).
+    meter: Option<Arc<StorageMeter>>,
 }
 
 impl KeyValueGrant {
@@ -105,7 +107,14 @@ impl KeyValueGrant {
         Self {
             buckets: buckets.to_vec(),
             backend,
+            meter: None,
         }
+    }
+
+    /// The same grant, its writes held to a tenant's storage quota.
+    pub fn with_meter(mut self, meter: Arc<StorageMeter>) -> Self {
+        self.meter = Some(meter);
+        self
     }
 
     /// The backend itself (the benchmark's native baseline calls it directly).
@@ -137,6 +146,19 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl KeyValue<'_> {
+    /// Whether a write may start under the tenant's storage quota.
+    fn may_write(&self) -> Result<(), KvError> {
+        match self.grant.and_then(|g| g.meter.as_ref()) {
+            Some(meter) => meter.may_write().map_err(other),
+            None => Ok(()),
+        }
+    }
+
+    /// The meter to tell after a write (taken before the write: the view is not `Sync`).
+    fn meter(&self) -> Option<Arc<StorageMeter>> {
+        self.grant.and_then(|g| g.meter.clone())
+    }
+
     /// The bucket's name and the backend, for an open bucket handle.
     fn bucket(
         &self,
@@ -189,7 +211,11 @@ impl store::HostBucket for KeyValue<'_> {
         value: Vec<u8>,
     ) -> Result<(), KvError> {
         let (name, backend) = self.bucket(&bucket)?;
-        Ok(backend.set(&name, &key, &value).await?)
+        self.may_write()?;
+        let meter = self.meter();
+        backend.set(&name, &key, &value).await?;
+        wrote(meter).await;
+        Ok(())
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
@@ -228,7 +254,14 @@ impl atomics::Host for KeyValue<'_> {
         delta: u64,
     ) -> Result<u64, KvError> {
         let (name, backend) = self.bucket(&bucket)?;
-        backend.increment(&name, &key, delta).await?.map_err(other)
+        self.may_write()?;
+        let meter = self.meter();
+        let value = backend
+            .increment(&name, &key, delta)
+            .await?
+            .map_err(other)?;
+        wrote(meter).await;
+        Ok(value)
     }
 }
 
@@ -253,9 +286,12 @@ impl batch::Host for KeyValue<'_> {
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Result<(), KvError> {
         let (name, backend) = self.bucket(&bucket)?;
+        self.may_write()?;
+        let meter = self.meter();
         for (key, value) in key_values {
             backend.set(&name, &key, &value).await?;
         }
+        wrote(meter).await;
         Ok(())
     }
 
@@ -269,6 +305,13 @@ impl batch::Host for KeyValue<'_> {
             backend.delete(&name, &key).await?;
         }
         Ok(())
+    }
+}
+
+/// After a write: the database measured again.
+async fn wrote(meter: Option<Arc<StorageMeter>>) {
+    if let Some(meter) = meter {
+        meter.wrote().await;
     }
 }
 

@@ -83,10 +83,20 @@ pub struct MessagingGrant {
     pub bus: Arc<dyn MessageBus>,
     pub events: Arc<dyn EventLog>,
     pub tenant: Arc<str>,
+    /// The tenant's quotas (publish rate); none in the node's own uses.
+    pub owner: Option<Arc<crate::tenancy::Tenant>>,
     pub publish: Vec<String>,
 }
 
 impl MessagingGrant {
+    /// Whether the tenant's publish rate (`quota.publish_per_second`) allows one more.
+    fn admit_publish(&self) -> Result<(), String> {
+        match &self.owner {
+            Some(owner) => owner.admit_publish(),
+            None => Ok(()),
+        }
+    }
+
     /// The bus subject for a guest subject, if the guest may send there.
     fn outgoing_subject(&self, subject: &str) -> Result<String, String> {
         if subject.starts_with(INBOX_PREFIX) {
@@ -157,6 +167,9 @@ impl consumer::Host for Messaging<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
+        if let Err(refused) = grant.admit_publish() {
+            return Ok(Err(refused));
+        }
         let reply = grant
             .bus
             .request(
@@ -183,6 +196,12 @@ impl consumer::Host for Messaging<'_> {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
+        // Replies are the requester's traffic; everything else counts against the quota.
+        if !msg.subject.starts_with(INBOX_PREFIX)
+            && let Err(refused) = grant.admit_publish()
+        {
+            return Ok(Err(refused));
+        }
         if reply_to.is_none() && !msg.subject.starts_with(INBOX_PREFIX) {
             let subject = format!("{}{}", events_prefix(&grant.tenant), msg.subject);
             return Ok(grant

@@ -25,11 +25,21 @@ struct HostRule {
     port: Option<u16>,
 }
 
-/// The outbound hosts one component may call. Cheap to clone (a few `Arc`s).
+/// The outbound hosts one component may call, and how many calls one instance may make
+/// (the tenant's `quota.max_outbound_per_request`). Cheap to clone (a few `Arc`s); each
+/// instance gets its own copy ([`OutboundPolicy::for_instance`]) that counts its calls.
 #[derive(Clone, Default)]
 pub struct OutboundPolicy {
     rules: Arc<[HostRule]>,
     internal: Option<InternalCalls>,
+    quota: Option<OutboundQuota>,
+    sent: u32,
+}
+
+/// The tenant's cap on calls per instance, read when the instance starts.
+#[derive(Clone)]
+pub struct OutboundQuota {
+    pub owner: Arc<crate::tenancy::Tenant>,
 }
 
 /// Any error a body may end with.
@@ -86,7 +96,46 @@ impl OutboundPolicy {
                 }
             })
             .collect();
-        Self { rules, internal }
+        Self {
+            rules,
+            internal,
+            quota: None,
+            sent: 0,
+        }
+    }
+
+    /// The same policy, with calls counted against `owner`'s quota.
+    pub fn with_quota(mut self, owner: Arc<crate::tenancy::Tenant>) -> Self {
+        self.quota = Some(OutboundQuota { owner });
+        self
+    }
+
+    /// A copy for one instance, with no calls counted yet.
+    pub fn for_instance(&self) -> Self {
+        Self {
+            sent: 0,
+            ..self.clone()
+        }
+    }
+
+    /// Counts a call; refuses it past the tenant's quota.
+    fn count_call(&mut self) -> Result<(), Error> {
+        self.sent += 1;
+        let Some(quota) = &self.quota else {
+            return Ok(());
+        };
+        match quota.owner.quota().max_outbound_per_request {
+            Some(max) if self.sent > max => {
+                let message = format!(
+                    "the tenant's quota of {max} outbound requests per request is used up (quota.max_outbound_per_request)"
+                );
+                quota
+                    .owner
+                    .breach(crate::tenancy::quota::OUTBOUND, &message);
+                Err(Error::InternalError(Some(message)))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether a `NAME.internal` host is allowed (any port: there is no socket).
@@ -134,6 +183,9 @@ impl WasiHttpHooks for OutboundPolicy {
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> SendFuture {
         drop(fut);
+        if let Err(refused) = self.count_call() {
+            return Box::new(async move { Err(refused) });
+        }
         if let Some(host) = request.uri().host()
             && let Some(component) = host.to_ascii_lowercase().strip_suffix(INTERNAL_SUFFIX)
         {

@@ -12,6 +12,8 @@
 //!   On PostgreSQL a failed statement aborts its transaction (only `rollback` is possible
 //!   afterwards); SQLite undoes just the statement. Both roll back a dropped transaction.
 
+use std::sync::Arc;
+
 use sqlx::error::ErrorKind;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, Postgres};
 use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
@@ -22,7 +24,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTabl
 use crate::bindings::trellis::platform::sql::{
     self as wit, ConstraintKind, ConstraintViolation, RowSet, Value,
 };
-use crate::storage::{ComponentDatabase, SqliteDatabase};
+use crate::storage::{ComponentDatabase, SqliteDatabase, StorageMeter};
 
 /// An open transaction, held in the instance's resource table.
 pub enum Transaction {
@@ -90,11 +92,22 @@ fn guest_error(e: sqlx::Error) -> wit::Error {
 /// What a deployment grants: its database.
 pub struct SqlGrant {
     database: ComponentDatabase,
+    /// The tenant's storage quota, checked before statements that may grow the database.
+    meter: Option<Arc<StorageMeter>>,
 }
 
 impl SqlGrant {
     pub fn new(database: ComponentDatabase) -> Self {
-        Self { database }
+        Self {
+            database,
+            meter: None,
+        }
+    }
+
+    /// The same grant, its writes held to a tenant's storage quota.
+    pub fn with_meter(mut self, meter: Arc<StorageMeter>) -> Self {
+        self.meter = Some(meter);
+        self
     }
 }
 
@@ -118,6 +131,25 @@ pub fn add_to_linker<T: Send + 'static>(
 }
 
 impl Sql<'_> {
+    /// Whether `statement` may run under the tenant's storage quota: reads and deletes
+    /// always may (a tenant at its quota must be able to make room).
+    fn may_run(&self, statement: &str) -> Result<(), SqlError> {
+        let Some(meter) = self.grant.and_then(|g| g.meter.as_ref()) else {
+            return Ok(());
+        };
+        if is_read_only(statement) || starts_with_keyword(statement, "delete") {
+            return Ok(());
+        }
+        meter
+            .may_write()
+            .map_err(|message| SqlError::Guest(wit::Error::Other(message)))
+    }
+
+    /// The meter to tell after a write (taken before the write: the view is not `Sync`).
+    fn meter(&self) -> Option<Arc<StorageMeter>> {
+        self.grant.and_then(|g| g.meter.clone())
+    }
+
     fn database(&self) -> Result<ComponentDatabase, SqlError> {
         self.grant
             .map(|g| g.database.clone())
@@ -136,7 +168,10 @@ async fn write_turn(database: &SqliteDatabase) -> Result<OwnedMutexGuard<()>, Sq
 
 impl wit::Host for Sql<'_> {
     async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<RowSet, SqlError> {
-        match self.database()? {
+        self.may_run(&statement)?;
+        let meter = self.meter();
+        let read_only = is_read_only(&statement);
+        let rows = match self.database()? {
             // `INSERT/UPDATE/DELETE ... RETURNING` writes through `query`: it waits for the
             // write turn too. Plain reads never wait (WAL readers do not block writers).
             ComponentDatabase::Sqlite(db) if !is_read_only(&statement) => {
@@ -145,18 +180,26 @@ impl wit::Host for Sql<'_> {
             }
             ComponentDatabase::Sqlite(db) => sqlite::query(&db.pool, statement, &params).await,
             ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
+        }?;
+        if !read_only {
+            wrote(meter).await;
         }
+        Ok(rows)
     }
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, SqlError> {
-        match self.database()? {
+        self.may_run(&statement)?;
+        let meter = self.meter();
+        let changed = match self.database()? {
             // `execute` is how guests write; it waits for the write turn like a transaction.
             ComponentDatabase::Sqlite(db) => {
                 let _turn = write_turn(&db).await?;
                 sqlite::execute(&db.pool, statement, &params).await
             }
             ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
-        }
+        }?;
+        wrote(meter).await;
+        Ok(changed)
     }
 
     async fn begin(&mut self) -> Result<Resource<Transaction>, SqlError> {
@@ -180,12 +223,23 @@ impl wit::Host for Sql<'_> {
     }
 }
 
+/// After a write: the database measured again.
+async fn wrote(meter: Option<Arc<StorageMeter>>) {
+    if let Some(meter) = meter {
+        meter.wrote().await;
+    }
+}
+
 /// Whether a statement only reads: it starts with SELECT (a `WITH` may hide a write).
 fn is_read_only(statement: &str) -> bool {
+    starts_with_keyword(statement, "select")
+}
+
+fn starts_with_keyword(statement: &str, keyword: &str) -> bool {
     statement
         .trim_start()
-        .get(..6)
-        .is_some_and(|keyword| keyword.eq_ignore_ascii_case("select"))
+        .get(..keyword.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(keyword))
 }
 
 impl wit::HostTransaction for Sql<'_> {
@@ -195,6 +249,7 @@ impl wit::HostTransaction for Sql<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> Result<RowSet, SqlError> {
+        self.may_run(&statement)?;
         match self.table.get_mut(&this)? {
             Transaction::Sqlite(tx, _) => sqlite::query(&mut **tx, statement, &params).await,
             Transaction::Postgres(tx) => postgres::query(&mut **tx, statement, &params).await,
@@ -207,6 +262,7 @@ impl wit::HostTransaction for Sql<'_> {
         statement: String,
         params: Vec<Value>,
     ) -> Result<u64, SqlError> {
+        self.may_run(&statement)?;
         match self.table.get_mut(&this)? {
             Transaction::Sqlite(tx, _) => sqlite::execute(&mut **tx, statement, &params).await,
             Transaction::Postgres(tx) => postgres::execute(&mut **tx, statement, &params).await,
@@ -214,10 +270,12 @@ impl wit::HostTransaction for Sql<'_> {
     }
 
     async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
+        let meter = self.meter();
         match self.table.delete(this)? {
             Transaction::Sqlite(tx, _turn) => tx.commit().await?,
             Transaction::Postgres(tx) => tx.commit().await?,
         }
+        wrote(meter).await;
         Ok(())
     }
 

@@ -1,11 +1,12 @@
 //! Deploying: component slots and their versions ([`slot`], [`canary`]), the registry that
 //! changes them one at a time and routes to them ([`registry`]), code kept by digest
 //! ([`code`]), the node's desired state that survives a restart ([`state`]), and
-//! `trellis up --watch` ([`watch`]).
+//! `trellis up --watch` ([`watch`]), and tenants changed at runtime ([`tenants`]).
 
 pub mod canary;
 pub mod code;
 pub mod registry;
 pub mod slot;
 pub mod state;
+pub mod tenants;
 pub mod watch;

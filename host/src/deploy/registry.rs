@@ -30,13 +30,15 @@ use crate::deploy::slot::{Slot, SlotObserver, Versions};
 use crate::deploy::state::{Origin, SlotRecord, StateStore, StoredComponent};
 use crate::gateway::router::Router;
 use crate::grammar::routes::normalize_route;
-use crate::manifest::{ComponentSpec, LoadedManifest, NodeSettings, Problem};
+use crate::manifest::{ComponentSpec, LoadedManifest, NodeSettings, Problem, TenantSpec};
 use crate::runtime::instance::InstanceState;
 use crate::runtime::invoke::{self, Admission};
 use crate::runtime::memory::MemoryBudget;
 use crate::runtime::version::{LoadError, StorageGrants, Version, VersionServices, VersionSource};
-use crate::storage::{ComponentDatabase, Storage};
+use crate::storage::{ComponentDatabase, Storage, StorageMeter};
 use crate::telemetry::metrics::Metrics;
+use crate::tenancy::tokens::TokenSet;
+use crate::tenancy::{Tenant, Tenants, quota};
 
 /// Why a change was refused: an HTTP status, a code and a message for the admin API.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,10 +85,12 @@ impl From<LoadError> for DeployError {
 
 type Key = (Arc<str>, Arc<str>);
 
-/// A component's open database, and its key-value backend once a version asked for one.
+/// A component's open database, its meter against the tenant's storage quota, and its
+/// key-value backend once a version asked for one.
 #[derive(Clone)]
-struct OpenDatabase {
-    database: ComponentDatabase,
+pub(super) struct OpenDatabase {
+    pub(super) database: ComponentDatabase,
+    meter: Arc<StorageMeter>,
     keyvalue: Option<Arc<dyn KeyValueBackend>>,
 }
 
@@ -100,10 +104,8 @@ struct Table {
 /// What the registry needs to know of the node.
 pub struct RegistryConfig {
     pub node: NodeSettings,
-    /// (tenant, host patterns), from the manifest.
-    pub tenants: Vec<(String, Vec<String>)>,
-    /// Config every component of a tenant inherits.
-    pub tenant_config: BTreeMap<String, BTreeMap<String, String>>,
+    /// The manifest's tenants (or the one `default` tenant).
+    pub tenants: BTreeMap<String, TenantSpec>,
     /// The gateway's address (the `Host` a guest sees when a client sent none).
     pub local_addr: SocketAddr,
 }
@@ -118,22 +120,26 @@ pub enum UploadAction {
 
 pub struct Registry {
     me: Weak<Registry>,
-    config: RegistryConfig,
+    pub(super) config: RegistryConfig,
     linker: Arc<Linker<InstanceState>>,
-    storage: Storage,
+    pub(super) storage: Storage,
     bus: Arc<dyn MessageBus>,
     events: Arc<dyn EventLog>,
     pub metrics: Arc<Metrics>,
+    /// The node's tenants and their quotas.
+    pub tenants: Tenants,
+    /// Tenant tokens (hashed).
+    pub tokens: TokenSet,
     code: CodeStore,
-    state: Option<StateStore>,
+    pub(super) state: Option<StateStore>,
     table: ArcSwap<Table>,
     /// Components created through the API that wait for their first version.
-    pending: Mutex<BTreeMap<(String, String), ComponentSpec>>,
+    pub(super) pending: Mutex<BTreeMap<(String, String), ComponentSpec>>,
     /// Each component's database (and key-value backend on it), opened once and shared by
     /// all its versions: one pool and one SQLite write turn per component.
-    databases: tokio::sync::Mutex<HashMap<(String, String), OpenDatabase>>,
+    pub(super) databases: tokio::sync::Mutex<HashMap<(String, String), OpenDatabase>>,
     /// One change at a time.
-    changes: tokio::sync::Mutex<()>,
+    pub(super) changes: tokio::sync::Mutex<()>,
     seq: AtomicU64,
     ready: AtomicBool,
     /// The node's memory budget, shared by every instance.
@@ -150,9 +156,10 @@ impl Registry {
         events: Arc<dyn EventLog>,
         state: Option<StateStore>,
     ) -> Arc<Self> {
-        let router = Router::new(&config.tenants, &[]);
         let code = CodeStore::new(&config.node.data_dir, engine);
         let metrics = Arc::new(Metrics::default());
+        let tenants = Tenants::new(&config.tenants, config.node.tenant_quota, metrics.clone());
+        let router = Router::new(&tenants.hosts(), &[]);
         let budget = config
             .node
             .max_memory
@@ -170,6 +177,8 @@ impl Registry {
             bus,
             events,
             metrics,
+            tenants,
+            tokens: TokenSet::default(),
             memory_budget,
             code,
             state,
@@ -229,7 +238,17 @@ impl Registry {
     }
 
     pub fn tenant_exists(&self, tenant: &str) -> bool {
-        self.config.tenants.iter().any(|(name, _)| name == tenant)
+        self.tenants.get(tenant).is_some()
+    }
+
+    fn tenant(&self, tenant: &str) -> Result<Arc<Tenant>, DeployError> {
+        self.tenants.get(tenant).ok_or_else(|| {
+            DeployError::new(
+                404,
+                "unknown_tenant",
+                format!("there is no tenant {tenant:?}"),
+            )
+        })
     }
 
     /// Components created through the API that have no version yet.
@@ -250,6 +269,7 @@ impl Registry {
     /// clash (the API component is then left out, and the log says why).
     pub async fn start(&self, manifest: &LoadedManifest) -> Result<(), Vec<LoadError>> {
         let _change = self.changes.lock().await;
+        self.restore_tenants(manifest).await;
         let stored = match &self.state {
             Some(state) => state.load().await.unwrap_or_else(|e| {
                 tracing::error!(error = %format!("{e:#}"), "cannot read the stored deployments; starting from the manifest");
@@ -390,9 +410,16 @@ impl Registry {
         bytes: Option<Vec<u8>>,
         spec: &ComponentSpec,
     ) -> Result<Arc<Version>, DeployError> {
+        let owner = self.tenant(tenant)?;
+        let problems = owner.quota().limit_problems(name, &spec.limits);
+        if !problems.is_empty() {
+            owner.breach(quota::LIMITS, &problems[0].to_string());
+            return Err(over_quota(problems));
+        }
         let component = self.compile(name, digest, bytes).await?;
         let (storage, database) = self.open_storage(tenant, name, spec).await?;
         let services = VersionServices {
+            owner,
             storage,
             internal_calls: Some(InternalCalls {
                 caller: self.me.clone() as Weak<dyn ComponentCaller>,
@@ -430,11 +457,16 @@ impl Registry {
         // The trial instance has an admission of its own: it never takes a permit from
         // live traffic, so a deploy cannot make a busy component answer 503.
         // Not counted in the component's in-flight gauge: no call is being served.
-        let scratch = Admission::new(1, Default::default());
+        let scratch = Admission::new(1, None, Default::default());
         let permit = scratch.admit().await;
         invoke::check(&version, &permit)
             .await
             .map_err(|failure| match failure {
+                invoke::Failure::TenantMemory => DeployError::new(
+                    503,
+                    "tenant_busy",
+                    "the tenant's live instances hold its whole memory quota (quota.max_memory); try again",
+                ),
                 invoke::Failure::PoolExhausted | invoke::Failure::NodeMemory => DeployError::new(
                     503,
                     "node_busy",
@@ -499,8 +531,17 @@ impl Registry {
                     .component_database(tenant, name)
                     .await
                     .map_err(storage_error)?;
+                let meter = Arc::new(
+                    StorageMeter::new(
+                        database.clone(),
+                        name.to_string(),
+                        self.tenant(tenant)?.storage.clone(),
+                    )
+                    .await,
+                );
                 databases.entry(key).or_insert(OpenDatabase {
                     database,
+                    meter,
                     keyvalue: None,
                 })
             }
@@ -518,14 +559,16 @@ impl Registry {
                     backend
                 }
             };
-            Some(Arc::new(KeyValueGrant::with_backend(
-                backend,
-                &spec.keyvalue,
-            )))
+            Some(Arc::new(
+                KeyValueGrant::with_backend(backend, &spec.keyvalue).with_meter(open.meter.clone()),
+            ))
         };
         let database = open.database.clone();
+        let meter = open.meter.clone();
         drop(databases);
-        let sql = spec.sql.then(|| Arc::new(SqlGrant::new(database.clone())));
+        let sql = spec
+            .sql
+            .then(|| Arc::new(SqlGrant::new(database.clone()).with_meter(meter)));
         Ok((StorageGrants { keyvalue, sql }, Some(database)))
     }
 
@@ -564,6 +607,7 @@ impl Registry {
             None => {
                 let slot = Slot::new(
                     preview.active.clone(),
+                    self.tenant(tenant)?,
                     origin,
                     self.metrics.for_component(tenant, name),
                     self.bus.clone(),
@@ -616,7 +660,7 @@ impl Registry {
 
     /// Rebuilds the table with `add` added and `remove` removed, routes from each slot's
     /// active version.
-    fn rebuild_table(&self, add: Option<Arc<Slot>>, remove: Option<&Key>) {
+    pub(super) fn rebuild_table(&self, add: Option<Arc<Slot>>, remove: Option<&Key>) {
         let mut slots = self.table.load().slots.clone();
         if let Some(slot) = add {
             slots.insert((slot.tenant.clone(), slot.name.clone()), slot);
@@ -631,7 +675,7 @@ impl Registry {
                 (slot.clone(), slot.tenant.clone(), routes)
             })
             .collect();
-        let router = Router::new(&self.config.tenants, &routes);
+        let router = Router::new(&self.tenants.hosts(), &routes);
         self.table.store(Arc::new(Table { slots, router }));
     }
 
@@ -668,7 +712,7 @@ impl Registry {
         }
     }
 
-    async fn forget(&self, tenant: &str, name: &str) {
+    pub(super) async fn forget(&self, tenant: &str, name: &str) {
         if let Some(state) = &self.state
             && let Err(e) = state.remove(tenant, name).await
         {
@@ -707,6 +751,16 @@ impl Registry {
             .await
             .map_err(|e| read_error(e.to_string()))?;
         let size = bytes.len() as u64;
+        let owner = self
+            .tenants
+            .get(&spec.tenant)
+            .ok_or_else(|| LoadError::Refused(format!("there is no tenant {:?}", spec.tenant)))?;
+        if self.slot(&spec.tenant, name).is_none() {
+            self.check_component_count(&owner, name)
+                .map_err(into_load_error)?;
+        }
+        self.check_code_size(&owner, name, size)
+            .map_err(into_load_error)?;
         let digest = self
             .code
             .put(&bytes)
@@ -761,21 +815,11 @@ impl Registry {
         action: UploadAction,
     ) -> Result<bool, DeployError> {
         let _change = self.changes.lock().await;
-        if !self.tenant_exists(tenant) {
-            return Err(DeployError::new(
-                404,
-                "unknown_tenant",
-                format!("there is no tenant {tenant:?}"),
-            ));
-        }
+        let owner = self.tenant(tenant)?;
         spec.tenant = tenant.to_string();
         spec.source = None;
-        if let Some(config) = self.config.tenant_config.get(tenant) {
-            for (key, value) in config {
-                spec.config
-                    .entry(key.clone())
-                    .or_insert_with(|| value.clone());
-            }
+        for (key, value) in owner.config() {
+            spec.config.entry(key).or_insert(value);
         }
         self.check_spec(tenant, name, &spec)?;
         if let UploadAction::Canary(policy) = &action
@@ -791,6 +835,7 @@ impl Registry {
                     "create the component first (an entry without a version), then upload its code",
                 ));
             }
+            self.check_component_count(&owner, name)?;
             if let Some(state) = &self.state {
                 state
                     .save(
@@ -905,6 +950,10 @@ impl Registry {
             ));
         }
         let _change = self.changes.lock().await;
+        let owner = self.tenant(tenant)?;
+        if !matches!(action, UploadAction::Keep) {
+            self.check_code_size(&owner, name, size)?;
+        }
         let slot = self.slot(tenant, name);
         let pending = self
             .pending
@@ -1240,7 +1289,7 @@ impl Registry {
         Ok(())
     }
 
-    async fn remove_locked(&self, slot: &Arc<Slot>) {
+    pub(super) async fn remove_locked(&self, slot: &Arc<Slot>) {
         slot.unsubscribe().await;
         self.rebuild_table(None, Some(&(slot.tenant.clone(), slot.name.clone())));
         self.databases
@@ -1249,6 +1298,7 @@ impl Registry {
             .remove(&(slot.tenant.to_string(), slot.name.to_string()));
         self.forget(&slot.tenant, &slot.name).await;
         self.forget_unused_code();
+        self.metrics.forget_component(&slot.tenant, &slot.name);
         tracing::info!(tenant = %slot.tenant, component = %slot.name, "component removed");
     }
 }
@@ -1307,6 +1357,21 @@ async fn fingerprint_of(spec: &ComponentSpec) -> anyhow::Result<String> {
     let source: PathBuf = spec.source.clone().unwrap_or_default();
     let bytes = tokio::fs::read(&source).await?;
     Ok(fingerprint(spec, &code::digest(&bytes)))
+}
+
+/// A change refused by the tenant's quota, with the fields that are over it.
+pub(super) fn over_quota(problems: Vec<Problem>) -> DeployError {
+    let mut error = DeployError::new(
+        422,
+        "quota_exceeded",
+        problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    error.problems = problems;
+    error
 }
 
 fn into_load_error(e: DeployError) -> LoadError {

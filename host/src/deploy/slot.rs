@@ -52,6 +52,8 @@ pub trait SlotObserver: Send + Sync {
 pub struct Slot {
     pub tenant: Arc<str>,
     pub name: Arc<str>,
+    /// The tenant object (its quotas).
+    pub owner: Arc<crate::tenancy::Tenant>,
     pub metrics: Arc<ComponentMetrics>,
     pub admission: Admission,
     versions: ArcSwap<Versions>,
@@ -96,6 +98,7 @@ pub fn now_rfc3339() -> String {
 impl Slot {
     pub fn new(
         active: Arc<Version>,
+        owner: Arc<crate::tenancy::Tenant>,
         origin: Origin,
         metrics: ComponentMetrics,
         bus: Arc<dyn MessageBus>,
@@ -105,7 +108,12 @@ impl Slot {
         Arc::new_cyclic(|me| Slot {
             tenant: active.tenant.clone(),
             name: active.name.clone(),
-            admission: Admission::new(active.limits.max_concurrent, metrics.in_flight.clone()),
+            owner: owner.clone(),
+            admission: Admission::new(
+                active.limits.max_concurrent,
+                Some(owner),
+                metrics.in_flight.clone(),
+            ),
             metrics: Arc::new(metrics),
             versions: ArcSwap::from_pointee(Versions {
                 active,
@@ -178,6 +186,23 @@ impl Slot {
         let mut meta = self.meta.lock().expect("slot lock");
         meta.known = known;
         meta.events = events.into();
+    }
+
+    /// Bytes of the code it runs: the active version's, and a canary's.
+    pub fn code_size(&self) -> u64 {
+        let versions = self.versions();
+        let meta = self.meta.lock().expect("slot lock");
+        let size_of = |digest: &str| {
+            meta.known
+                .iter()
+                .find(|k| k.digest == digest)
+                .map_or(0, |k| k.size)
+        };
+        size_of(&versions.active.digest)
+            + versions
+                .canary
+                .as_ref()
+                .map_or(0, |c| size_of(&c.version.digest))
     }
 
     pub fn knows(&self, digest: &str) -> bool {
@@ -306,7 +331,11 @@ impl Slot {
                 let failed = match &end.failure {
                     // The host's own overload says nothing about the candidate.
                     Some(
-                        Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory,
+                        Failure::Overloaded { .. }
+                        | Failure::TenantOverloaded { .. }
+                        | Failure::PoolExhausted
+                        | Failure::NodeMemory
+                        | Failure::TenantMemory,
                     ) => return,
                     Some(_) => true,
                     None => end.status >= 500,
@@ -542,7 +571,11 @@ impl Slot {
         if let Some(canary) = canary
             && !matches!(
                 outcome,
-                Err(Failure::Overloaded { .. } | Failure::PoolExhausted | Failure::NodeMemory)
+                Err(Failure::Overloaded { .. }
+                    | Failure::TenantOverloaded { .. }
+                    | Failure::PoolExhausted
+                    | Failure::NodeMemory
+                    | Failure::TenantMemory)
             )
         {
             self.judge(canary, outcome.is_err());

@@ -8,6 +8,9 @@
 //! is restored from here only while its manifest entry (and source bytes) are unchanged
 //! since the API last changed it; an edited manifest entry wins. Components created
 //! through the API live only here.
+//!
+//! Tenants created or changed through the API (`trellis_tenants`) and tenant tokens
+//! (`trellis_tenant_tokens`, hashes only) are kept here too.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,7 +22,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 use crate::deploy::canary::CanaryPolicy;
-use crate::manifest::ComponentSpec;
+use crate::manifest::{ComponentSpec, TenantSpec};
+use crate::tenancy::TenantOrigin;
+use crate::tenancy::tokens::TokenRecord;
 
 /// Where a component's entry came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +91,17 @@ pub enum StoredComponent {
     },
 }
 
+/// A tenant created or changed through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredTenant {
+    pub spec: TenantSpec,
+    pub origin: TenantOrigin,
+    /// For a tenant the manifest declares: its manifest entry when the API changed it
+    /// (JSON). The stored spec applies only while the manifest still says the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_entry: Option<String>,
+}
+
 pub enum StateStore {
     Sqlite(SqlitePool),
     Postgres(PgPool),
@@ -97,6 +113,13 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS trellis_deployments (
     state TEXT NOT NULL,
     PRIMARY KEY (tenant, component))";
 const SELECT: &str = "SELECT tenant, component, state FROM trellis_deployments";
+const CREATE_TENANTS: &str = "CREATE TABLE IF NOT EXISTS trellis_tenants (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL)";
+const CREATE_TOKENS: &str = "CREATE TABLE IF NOT EXISTS trellis_tenant_tokens (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    record TEXT NOT NULL)";
 const UPSERT: &str =
     "INSERT INTO trellis_deployments (tenant, component, state) VALUES ($1, $2, $3)
     ON CONFLICT (tenant, component) DO UPDATE SET state = excluded.state";
@@ -143,13 +166,16 @@ impl StateStore {
             }
         };
         let created = &store;
-        match on_backend!(created, pool => sqlx::query(CREATE).execute(pool).await.map(|_| ())) {
-            Ok(()) => {}
-            // Another node created it at the same moment (PostgreSQL's IF NOT EXISTS is not
-            // safe under concurrency).
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("23505" | "42P07")) => {}
-            Err(e) => return Err(e).context("creating the trellis_deployments table"),
+        for create in [CREATE, CREATE_TENANTS, CREATE_TOKENS] {
+            match on_backend!(created, pool => sqlx::query(create).execute(pool).await.map(|_| ()))
+            {
+                Ok(()) => {}
+                // Another node created it at the same moment (PostgreSQL's IF NOT EXISTS is
+                // not safe under concurrency).
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("23505" | "42P07")) => {}
+                Err(e) => return Err(e).context("creating the node's state tables"),
+            }
         }
         Ok(store)
     }
@@ -192,6 +218,87 @@ impl StateStore {
                 .map(|_| ())
         })
         .with_context(|| format!("saving the deployment of {tenant}/{component}"))
+    }
+
+    /// Every tenant created or changed through the admin API.
+    pub async fn load_tenants(&self) -> Result<Vec<(String, StoredTenant)>> {
+        let rows: Vec<(String, String)> = on_backend!(self, pool => {
+            sqlx::query_as("SELECT name, state FROM trellis_tenants").fetch_all(pool).await
+        })
+        .context("reading the node's tenants")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, state)| match serde_json::from_str(&state) {
+                Ok(stored) => Some((name, stored)),
+                Err(e) => {
+                    tracing::error!(tenant = %name, error = %e, "a stored tenant cannot be read; ignored");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    pub async fn save_tenant(&self, name: &str, tenant: &StoredTenant) -> Result<()> {
+        let json = serde_json::to_string(tenant).expect("a tenant serializes");
+        on_backend!(self, pool => {
+            sqlx::query("INSERT INTO trellis_tenants (name, state) VALUES ($1, $2) \
+                ON CONFLICT (name) DO UPDATE SET state = excluded.state")
+                .bind(name)
+                .bind(&json)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .with_context(|| format!("saving tenant {name}"))
+    }
+
+    /// Forgets a tenant, its tokens and its deployments.
+    pub async fn remove_tenant(&self, name: &str) -> Result<()> {
+        for sql in [
+            "DELETE FROM trellis_tenants WHERE name = $1",
+            "DELETE FROM trellis_tenant_tokens WHERE tenant = $1",
+            "DELETE FROM trellis_deployments WHERE tenant = $1",
+        ] {
+            on_backend!(self, pool => sqlx::query(sql).bind(name).execute(pool).await.map(|_| ()))
+                .with_context(|| format!("removing tenant {name}"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn load_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows: Vec<(String,)> = on_backend!(self, pool => {
+            sqlx::query_as("SELECT record FROM trellis_tenant_tokens").fetch_all(pool).await
+        })
+        .context("reading the tenant tokens")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(record,)| serde_json::from_str(&record).ok())
+            .collect())
+    }
+
+    pub async fn save_token(&self, record: &TokenRecord) -> Result<()> {
+        let json = serde_json::to_string(record).expect("a token record serializes");
+        on_backend!(self, pool => {
+            sqlx::query("INSERT INTO trellis_tenant_tokens (id, tenant, record) VALUES ($1, $2, $3)")
+                .bind(&record.id)
+                .bind(&record.tenant)
+                .bind(&json)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .context("saving a tenant token")
+    }
+
+    pub async fn remove_token(&self, id: &str) -> Result<()> {
+        on_backend!(self, pool => {
+            sqlx::query("DELETE FROM trellis_tenant_tokens WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .context("revoking a tenant token")
     }
 
     pub async fn remove(&self, tenant: &str, component: &str) -> Result<()> {

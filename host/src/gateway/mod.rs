@@ -1,7 +1,8 @@
 //! The HTTP gateway: accepts connections (hyper 1, HTTP/1.1 and h2c), answers its own
 //! endpoints (`/health`, `/health/ready`), routes everything else by host and path
 //! ([`router`], through the registry) to the component's slot, which runs it on the one
-//! invocation path (`crate::runtime::invoke`). Unrouted requests get a JSON 404.
+//! invocation path (`crate::runtime::invoke`). A tenant past its request rate gets 429
+//! with `Retry-After` before anything is instantiated. Unrouted requests get a JSON 404.
 //! `/metrics` is not here: it is the admin listener's.
 
 pub mod router;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::capabilities::outbound::ResponseBody;
 use crate::deploy::registry::Registry;
 use crate::runtime::invoke::{error, json};
+use crate::tenancy::Tenant;
 
 pub type GatewayBody = ResponseBody;
 
@@ -112,6 +114,9 @@ impl Gateway {
             );
             return error(StatusCode::NOT_FOUND, "no_route", &message, None);
         };
+        if let Err(wait) = slot.owner.admit_request() {
+            return rate_limited(&slot.owner, wait);
+        }
         slot.serve_http(request, self.local_addr).await
     }
 
@@ -133,6 +138,23 @@ impl Gateway {
             serde_json::json!({"status": "ready", "components": components}),
         )
     }
+}
+
+/// 429 for a tenant past its `quota.requests_per_second`, with when to come back.
+fn rate_limited(tenant: &Tenant, wait: Duration) -> Response<GatewayBody> {
+    let limit = tenant.quota().requests_per_second.unwrap_or_default();
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!("the tenant's quota of {limit} requests per second is used up; retry later"),
+        None,
+    );
+    // Whole seconds, rounded up (RFC 9110); never 0, which would invite a busy loop.
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from(seconds.max(1)));
+    response
 }
 
 /// The host a request was sent to: the `Host` header (HTTP/1.1) or the URI authority (h2).

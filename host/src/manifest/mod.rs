@@ -72,6 +72,8 @@ pub struct NodeSettings {
     pub max_memory: Option<ByteSize>,
     /// How published events are stored and delivered.
     pub events: EventSettings,
+    /// The quota of every tenant that does not set its own (field by field).
+    pub tenant_quota: QuotaSpec,
 }
 
 /// `[node.events]`: durable events (JetStream with `nats_url`, else `DATA_DIR/events.db`).
@@ -125,11 +127,13 @@ impl Default for NodeSettings {
             max_component_size: ByteSize::mib(64),
             max_memory: None,
             events: EventSettings::default(),
+            tenant_quota: QuotaSpec::default(),
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A tenant: in the manifest (`[tenants.NAME]`) or as JSON through the admin API.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     /// Host names this tenant is served on: exact (`shop.example.com`), a wildcard
@@ -139,6 +143,165 @@ pub struct TenantSpec {
     /// value the services share, such as a token secret, is written once.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// What the tenant may take of the node; unset fields come from `node.tenant_quota`.
+    #[serde(default)]
+    pub quota: QuotaSpec,
+}
+
+/// A tenant's quota. Every field is optional: a tenant's own value wins over
+/// `node.tenant_quota`, and a field set in neither is unlimited (bounded only by the
+/// node's own limits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    /// Gateway requests per second, as a token bucket (past it: 429 with `Retry-After`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    /// Requests the bucket lets through at once (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Instances alive at once across all its components (past it: 503 `overloaded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u32>,
+    /// The largest `limits.memory` one of its components may ask for.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exact_bytes_opt"
+    )]
+    pub max_instance_memory: Option<ByteSize>,
+    /// Linear memory of all its live instances together (a growth past it is refused).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exact_bytes_opt"
+    )]
+    pub max_memory: Option<ByteSize>,
+    /// The longest `limits.deadline` one of its components may ask for.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub max_deadline: Option<Duration>,
+    /// Bytes its databases may hold on disk (past it, writes fail in the guest; reads
+    /// keep working).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exact_bytes_opt"
+    )]
+    pub max_storage: Option<ByteSize>,
+    /// Components it may have (deployed or waiting for their first version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_components: Option<u32>,
+    /// Total size of its components' active code.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exact_bytes_opt"
+    )]
+    pub max_code_size: Option<ByteSize>,
+    /// Events and messages its guests may publish per second (past it, `publish` fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_per_second: Option<u32>,
+    /// Outbound HTTP requests and `NAME.internal` calls one instance may make.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outbound_per_request: Option<u32>,
+    /// Threads its guests may occupy at once once they run past one epoch tick (the
+    /// long-running ones); others wait for a turn, so a quiet tenant always finds a free
+    /// core. Default: all cores but one (at least one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<u32>,
+}
+
+impl QuotaSpec {
+    /// This quota's fields, each falling back to `defaults`'.
+    pub fn or(&self, defaults: &QuotaSpec) -> QuotaSpec {
+        QuotaSpec {
+            requests_per_second: self.requests_per_second.or(defaults.requests_per_second),
+            burst: self.burst.or(defaults.burst),
+            max_instances: self.max_instances.or(defaults.max_instances),
+            max_instance_memory: self.max_instance_memory.or(defaults.max_instance_memory),
+            max_memory: self.max_memory.or(defaults.max_memory),
+            max_deadline: self.max_deadline.or(defaults.max_deadline),
+            max_storage: self.max_storage.or(defaults.max_storage),
+            max_components: self.max_components.or(defaults.max_components),
+            max_code_size: self.max_code_size.or(defaults.max_code_size),
+            publish_per_second: self.publish_per_second.or(defaults.publish_per_second),
+            max_outbound_per_request: self
+                .max_outbound_per_request
+                .or(defaults.max_outbound_per_request),
+            cpu_threads: self.cpu_threads.or(defaults.cpu_threads),
+        }
+    }
+
+    /// Problems with the quota's values; `at` is its field path.
+    pub fn problems(&self, at: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let zero = |field: &str| Problem {
+            field: format!("{at}.{field}"),
+            reason: "must be at least 1 (leave it unset for no limit)".into(),
+        };
+        for (field, value) in [
+            ("requests_per_second", self.requests_per_second),
+            ("burst", self.burst),
+            ("max_instances", self.max_instances),
+            ("max_components", self.max_components),
+            ("publish_per_second", self.publish_per_second),
+            ("cpu_threads", self.cpu_threads),
+        ] {
+            if value == Some(0) {
+                problems.push(zero(field));
+            }
+        }
+        for (field, value) in [
+            ("max_instance_memory", self.max_instance_memory),
+            ("max_memory", self.max_memory),
+        ] {
+            if value.is_some_and(|v| v.as_u64() < ByteSize::mib(1).as_u64()) {
+                problems.push(Problem {
+                    field: format!("{at}.{field}"),
+                    reason: "is too small to run anything (at least 1 MiB)".into(),
+                });
+            }
+        }
+        if self.max_deadline.is_some_and(|d| d.is_zero()) {
+            problems.push(Problem {
+                field: format!("{at}.max_deadline"),
+                reason: "must be longer than zero".into(),
+            });
+        }
+        problems
+    }
+
+    /// Problems of a component's limits under this (effective) quota.
+    pub fn limit_problems(&self, name: &str, limits: &Limits) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(max) = self.max_instance_memory
+            && limits.memory > max
+        {
+            problems.push(Problem {
+                field: format!("components.{name}.limits.memory"),
+                reason: format!(
+                    "{} is above the tenant's quota.max_instance_memory ({max})",
+                    limits.memory
+                ),
+            });
+        }
+        if let Some(max) = self.max_deadline
+            && limits.deadline > max
+        {
+            problems.push(Problem {
+                field: format!("components.{name}.limits.deadline"),
+                reason: format!(
+                    "{:?} is longer than the tenant's quota.max_deadline ({max:?})",
+                    limits.deadline
+                ),
+            });
+        }
+        problems
+    }
 }
 
 /// One component's entry: in the manifest, or as JSON through the admin API (where
@@ -193,6 +356,16 @@ pub struct ComponentSpec {
 /// entry that is stored and read back must mean the same limits.
 fn exact_bytes<S: serde::Serializer>(size: &ByteSize, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_u64(size.as_u64())
+}
+
+fn exact_bytes_opt<S: serde::Serializer>(
+    size: &Option<ByteSize>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match size {
+        Some(size) => serializer.serialize_u64(size.as_u64()),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn default_tenant() -> String {
@@ -281,6 +454,21 @@ pub struct LoadedManifest {
 }
 
 impl LoadedManifest {
+    /// The declared tenants, or the one `default` tenant serving every host.
+    pub fn tenant_specs(&self) -> BTreeMap<String, TenantSpec> {
+        if self.manifest.tenants.is_empty() {
+            return BTreeMap::from([(
+                DEFAULT_TENANT.to_string(),
+                TenantSpec {
+                    hosts: vec!["*".to_string()],
+                    config: BTreeMap::new(),
+                    quota: QuotaSpec::default(),
+                },
+            )]);
+        }
+        self.manifest.tenants.clone()
+    }
+
     pub fn tenants(&self) -> Vec<(String, Vec<String>)> {
         if self.manifest.tenants.is_empty() {
             return vec![(DEFAULT_TENANT.to_string(), vec!["*".to_string()])];
@@ -449,26 +637,23 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
         );
     }
 
+    for p in manifest.node.tenant_quota.problems("node.tenant_quota") {
+        problem(p.field, p.reason);
+    }
+
     // Tenants and the hosts they claim.
     let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
     for (name, tenant) in &manifest.tenants {
-        if let Some(reason) = name_problem(name) {
-            problem(format!("tenants.{name}"), reason);
-        }
-        if tenant.hosts.is_empty() {
-            problem(
-                format!("tenants.{name}.hosts"),
-                "a tenant needs at least one host (use \"*\" for any)".into(),
-            );
+        for p in tenant_problems(name, tenant) {
+            problem(p.field, p.reason);
         }
         for (i, host) in tenant.hosts.iter().enumerate() {
-            let field = format!("tenants.{name}.hosts[{i}]");
             let normalized = host.to_ascii_lowercase();
-            if let Some(reason) = host_pattern_problem(&normalized) {
-                problem(field, reason);
-            } else if let Some(other) = claimed.insert(normalized, name) {
+            if host_pattern_problem(&normalized).is_none()
+                && let Some(other) = claimed.insert(normalized, name)
+            {
                 problem(
-                    field,
+                    format!("tenants.{name}.hosts[{i}]"),
                     format!("host {host:?} is already claimed by tenant {other:?}"),
                 );
             }
@@ -529,8 +714,51 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
             }
         }
         per_component.extend(component_problems(name, component, &manifest.node));
+        let quota = manifest
+            .tenants
+            .get(&component.tenant)
+            .map(|t| t.quota)
+            .unwrap_or_default()
+            .or(&manifest.node.tenant_quota);
+        per_component.extend(quota.limit_problems(name, &component.limits));
     }
     problems.extend(per_component);
+    problems
+}
+
+/// Everything wrong with one tenant's entry on its own (hosts other tenants claim are the
+/// caller's to check): used for the manifest and for the admin API.
+pub fn tenant_problems(name: &str, tenant: &TenantSpec) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Some(reason) = name_problem(name) {
+        problems.push(Problem {
+            field: format!("tenants.{name}"),
+            reason,
+        });
+    }
+    if tenant.hosts.is_empty() {
+        problems.push(Problem {
+            field: format!("tenants.{name}.hosts"),
+            reason: "a tenant needs at least one host (use \"*\" for any)".into(),
+        });
+    }
+    for (i, host) in tenant.hosts.iter().enumerate() {
+        if let Some(reason) = host_pattern_problem(&host.to_ascii_lowercase()) {
+            problems.push(Problem {
+                field: format!("tenants.{name}.hosts[{i}]"),
+                reason,
+            });
+        }
+    }
+    for key in tenant.config.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            problems.push(Problem {
+                field: format!("tenants.{name}.config.{key}"),
+                reason: "config keys must be non-empty and contain no '=' or NUL".into(),
+            });
+        }
+    }
+    problems.extend(tenant.quota.problems(&format!("tenants.{name}.quota")));
     problems
 }
 

@@ -44,6 +44,8 @@ pub struct Grants {
     pub memory_limit: usize,
     /// The node's memory budget, which every instance reserves from.
     pub memory_budget: Arc<crate::runtime::memory::MemoryBudget>,
+    /// The tenant the instances run for (its memory budget and CPU turns).
+    pub owner: Arc<crate::tenancy::Tenant>,
     pub config: Arc<WasiConfigVariables>,
     /// The config values again, as environment variables.
     pub env: Vec<(String, String)>,
@@ -69,6 +71,9 @@ pub struct InstanceState {
     sql: Option<Arc<SqlGrant>>,
     messaging: Arc<MessagingGrant>,
     pub limiter: MemoryLimiter,
+    /// The tenant's CPU turn this instance holds, if it ran past an epoch tick (see
+    /// `Version::new_store`); given back when the store is dropped.
+    pub cpu_turn: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
 }
 
 impl InstanceState {
@@ -95,7 +100,7 @@ impl InstanceState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             config: grants.config.clone(),
-            outbound: grants.outbound.clone(),
+            outbound: grants.outbound.for_instance(),
             keyvalue: grants.keyvalue.clone(),
             sql: grants.sql.clone(),
             messaging: grants.messaging.clone(),
@@ -103,10 +108,13 @@ impl InstanceState {
                 limit: grants.memory_limit,
                 refused: false,
                 budget: grants.memory_budget.clone(),
+                tenant: grants.owner.clone(),
                 reserved: 0,
                 last_growth: 0,
                 node_refused: false,
+                tenant_refused: false,
             },
+            cpu_turn: Arc::default(),
         })
     }
 
@@ -154,7 +162,8 @@ impl WasiHttpView for InstanceState {
     }
 }
 
-/// Caps one instance's linear memory, and reserves it from the node's budget. Unlike
+/// Caps one instance's linear memory, and reserves it from its tenant's budget and the
+/// node's. Unlike
 /// wasmtime's `StoreLimits` it remembers that it refused (and whose limit it was), so a
 /// trap that follows (Rust guests abort when allocation fails) is reported as "memory
 /// limit" or "node out of memory" rather than as an anonymous trap.
@@ -163,12 +172,15 @@ pub struct MemoryLimiter {
     /// The component's own limit refused a growth.
     pub refused: bool,
     budget: Arc<crate::runtime::memory::MemoryBudget>,
-    /// Bytes this instance holds of the budget (all its memories).
+    tenant: Arc<crate::tenancy::Tenant>,
+    /// Bytes this instance holds of the budgets (all its memories).
     reserved: u64,
     /// The last growth granted, taken back if it then fails.
     last_growth: u64,
     /// The node's budget refused a growth.
     pub node_refused: bool,
+    /// The tenant's budget refused a growth.
+    pub tenant_refused: bool,
 }
 
 /// Tables hold function references; no real guest needs more than this many entries.
@@ -186,7 +198,14 @@ impl ResourceLimiter for MemoryLimiter {
             return Ok(false);
         }
         let growth = desired.saturating_sub(current) as u64;
+        if !self.tenant.memory.try_reserve(growth) {
+            self.tenant_refused = true;
+            self.tenant
+                .breach(crate::tenancy::quota::MEMORY, "a memory growth was refused");
+            return Ok(false);
+        }
         if !self.budget.try_reserve(growth) {
+            self.tenant.memory.release(growth);
             self.node_refused = true;
             return Ok(false);
         }
@@ -198,6 +217,7 @@ impl ResourceLimiter for MemoryLimiter {
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
         // Granted, but the allocator could not: the reservation goes back.
         self.budget.release(self.last_growth);
+        self.tenant.memory.release(self.last_growth);
         self.reserved -= self.last_growth;
         self.last_growth = 0;
         tracing::debug!(error = %error, "a memory growth failed after it was granted");
@@ -217,6 +237,7 @@ impl ResourceLimiter for MemoryLimiter {
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
         self.budget.release(self.reserved);
+        self.tenant.memory.release(self.reserved);
     }
 }
 

@@ -18,7 +18,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -29,6 +29,7 @@ use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
 use crate::runtime::version::{DeadlineExceeded, Version};
 use crate::telemetry::metrics::ComponentMetrics;
+use crate::tenancy::{Limit, Tenant, quota};
 
 /// How an invocation gets a store to instantiate in. The seam for instance reuse.
 pub trait InstanceSource: Send + Sync {
@@ -57,82 +58,99 @@ impl InstanceSource for FreshInstances {
 
 static FRESH: FreshInstances = FreshInstances;
 
-/// A component's admission control: at most `max_concurrent` instances at once. It belongs
+/// A component's admission control: at most `max_concurrent` instances of the component
+/// at once, and at most its tenant's `quota.max_instances` across the tenant. It belongs
 /// to the component's slot, so every version of the component shares it.
 pub struct Admission {
-    semaphore: Arc<Semaphore>,
-    size: std::sync::atomic::AtomicU32,
+    component: Limit,
+    tenant: Option<Arc<Tenant>>,
     /// Instances alive under this admission (`trellis_instances_in_flight`).
     in_flight: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Leave to run one instance; held until the instance is gone. Counts it in flight.
 pub struct Permit {
-    _permit: OwnedSemaphorePermit,
+    _component: OwnedSemaphorePermit,
+    _tenant: Option<(
+        OwnedSemaphorePermit,
+        prometheus_client::metrics::gauge::Gauge,
+    )>,
     in_flight: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.in_flight.dec();
+        if let Some((_, gauge)) = &self._tenant {
+            gauge.dec();
+        }
     }
 }
 
 impl Admission {
-    pub fn new(max_concurrent: u32, in_flight: prometheus_client::metrics::gauge::Gauge) -> Self {
+    pub fn new(
+        max_concurrent: u32,
+        tenant: Option<Arc<Tenant>>,
+        in_flight: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         Self {
-            semaphore: Arc::new(Semaphore::new(max_concurrent as usize)),
-            size: max_concurrent.into(),
+            component: Limit::new(max_concurrent),
+            tenant,
             in_flight,
         }
     }
 
     /// Resizes to a new version's `max_concurrent`; permits already out stay valid.
     pub fn resize(&self, max_concurrent: u32) {
-        use std::sync::atomic::Ordering;
-        let old = self.size.swap(max_concurrent, Ordering::AcqRel);
-        if max_concurrent > old {
-            self.semaphore.add_permits((max_concurrent - old) as usize);
-        } else if old > max_concurrent {
-            // Permits in use now are taken back as they come home.
-            let semaphore = self.semaphore.clone();
-            let mut owed = (old - max_concurrent) as usize;
-            owed -= semaphore.forget_permits(owed);
-            if owed > 0 {
-                tokio::spawn(async move {
-                    if let Ok(permits) = semaphore.acquire_many(owed as u32).await {
-                        permits.forget();
-                    }
-                });
-            }
-        }
+        self.component.resize(max_concurrent);
     }
 
     pub fn limit(&self) -> u32 {
-        self.size.load(std::sync::atomic::Ordering::Acquire)
+        self.component.size()
     }
 
-    /// A permit now, or `None` when the component is at its limit (HTTP: 503 at once).
-    pub fn try_admit(&self) -> Option<Permit> {
-        let permit = self.semaphore.clone().try_acquire_owned().ok()?;
-        Some(self.permit(permit))
+    /// A permit now, or the failure to answer at once (HTTP: 503, never a wait).
+    pub fn try_admit(&self) -> Result<Permit, Failure> {
+        let component = self.component.try_take().ok_or(Failure::Overloaded {
+            limit: self.component.size(),
+        })?;
+        let tenant = match &self.tenant {
+            Some(tenant) => Some(tenant.instances.try_take().ok_or_else(|| {
+                let limit = tenant.instances.size();
+                tenant.breach(
+                    quota::INSTANCES,
+                    &format!("{limit} instances alive; call refused"),
+                );
+                Failure::TenantOverloaded { limit }
+            })?),
+            None => None,
+        };
+        Ok(self.permit(component, tenant))
     }
 
     /// Waits for a permit (message delivery: backpressure, not refusal).
     pub async fn admit(&self) -> Permit {
-        let permit = self
-            .semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the admission semaphore is never closed");
-        self.permit(permit)
+        let component = self.component.take().await;
+        let tenant = match &self.tenant {
+            Some(tenant) => Some(tenant.instances.take().await),
+            None => None,
+        };
+        self.permit(component, tenant)
     }
 
-    fn permit(&self, permit: OwnedSemaphorePermit) -> Permit {
+    fn permit(
+        &self,
+        component: OwnedSemaphorePermit,
+        tenant: Option<OwnedSemaphorePermit>,
+    ) -> Permit {
         self.in_flight.inc();
+        let tenant = tenant.zip(self.tenant.as_ref()).map(|(permit, owner)| {
+            owner.metrics.instances.inc();
+            (permit, owner.metrics.instances.clone())
+        });
         Permit {
-            _permit: permit,
+            _component: component,
+            _tenant: tenant,
             in_flight: self.in_flight.clone(),
         }
     }
@@ -143,6 +161,8 @@ impl Admission {
 pub enum Failure {
     /// The component is at `limits.max_concurrent`.
     Overloaded { limit: u32 },
+    /// The tenant is at its `quota.max_instances`.
+    TenantOverloaded { limit: u32 },
     /// The node-wide instance pool (`node.max_instances`) is exhausted.
     PoolExhausted,
     /// The call ran past `limits.deadline`.
@@ -151,6 +171,8 @@ pub enum Failure {
     MemoryLimit(bytesize::ByteSize),
     /// The node's memory budget (`node.max_memory`) had no room for the growth.
     NodeMemory,
+    /// The tenant's memory budget (`quota.max_memory`) had no room for the growth.
+    TenantMemory,
     /// The guest trapped (a panic, `unreachable`, ...).
     Trap(String),
     /// The guest returned an error of its own (a message handler's `Err`).
@@ -168,6 +190,8 @@ impl Failure {
             .is_some()
         {
             Failure::PoolExhausted
+        } else if limiter.tenant_refused {
+            Failure::TenantMemory
         } else if limiter.node_refused {
             Failure::NodeMemory
         } else if limiter.refused {
@@ -186,7 +210,10 @@ impl Failure {
     pub fn record(&self, version: &Version, metrics: &ComponentMetrics) {
         let (tenant, component, seq) = (&*version.tenant, &*version.name, version.seq);
         match self {
-            Failure::Overloaded { .. } => {
+            Failure::Overloaded { .. } | Failure::TenantOverloaded { .. } => {
+                metrics.admission_rejections.inc();
+            }
+            Failure::TenantMemory => {
                 metrics.admission_rejections.inc();
             }
             Failure::Deadline(deadline) => {
@@ -237,6 +264,15 @@ impl Failure {
                     name,
                 );
             }
+            Failure::TenantOverloaded { limit } => {
+                return overloaded(
+                    &format!("the tenant is at its quota of {limit} instances"),
+                    name,
+                );
+            }
+            Failure::TenantMemory => {
+                return overloaded("the tenant is at its memory quota", name);
+            }
             Failure::PoolExhausted => {
                 return overloaded("the node is at its instance limit", name);
             }
@@ -279,6 +315,10 @@ impl std::fmt::Display for Failure {
             Failure::Overloaded { limit } => {
                 write!(f, "at its limit of {limit} concurrent instances")
             }
+            Failure::TenantOverloaded { limit } => {
+                write!(f, "the tenant is at its quota of {limit} instances")
+            }
+            Failure::TenantMemory => write!(f, "the tenant is at its memory quota"),
             Failure::PoolExhausted => write!(f, "the node is at its instance limit"),
             Failure::NodeMemory => write!(f, "the node is at its memory budget"),
             Failure::Deadline(deadline) => write!(f, "ran past its deadline of {deadline:?}"),
@@ -421,12 +461,12 @@ where
         return (body_too_large(&version), Ending::Now(None));
     }
 
-    let Some(permit) = admission.try_admit() else {
-        let failure = Failure::Overloaded {
-            limit: admission.limit(),
-        };
-        failure.record(&version, metrics);
-        return (failure.response(name), Ending::Now(Some(failure)));
+    let permit = match admission.try_admit() {
+        Ok(permit) => permit,
+        Err(failure) => {
+            failure.record(&version, metrics);
+            return (failure.response(name), Ending::Now(Some(failure)));
+        }
     };
 
     let deadline = Instant::now() + version.limits.deadline;

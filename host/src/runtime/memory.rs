@@ -1,8 +1,9 @@
-//! The node's memory budget (`node.max_memory`): the linear memory of all live instances
-//! together may not pass it. Every instance's limiter reserves from it as its memories
-//! grow (their first size included) and gives everything back when its store is dropped.
-//! A growth that would pass the budget is refused; the call then fails as
-//! "node out of memory" (503, retry later) instead of the node overcommitting.
+//! A memory budget, the node's (`node.max_memory`) or a tenant's (`quota.max_memory`):
+//! the linear memory of the live instances it covers may not pass it. Every instance's
+//! limiter reserves from its tenant's budget and the node's as its memories grow (their
+//! first size included) and gives everything back when its store is dropped. A growth
+//! that would pass either budget is refused; the call then fails as "out of memory" (503,
+//! retry later) instead of the node overcommitting. A leaf: no other module of the node.
 //!
 //! With the engine's decommit settings (`runtime::engine`), memory an instance dirtied is
 //! given back to the system when the instance ends, so the node's resident memory stays
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::metrics::gauge::Gauge;
 
 pub struct MemoryBudget {
-    limit: u64,
+    limit: AtomicU64,
     reserved: AtomicU64,
     gauge: Gauge,
 }
@@ -22,14 +23,19 @@ impl MemoryBudget {
     /// `gauge` shows what is reserved (`trellis_node_memory_reserved_bytes`).
     pub fn new(limit: u64, gauge: Gauge) -> Self {
         Self {
-            limit,
+            limit: AtomicU64::new(limit),
             reserved: AtomicU64::new(0),
             gauge,
         }
     }
 
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// A new limit; what is reserved stays reserved (growths wait for room).
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Release);
     }
 
     pub fn reserved(&self) -> u64 {
@@ -43,7 +49,7 @@ impl MemoryBudget {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reserved| {
                 reserved
                     .checked_add(bytes)
-                    .filter(|total| *total <= self.limit)
+                    .filter(|total| *total <= self.limit())
             })
             .is_ok();
         if taken {

@@ -99,6 +99,8 @@ pub struct VersionServices {
     pub events: Arc<dyn crate::capabilities::events::EventLog>,
     /// The node's memory budget.
     pub memory_budget: Arc<crate::runtime::memory::MemoryBudget>,
+    /// The tenant the version belongs to (its quotas).
+    pub owner: Arc<crate::tenancy::Tenant>,
 }
 
 /// One deployed version of a component, ready to instantiate.
@@ -183,6 +185,7 @@ impl Version {
             component: name.clone(),
             memory_limit: usize::try_from(spec.limits.memory.as_u64()).unwrap_or(usize::MAX),
             memory_budget: services.memory_budget,
+            owner: services.owner.clone(),
             config: Arc::new(spec.config.iter().collect::<WasiConfigVariables>()),
             env: spec
                 .config
@@ -194,13 +197,15 @@ impl Version {
                 .iter()
                 .map(|(guest, grant)| (grant.host.clone(), guest.clone(), grant.writable))
                 .collect(),
-            outbound: OutboundPolicy::new(&spec.outbound, services.internal_calls),
+            outbound: OutboundPolicy::new(&spec.outbound, services.internal_calls)
+                .with_quota(services.owner.clone()),
             keyvalue: services.storage.keyvalue,
             sql: services.storage.sql,
             messaging: Arc::new(MessagingGrant {
                 bus: services.bus,
                 events: services.events,
                 tenant: tenant.clone(),
+                owner: Some(services.owner),
                 publish: spec.publish.clone(),
             }),
         };
@@ -234,7 +239,11 @@ impl Version {
     }
 
     /// A fresh store for one call: the memory limiter installed and an epoch callback
-    /// that yields to the executor every tick and traps once `deadline` has passed.
+    /// that traps once `deadline` has passed and otherwise yields to the executor every
+    /// tick. A guest still running at a tick is a long-running one: it gives back its
+    /// tenant's CPU turn and queues (FIFO) for the next before it resumes, so one
+    /// tenant's loops take at most `quota.cpu_threads` threads and leave the rest to
+    /// other tenants. Guests that finish within a tick never queue.
     pub fn new_store(
         &self,
         deadline: Instant,
@@ -247,12 +256,26 @@ impl Version {
         store.limiter(|state| &mut state.limiter);
         // At least one tick, so that even instantiation runs under the deadline.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
+        let cpu = self.grants.owner.cpu.semaphore();
+        store.epoch_deadline_callback(move |store| {
             if Instant::now() >= deadline {
-                Err(DeadlineExceeded.into())
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+                return Err(DeadlineExceeded.into());
             }
+            let turn = store.data().cpu_turn.clone();
+            turn.lock().expect("cpu turn lock").take();
+            let cpu = cpu.clone();
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    // Past the deadline the guest resumes without a turn and traps at the
+                    // next tick (the call's own timeout has usually ended it already).
+                    if let Ok(Ok(permit)) =
+                        tokio::time::timeout_at(deadline.into(), cpu.acquire_owned()).await
+                    {
+                        *turn.lock().expect("cpu turn lock") = Some(permit);
+                    }
+                }),
+            ))
         });
         Ok(store)
     }

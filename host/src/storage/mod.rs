@@ -12,9 +12,11 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use prometheus_client::metrics::gauge::Gauge;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -52,6 +54,8 @@ pub enum ComponentDatabase {
 pub struct SqliteDatabase {
     pub pool: SqlitePool,
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// The database file (its write-ahead log is beside it).
+    path: PathBuf,
 }
 
 impl SqliteDatabase {
@@ -124,6 +128,7 @@ impl Storage {
                 Ok(ComponentDatabase::Sqlite(SqliteDatabase {
                     pool,
                     writer: Arc::default(),
+                    path: dir.join("data.db"),
                 }))
             }
             Storage::Postgres { options, admin } => {
@@ -151,7 +156,78 @@ impl Storage {
     }
 }
 
+impl Storage {
+    /// Deletes every database of `tenant` (a tenant removed with its data). Pools still
+    /// open must be closed first.
+    pub async fn delete_tenant(&self, tenant: &str) -> Result<()> {
+        match self {
+            Storage::Sqlite { root } => {
+                let dir = root.join(tenant);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e).with_context(|| format!("deleting {}", dir.display())),
+                }
+            }
+            Storage::Postgres { admin, .. } => {
+                let prefix = format!("trellis_{}__", tenant.replace('-', "_"));
+                let schemas: Vec<(String,)> = sqlx::query_as(
+                    "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)",
+                )
+                .bind(&prefix)
+                .fetch_all(admin)
+                .await
+                .context("listing the tenant's schemas")?;
+                for (schema,) in schemas {
+                    for sql in [
+                        format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                        format!("DROP ROLE IF EXISTS \"{schema}\""),
+                    ] {
+                        admin
+                            .execute(AssertSqlSafe(sql.clone()))
+                            .await
+                            .with_context(|| format!("deleting the tenant's data: {sql}"))?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl ComponentDatabase {
+    /// Closes the database's connections (before its files or schema are deleted).
+    pub async fn close(&self) {
+        match self {
+            ComponentDatabase::Sqlite(database) => database.pool.close().await,
+            ComponentDatabase::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Bytes the database takes: the SQLite file and its write-ahead log, or the
+    /// PostgreSQL schema's tables with their indexes and TOAST.
+    pub async fn size(&self) -> Result<u64> {
+        match self {
+            ComponentDatabase::Sqlite(database) => {
+                let mut wal = database.path.clone().into_os_string();
+                wal.push("-wal");
+                let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                Ok(len(&database.path) + len(Path::new(&wal)))
+            }
+            ComponentDatabase::Postgres(pool) => {
+                let (bytes,): (i64,) = sqlx::query_as(
+                    "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'm')",
+                )
+                .fetch_one(pool)
+                .await
+                .context("measuring the schema's size")?;
+                Ok(bytes.max(0) as u64)
+            }
+        }
+    }
+
     /// Applies the `*.sql` files of `dir` that this database has not seen yet, in name
     /// order, each in a transaction of its own together with its entry in
     /// `trellis_migrations`; returns the names it applied. A failing file stops the deploy
@@ -244,6 +320,118 @@ impl ComponentDatabase {
             }
         }
         Ok(applied)
+    }
+}
+
+/// The bytes a tenant's databases hold, against its quota (`quota.max_storage`).
+pub struct StorageUsage {
+    limit: AtomicU64,
+    by_database: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    gauge: Gauge,
+}
+
+impl StorageUsage {
+    /// `gauge` shows the total (`trellis_tenant_storage_bytes`).
+    pub fn new(gauge: Gauge) -> Self {
+        Self {
+            limit: AtomicU64::new(u64::MAX),
+            by_database: Default::default(),
+            gauge,
+        }
+    }
+
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.by_database
+            .lock()
+            .expect("storage usage lock")
+            .values()
+            .sum()
+    }
+
+    /// Whether a write may start: not while the tenant is at its quota.
+    pub fn may_write(&self) -> Result<(), String> {
+        let (used, limit) = (self.used(), self.limit());
+        if used >= limit {
+            Err(format!(
+                "storage quota exceeded: the tenant's databases hold {used} bytes of the {limit} its quota allows (quota.max_storage); reads still work"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn record(&self, database: &str, bytes: u64) {
+        let mut by_database = self.by_database.lock().expect("storage usage lock");
+        by_database.insert(database.to_string(), bytes);
+        self.gauge.set(by_database.values().sum::<u64>() as i64);
+    }
+
+    pub fn forget(&self, database: &str) {
+        let mut by_database = self.by_database.lock().expect("storage usage lock");
+        by_database.remove(database);
+        self.gauge.set(by_database.values().sum::<u64>() as i64);
+    }
+}
+
+/// Keeps one database's share of its tenant's [`StorageUsage`] current. Writes check the
+/// tenant's quota before they start and re-measure after; measuring is a `stat` on
+/// SQLite and a query on PostgreSQL, so there it is done at most once a second.
+pub struct StorageMeter {
+    database: ComponentDatabase,
+    key: String,
+    usage: Arc<StorageUsage>,
+    measured: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl StorageMeter {
+    pub async fn new(database: ComponentDatabase, key: String, usage: Arc<StorageUsage>) -> Self {
+        let meter = Self {
+            database,
+            key,
+            usage,
+            measured: std::sync::Mutex::new(None),
+        };
+        meter.measure(true).await;
+        meter
+    }
+
+    /// Whether a write may start.
+    pub fn may_write(&self) -> Result<(), String> {
+        self.usage.may_write()
+    }
+
+    /// After a write: the database's size again.
+    pub async fn wrote(&self) {
+        self.measure(false).await;
+    }
+
+    async fn measure(&self, now: bool) {
+        let every = match self.database {
+            ComponentDatabase::Sqlite(_) => Duration::ZERO,
+            ComponentDatabase::Postgres(_) => Duration::from_secs(1),
+        };
+        {
+            let mut measured = self.measured.lock().expect("meter lock");
+            let fresh = measured.is_some_and(|at| at.elapsed() < every);
+            if fresh && !now {
+                return;
+            }
+            *measured = Some(std::time::Instant::now());
+        }
+        match self.database.size().await {
+            Ok(bytes) => self.usage.record(&self.key, bytes),
+            Err(e) => {
+                tracing::warn!(database = %self.key, error = %format!("{e:#}"), "cannot measure a database")
+            }
+        }
     }
 }
 

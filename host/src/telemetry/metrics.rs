@@ -25,6 +25,17 @@ struct RequestLabels {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    tenant: String,
+    quota: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~26 s
     Histogram::new(exponential_buckets(0.00005, 2.0, 20))
@@ -49,6 +60,11 @@ pub struct Metrics {
     activations: Family<ComponentLabels, Counter>,
     canary_rollbacks: Family<ComponentLabels, Counter>,
     unrouted: Counter,
+    tenant_rejections: Family<QuotaLabels, Counter>,
+    tenant_quota: Family<QuotaLabels, Gauge>,
+    tenant_instances: Family<TenantLabels, Gauge>,
+    tenant_memory: Family<TenantLabels, Gauge>,
+    tenant_storage: Family<TenantLabels, Gauge>,
     /// Linear memory reserved by live instances, and the node's budget for it.
     pub node_memory_reserved: Gauge,
     pub node_memory_budget: Gauge,
@@ -78,6 +94,36 @@ impl Default for Metrics {
         let events_redelivered = Family::<ComponentLabels, Counter>::default();
         let events_acked = Family::<ComponentLabels, Counter>::default();
         let unrouted = Counter::default();
+        let tenant_rejections = Family::<QuotaLabels, Counter>::default();
+        let tenant_quota = Family::<QuotaLabels, Gauge>::default();
+        let tenant_instances = Family::<TenantLabels, Gauge>::default();
+        let tenant_memory = Family::<TenantLabels, Gauge>::default();
+        let tenant_storage = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "tenant_quota_rejections",
+            "Calls, writes, publishes and deploys refused because the tenant reached a quota",
+            tenant_rejections.clone(),
+        );
+        registry.register(
+            "tenant_quota_limit",
+            "The tenant's quotas in force (absent: unlimited); bytes, counts or per second",
+            tenant_quota.clone(),
+        );
+        registry.register(
+            "tenant_instances",
+            "Instances of the tenant's components alive right now",
+            tenant_instances.clone(),
+        );
+        registry.register(
+            "tenant_memory_reserved_bytes",
+            "Linear memory the tenant's live instances hold",
+            tenant_memory.clone(),
+        );
+        registry.register(
+            "tenant_storage_bytes",
+            "Bytes the tenant's databases hold on disk",
+            tenant_storage.clone(),
+        );
         let node_memory_reserved = Gauge::default();
         let node_memory_budget = Gauge::default();
         registry.register(
@@ -196,6 +242,11 @@ impl Default for Metrics {
             activations,
             canary_rollbacks,
             unrouted,
+            tenant_rejections,
+            tenant_quota,
+            tenant_instances,
+            tenant_memory,
+            tenant_storage,
             node_memory_reserved,
             node_memory_budget,
         }
@@ -230,6 +281,91 @@ impl Metrics {
         }
     }
 
+    /// The series of one tenant, resolved once.
+    pub fn for_tenant(&self, tenant: &str) -> TenantMetrics {
+        let labels = TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        TenantMetrics {
+            tenant: tenant.to_string(),
+            instances: self.tenant_instances.get_or_create(&labels).clone(),
+            memory_reserved: self.tenant_memory.get_or_create(&labels).clone(),
+            storage_bytes: self.tenant_storage.get_or_create(&labels).clone(),
+            rejections: self.tenant_rejections.clone(),
+            quota: self.tenant_quota.clone(),
+        }
+    }
+
+    /// Drops a removed tenant's own series.
+    pub fn forget_tenant(&self, tenant: &str) {
+        let labels = TenantLabels {
+            tenant: tenant.to_string(),
+        };
+        self.tenant_instances.remove(&labels);
+        self.tenant_memory.remove(&labels);
+        self.tenant_storage.remove(&labels);
+        for quota in QUOTAS {
+            let labels = QuotaLabels {
+                tenant: tenant.to_string(),
+                quota: quota.to_string(),
+            };
+            self.tenant_rejections.remove(&labels);
+            self.tenant_quota.remove(&labels);
+        }
+    }
+
+    /// Drops a removed component's series.
+    pub fn forget_component(&self, tenant: &str, component: &str) {
+        let labels = ComponentLabels {
+            tenant: tenant.to_string(),
+            component: component.to_string(),
+        };
+        self.request_duration.remove(&labels);
+        self.instantiation_duration.remove(&labels);
+        for family in [
+            &self.traps,
+            &self.deadline_kills,
+            &self.memory_limit_kills,
+            &self.admission_rejections,
+            &self.messages_handled,
+            &self.message_failures,
+            &self.messages_dead_lettered,
+            &self.events_redelivered,
+            &self.events_acked,
+            &self.activations,
+            &self.canary_rollbacks,
+        ] {
+            family.remove(&labels);
+        }
+        self.in_flight.remove(&labels);
+        self.events_pending.remove(&labels);
+    }
+
+    /// The metrics text with only `tenant`'s series (and the families that have one).
+    pub fn encode_for_tenant(&self, tenant: &str) -> String {
+        let needle = format!("tenant=\"{tenant}\"");
+        let mut out = String::new();
+        let mut header = String::new();
+        for line in self.encode().lines() {
+            if line.starts_with("# EOF") {
+                out.push_str(line);
+                out.push('\n');
+            } else if line.starts_with('#') {
+                if line.starts_with("# HELP") {
+                    header.clear();
+                }
+                header.push_str(line);
+                header.push('\n');
+            } else if line.contains(&needle) {
+                out.push_str(&header);
+                header.clear();
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub fn count_unrouted(&self) {
         self.unrouted.inc();
     }
@@ -239,6 +375,105 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The quotas a tenant's series are kept for.
+const QUOTAS: &[&str] = &[
+    "requests_per_second",
+    "burst",
+    "max_instances",
+    "max_instance_memory",
+    "max_memory",
+    "max_deadline",
+    "max_storage",
+    "max_components",
+    "max_code_size",
+    "publish_per_second",
+    "max_outbound_per_request",
+    "cpu_threads",
+    "component_limits",
+];
+
+/// Handles on one tenant's series.
+#[derive(Clone)]
+pub struct TenantMetrics {
+    tenant: String,
+    pub instances: Gauge,
+    pub memory_reserved: Gauge,
+    pub storage_bytes: Gauge,
+    rejections: Family<QuotaLabels, Counter>,
+    quota: Family<QuotaLabels, Gauge>,
+}
+
+impl TenantMetrics {
+    fn labels(&self, quota: &str) -> QuotaLabels {
+        QuotaLabels {
+            tenant: self.tenant.clone(),
+            quota: quota.to_string(),
+        }
+    }
+
+    /// Counts one refusal under `quota`.
+    pub fn rejected(&self, quota: &str) {
+        self.rejections.get_or_create(&self.labels(quota)).inc();
+    }
+
+    /// Refusals so far, by quota (those with any).
+    pub fn rejections(&self) -> std::collections::BTreeMap<String, u64> {
+        QUOTAS
+            .iter()
+            .filter_map(|quota| {
+                let labels = self.labels(quota);
+                let count = self.rejections.get(&labels).map(|c| c.get())?;
+                Some((quota.to_string(), count))
+            })
+            .collect()
+    }
+
+    /// The quota in force, as gauges (unset quotas have none).
+    pub fn set_limits(&self, quota: &crate::manifest::QuotaSpec) {
+        let seconds = |d: std::time::Duration| d.as_secs() as i64;
+        let values: [(&str, Option<i64>); 12] = [
+            (
+                "requests_per_second",
+                quota.requests_per_second.map(i64::from),
+            ),
+            ("burst", quota.burst.map(i64::from)),
+            ("max_instances", quota.max_instances.map(i64::from)),
+            (
+                "max_instance_memory",
+                quota.max_instance_memory.map(|b| b.as_u64() as i64),
+            ),
+            ("max_memory", quota.max_memory.map(|b| b.as_u64() as i64)),
+            ("max_deadline", quota.max_deadline.map(seconds)),
+            ("max_storage", quota.max_storage.map(|b| b.as_u64() as i64)),
+            ("max_components", quota.max_components.map(i64::from)),
+            (
+                "max_code_size",
+                quota.max_code_size.map(|b| b.as_u64() as i64),
+            ),
+            (
+                "publish_per_second",
+                quota.publish_per_second.map(i64::from),
+            ),
+            (
+                "max_outbound_per_request",
+                quota.max_outbound_per_request.map(i64::from),
+            ),
+            ("cpu_threads", quota.cpu_threads.map(i64::from)),
+        ];
+        for (name, value) in values {
+            let labels = self.labels(name);
+            match value {
+                Some(value) => {
+                    self.quota.get_or_create(&labels).set(value);
+                }
+                None => {
+                    self.quota.remove(&labels);
+                }
+            }
+        }
     }
 }
 
