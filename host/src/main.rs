@@ -133,6 +133,64 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Create, change and remove tenants, and issue their tokens (operator's token).
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantAction {
+    /// Every tenant with its quota and usage.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One tenant (a tenant token may show its own).
+    Show {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Create a tenant or change it: its entry (TOML as under [tenants.NAME] in a
+    /// manifest, or JSON) and/or hosts.
+    Put {
+        name: String,
+        /// The tenant's entry: hosts, config, quota.
+        #[arg(long)]
+        entry: Option<PathBuf>,
+        /// A host it is served on (repeatable; replaces the entry's hosts).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a tenant: its traffic stops at once; its data is kept unless told.
+    Remove {
+        name: String,
+        /// Delete its databases too.
+        #[arg(long)]
+        delete_data: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Issue a token that manages only this tenant (printed once; keep it).
+    Token {
+        name: String,
+        /// A note to tell tokens apart.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke one of a tenant's tokens by id.
+    Revoke {
+        name: String,
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -514,7 +572,19 @@ async fn admin(command: Command) -> Result<(), ClientError> {
                         )
                         .await?
                 }
-                None => client.call(Method::GET, "/v1/status", None).await?,
+                // A tenant token may not see the whole node: its tenant's components then.
+                None => match client.call(Method::GET, "/v1/status", None).await {
+                    Err(ClientError::Refused { status: 403, .. }) => {
+                        client
+                            .call(
+                                Method::GET,
+                                &format!("/v1/tenants/{tenant}/components"),
+                                None,
+                            )
+                            .await?
+                    }
+                    other => other?,
+                },
             };
             if json {
                 println!(
@@ -540,7 +610,104 @@ async fn admin(command: Command) -> Result<(), ClientError> {
             println!("{}/{}: deleted", target.tenant, target.component);
             Ok(())
         }
+        Command::Tenant { action } => tenant(action).await,
         Command::Up { .. } | Command::Check { .. } => unreachable!("handled by run"),
+    }
+}
+
+async fn tenant(action: TenantAction) -> Result<(), ClientError> {
+    let show = |status: &serde_json::Value| {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(status).unwrap_or_default()
+        )
+    };
+    match action {
+        TenantAction::List { admin } => {
+            let answer = admin
+                .client()?
+                .call(Method::GET, "/v1/tenants", None)
+                .await?;
+            for tenant in answer["tenants"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: hosts {}, {} component(s), {} instance(s), {} bytes stored",
+                    tenant["tenant"].as_str().unwrap_or("?"),
+                    tenant["hosts"],
+                    tenant["usage"]["components"],
+                    tenant["usage"]["instances"],
+                    tenant["usage"]["storage_bytes"],
+                );
+            }
+            Ok(())
+        }
+        TenantAction::Show { name, admin } => {
+            let path = format!("/v1/tenants/{name}");
+            show(&admin.client()?.call(Method::GET, &path, None).await?);
+            Ok(())
+        }
+        TenantAction::Put {
+            name,
+            entry,
+            hosts,
+            admin,
+        } => {
+            let mut entry = match entry {
+                Some(path) => read_entry(&path)?,
+                None => serde_json::json!({}),
+            };
+            if !hosts.is_empty() {
+                entry["hosts"] = hosts.into();
+            }
+            let path = format!("/v1/tenants/{name}");
+            show(
+                &admin
+                    .client()?
+                    .call(Method::PUT, &path, Some(entry))
+                    .await?,
+            );
+            Ok(())
+        }
+        TenantAction::Remove {
+            name,
+            delete_data,
+            admin,
+        } => {
+            let data = if delete_data { "delete" } else { "keep" };
+            let path = format!("/v1/tenants/{name}?data={data}");
+            admin.client()?.call(Method::DELETE, &path, None).await?;
+            println!(
+                "tenant {name}: removed ({})",
+                if delete_data {
+                    "data deleted"
+                } else {
+                    "data kept"
+                }
+            );
+            Ok(())
+        }
+        TenantAction::Token { name, label, admin } => {
+            let path = format!("/v1/tenants/{name}/tokens");
+            let answer = admin
+                .client()?
+                .call(
+                    Method::POST,
+                    &path,
+                    Some(serde_json::json!({"label": label})),
+                )
+                .await?;
+            println!("{}", answer["token"].as_str().unwrap_or("?"));
+            eprintln!(
+                "tenant {name}: token {} issued; it is shown only now",
+                answer["id"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        TenantAction::Revoke { name, id, admin } => {
+            let path = format!("/v1/tenants/{name}/tokens/{id}");
+            admin.client()?.call(Method::DELETE, &path, None).await?;
+            println!("tenant {name}: token {id} revoked");
+            Ok(())
+        }
     }
 }
 

@@ -893,6 +893,12 @@ impl Registry {
         spec: &ComponentSpec,
     ) -> Result<(), DeployError> {
         let mut problems = crate::manifest::component_problems(name, spec, &self.config.node);
+        let owner = self.tenant(tenant)?;
+        let over = owner.quota().limit_problems(name, &spec.limits);
+        if let Some(first) = over.first() {
+            owner.breach(quota::LIMITS, &first.to_string());
+        }
+        problems.extend(over);
         if let Some(clash) = self.route_clash(tenant, name, &spec.routes) {
             problems.push(Problem {
                 field: format!("components.{name}.routes"),

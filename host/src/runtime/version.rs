@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Store, UpdateDeadline};
+use wasmtime::{CallHook, Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
@@ -241,9 +241,11 @@ impl Version {
     /// A fresh store for one call: the memory limiter installed and an epoch callback
     /// that traps once `deadline` has passed and otherwise yields to the executor every
     /// tick. A guest still running at a tick is a long-running one: it gives back its
-    /// tenant's CPU turn and queues (FIFO) for the next before it resumes, so one
-    /// tenant's loops take at most `quota.cpu_threads` threads and leave the rest to
-    /// other tenants. Guests that finish within a tick never queue.
+    /// tenant's CPU turn (if it held one) and queues (FIFO) for the next before it
+    /// resumes, so one tenant's loops take at most `quota.cpu_threads` threads and leave
+    /// the rest to other tenants. A turn is for running wasm: it is given back when the
+    /// guest calls the host (which may wait on I/O or on a sibling of the same tenant).
+    /// Guests that finish within a tick never queue.
     pub fn new_store(
         &self,
         deadline: Instant,
@@ -262,7 +264,7 @@ impl Version {
                 return Err(DeadlineExceeded.into());
             }
             let turn = store.data().cpu_turn.clone();
-            turn.lock().expect("cpu turn lock").take();
+            turn.give_back();
             let cpu = cpu.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
@@ -272,10 +274,16 @@ impl Version {
                     if let Ok(Ok(permit)) =
                         tokio::time::timeout_at(deadline.into(), cpu.acquire_owned()).await
                     {
-                        *turn.lock().expect("cpu turn lock") = Some(permit);
+                        turn.hold(permit);
                     }
                 }),
             ))
+        });
+        store.call_hook(|store, hook| {
+            if matches!(hook, CallHook::CallingHost) {
+                store.data().cpu_turn.give_back();
+            }
+            Ok(())
         });
         Ok(store)
     }

@@ -5,7 +5,8 @@
 //!
 //! Names are derived from the tenant and the component, which the manifest restricts to
 //! `[a-z0-9-]`, so they cannot be chosen by a guest and cannot collide: a component has no
-//! way to name another component's or another tenant's database. On PostgreSQL, where SQL
+//! way to name another component's or another tenant's database; a SQLite connection
+//! cannot `ATTACH` another file either. On PostgreSQL, where SQL
 //! could name another schema outright, each component's connections run as a role that owns
 //! its schema and has no rights anywhere else.
 
@@ -122,6 +123,7 @@ impl Storage {
                     .max_connections(4)
                     .min_connections(0)
                     .idle_timeout(Duration::from_secs(60))
+                    .after_connect(|connection, _| Box::pin(forbid_attach(connection)))
                     .connect_with(options)
                     .await
                     .with_context(|| format!("opening {}", dir.join("data.db").display()))?;
@@ -154,6 +156,23 @@ impl Storage {
             }
         }
     }
+}
+
+/// Makes `ATTACH DATABASE` (and `VACUUM INTO`) fail on a component's connection: a guest's
+/// SQL could otherwise name any file the node can open, another tenant's database among
+/// them.
+async fn forbid_attach(connection: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    let mut handle = connection.lock_handle().await?;
+    // SAFETY: the handle is locked (no other thread uses the connection meanwhile), and
+    // sqlite3_limit only sets a per-connection limit.
+    unsafe {
+        libsqlite3_sys::sqlite3_limit(
+            handle.as_raw_handle().as_ptr(),
+            libsqlite3_sys::SQLITE_LIMIT_ATTACHED,
+            0,
+        );
+    }
+    Ok(())
 }
 
 impl Storage {
@@ -328,15 +347,18 @@ pub struct StorageUsage {
     limit: AtomicU64,
     by_database: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     gauge: Gauge,
+    on_refusal: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 impl StorageUsage {
-    /// `gauge` shows the total (`trellis_tenant_storage_bytes`).
-    pub fn new(gauge: Gauge) -> Self {
+    /// `gauge` shows the total (`trellis_tenant_storage_bytes`); `on_refusal` is told of
+    /// every write refused (for the tenant's metrics and log).
+    pub fn new(gauge: Gauge, on_refusal: Box<dyn Fn(&str) + Send + Sync>) -> Self {
         Self {
             limit: AtomicU64::new(u64::MAX),
             by_database: Default::default(),
             gauge,
+            on_refusal,
         }
     }
 
@@ -360,9 +382,11 @@ impl StorageUsage {
     pub fn may_write(&self) -> Result<(), String> {
         let (used, limit) = (self.used(), self.limit());
         if used >= limit {
-            Err(format!(
-                "storage quota exceeded: the tenant's databases hold {used} bytes of the {limit} its quota allows (quota.max_storage); reads still work"
-            ))
+            let message = format!(
+                "storage quota exceeded: the tenant's databases hold {used} bytes of the {limit} its quota allows (quota.max_storage); reads and deletes still work"
+            );
+            (self.on_refusal)(&message);
+            Err(message)
         } else {
             Ok(())
         }

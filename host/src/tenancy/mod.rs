@@ -213,14 +213,21 @@ impl Tenant {
     ) -> Arc<Self> {
         let quota = spec.quota.or(defaults);
         let metrics = metrics.for_tenant(name);
-        let tenant = Arc::new(Tenant {
+        let tenant = Arc::new_cyclic(|me: &std::sync::Weak<Tenant>| Tenant {
             name: name.into(),
             requests: TokenBucket::new(None, None),
             publishes: TokenBucket::new(None, None),
             instances: Limit::new(UNLIMITED),
             cpu: Limit::new(default_cpu_threads()),
             memory: Arc::new(MemoryBudget::new(u64::MAX, metrics.memory_reserved.clone())),
-            storage: Arc::new(StorageUsage::new(metrics.storage_bytes.clone())),
+            storage: Arc::new(StorageUsage::new(metrics.storage_bytes.clone(), {
+                let me = me.clone();
+                Box::new(move |message: &str| {
+                    if let Some(tenant) = me.upgrade() {
+                        tenant.breach(quota::STORAGE, message);
+                    }
+                })
+            })),
             spec: ArcSwap::from_pointee(spec),
             quota: ArcSwap::from_pointee(quota),
             origin: Mutex::new(origin),
