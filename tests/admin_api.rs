@@ -149,7 +149,8 @@ async fn the_openapi_document_matches_the_real_answers() {
     for (method, template) in openapi::operations(&spec) {
         let path = template
             .replace("{tenant}", "default")
-            .replace("{component}", "svc");
+            .replace("{component}", "svc")
+            .replace("{token}", "none");
         for headers in [vec![], vec![("authorization", "Bearer wrong")]] {
             let (response, error) = admin.send(&method, &path, None, &headers).await;
             assert_eq!(response.status, 401, "{method} {path} with {headers:?}");
@@ -568,6 +569,138 @@ async fn the_openapi_document_matches_the_real_answers() {
     let later = "/v1/tenants/default/components/later";
     admin.expect("PUT", later, json_body(json!({})), 201).await;
     admin.expect("DELETE", later, None, 204).await;
+
+    // Tenants: created, changed, refused, listed; a token issued, used and revoked; the
+    // tenant removed.
+    let acme = "/v1/tenants/acme";
+    let acme_tokens = format!("{acme}/tokens");
+    admin
+        .refused("GET", acme, None, 404, "unknown_tenant")
+        .await;
+    let created = admin
+        .expect(
+            "PUT",
+            acme,
+            json_body(json!({
+                "hosts": ["acme.test"],
+                "config": {"REGION": "eu"},
+                "quota": {"max_instances": 4, "max_memory": "64MiB", "max_deadline": "30s"}
+            })),
+            201,
+        )
+        .await;
+    assert_eq!(created["effective_quota"]["max_memory"], 64 << 20);
+    admin
+        .expect(
+            "PUT",
+            acme,
+            json_body(json!({"hosts": ["acme.test"], "quota": {"requests_per_second": 100}})),
+            200,
+        )
+        .await;
+    let clash = admin
+        .refused(
+            "PUT",
+            acme,
+            json_body(json!({"hosts": ["*"]})),
+            422,
+            "invalid_tenant",
+        )
+        .await;
+    assert_eq!(clash["problems"][0]["field"], "tenants.acme.hosts[0]");
+    admin
+        .refused(
+            "PUT",
+            acme,
+            json_body(json!({"hosts": "acme.test"})),
+            400,
+            "bad_json",
+        )
+        .await;
+    let tenants = admin.expect("GET", "/v1/tenants", None, 200).await;
+    assert_eq!(tenants["tenants"].as_array().unwrap().len(), 2, "{tenants}");
+    admin.expect("GET", "/v1/tenants/default", None, 200).await;
+    let issued = admin
+        .expect("POST", &acme_tokens, json_body(json!({"label": "ci"})), 201)
+        .await;
+    admin.expect("POST", &acme_tokens, None, 201).await;
+    let listed = admin.expect("GET", &acme_tokens, None, 200).await;
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 2, "{listed}");
+    admin
+        .refused(
+            "GET",
+            "/v1/tenants/nobody/tokens",
+            None,
+            404,
+            "unknown_tenant",
+        )
+        .await;
+    admin
+        .refused(
+            "POST",
+            "/v1/tenants/nobody/tokens",
+            None,
+            404,
+            "unknown_tenant",
+        )
+        .await;
+    let bearer = format!("Bearer {}", issued["token"].as_str().unwrap());
+    let as_acme = [("authorization", bearer.as_str())];
+    let (own, _) = admin.send("GET", acme, None, &as_acme).await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    let (metrics, _) = admin.send("GET", "/metrics", None, &as_acme).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        !metrics.body.contains(r#"tenant="default""#),
+        "{}",
+        metrics.body
+    );
+    for (method, path) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/tenants/default"),
+        ("GET", COMPONENTS),
+    ] {
+        let (refused, error) = admin.send(method, path, None, &as_acme).await;
+        assert_eq!(refused.status, 403, "{method} {path}");
+        assert_eq!(error["error"], "forbidden");
+    }
+    admin
+        .refused(
+            "DELETE",
+            &format!("{acme_tokens}/nope"),
+            None,
+            404,
+            "unknown_token",
+        )
+        .await;
+    let id = issued["id"].as_str().unwrap();
+    admin
+        .expect("DELETE", &format!("{acme_tokens}/{id}"), None, 204)
+        .await;
+    let (revoked, _) = admin.send("GET", acme, None, &as_acme).await;
+    assert_eq!(revoked.status, 401);
+    admin
+        .refused(
+            "DELETE",
+            "/v1/tenants/default",
+            None,
+            409,
+            "declared_in_manifest",
+        )
+        .await;
+    admin
+        .refused(
+            "DELETE",
+            &format!("{acme}?data=maybe"),
+            None,
+            400,
+            "bad_query",
+        )
+        .await;
+    admin.expect("DELETE", acme, None, 204).await;
+    admin
+        .refused("DELETE", acme, None, 404, "unknown_tenant")
+        .await;
 
     // The history of all this, as the status document tells it.
     let history = admin.expect("GET", SVC, None, 200).await;

@@ -69,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
                 u64::MAX,
                 Default::default(),
             )),
+            owner: trellis::tenancy::Tenants::new(
+                &loaded.tenant_specs(),
+                Default::default(),
+                Arc::new(trellis::telemetry::metrics::Metrics::default()),
+            )
+            .get("default")
+            .expect("the default tenant"),
         },
     )?;
 

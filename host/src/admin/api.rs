@@ -231,14 +231,11 @@ struct TokenBody {
 async fn read_json_or_empty<T: serde::de::DeserializeOwned + Default>(
     request: Request<Incoming>,
 ) -> Result<T, DeployError> {
-    let empty = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .is_some_and(|v| v == "0");
-    if empty {
+    let bytes = read_body(request).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    read_json(request).await
+    parse_json(&bytes)
 }
 
 async fn component(
@@ -479,20 +476,25 @@ fn form_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, DeployError> {
+    match Limited::new(request.into_body(), MAX_JSON).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(DeployError::new(
+            400,
+            "bad_body",
+            format!("reading the body failed: {e}"),
+        )),
+    }
+}
+
 async fn read_json<T: serde::de::DeserializeOwned>(
     request: Request<Incoming>,
 ) -> Result<T, DeployError> {
-    let bytes = match Limited::new(request.into_body(), MAX_JSON).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return Err(DeployError::new(
-                400,
-                "bad_body",
-                format!("reading the body failed: {e}"),
-            ));
-        }
-    };
-    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    parse_json(&read_body(request).await?)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DeployError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let field = e.path().to_string();
         let mut error = DeployError::new(400, "bad_json", format!("{field}: {}", e.inner()));
