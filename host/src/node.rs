@@ -104,6 +104,7 @@ fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::Node
 /// `trellis up`: serve until SIGINT/SIGTERM. Returns an error (exit 1) when the manifest's
 /// components cannot all be loaded.
 pub async fn up(manifest: LoadedManifest, options: UpOptions) -> Result<()> {
+    raise_open_file_limit();
     let settings = &manifest.manifest.node;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating node.data_dir {}", settings.data_dir.display()))?;
@@ -205,6 +206,34 @@ pub async fn check(manifest: LoadedManifest) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+/// Raises the soft limit on open files to the hard one: each component's database holds
+/// files while it is in use, and a node with thousands of tenants needs more than the
+/// common default of 1024.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                tracing::debug!(
+                    from = limit.rlim_cur,
+                    to = limit.rlim_max,
+                    "raised the open-file limit"
+                );
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -34,16 +34,17 @@ impl<T: Clone> Router<T> {
             wildcard_hosts: Vec::new(),
             catch_all: None,
         };
+        // Grouped once: a node with thousands of tenants rebuilds this on every change.
+        let mut by_tenant: HashMap<&str, Vec<(String, T)>> = HashMap::new();
+        for (target, tenant, prefixes) in targets {
+            by_tenant.entry(tenant).or_default().extend(
+                prefixes
+                    .iter()
+                    .map(|p| (normalize_route(p), target.clone())),
+            );
+        }
         for (index, (name, hosts)) in tenants.iter().enumerate() {
-            let mut routes: Vec<(String, T)> = targets
-                .iter()
-                .filter(|(_, tenant, _)| &**tenant == name.as_str())
-                .flat_map(|(target, _, prefixes)| {
-                    prefixes
-                        .iter()
-                        .map(|p| (normalize_route(p), target.clone()))
-                })
-                .collect();
+            let mut routes = by_tenant.remove(name.as_str()).unwrap_or_default();
             routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
             router.tenants.push(TenantRoutes {
                 name: name.as_str().into(),

@@ -24,6 +24,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Executor};
 
+/// How long a component's database connection stays open unused. Short, because a node
+/// may host thousands of components: an idle one should hold no connection (a thread and
+/// three file handles on SQLite, a server process on PostgreSQL). Reopening costs well
+/// under a millisecond, and a busy component never waits this long.
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// How long a SQLite writer waits for another to finish before it gets "busy".
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -122,7 +128,7 @@ impl Storage {
                     .test_before_acquire(false)
                     .max_connections(4)
                     .min_connections(0)
-                    .idle_timeout(Duration::from_secs(60))
+                    .idle_timeout(IDLE_CONNECTION)
                     .after_connect(|connection, _| Box::pin(forbid_attach(connection)))
                     .connect_with(options)
                     .await
@@ -149,7 +155,7 @@ impl Storage {
                     .test_before_acquire(false)
                     .max_connections(4)
                     .min_connections(0)
-                    .idle_timeout(Duration::from_secs(60))
+                    .idle_timeout(IDLE_CONNECTION)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_lazy_with(options);
                 Ok(ComponentDatabase::Postgres(pool))
