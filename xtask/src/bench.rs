@@ -37,12 +37,14 @@ struct Measured {
 }
 
 /// The sections of the report, in order; `cargo xtask bench SECTION...` runs only those.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 8] = [
     "gateway",
     "capabilities",
     "events",
     "hot-deploy",
     "memory",
+    "isolation",
+    "density",
     "shop",
 ];
 
@@ -80,6 +82,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     if runs("memory") {
         report.push_str(&memory(root, &release, &out_dir)?);
+    }
+    if runs("isolation") {
+        report.push_str(&isolation(root, &release, &out_dir)?);
+    }
+    if runs("density") {
+        report.push_str(&density(root, &release, &out_dir)?);
     }
     if runs("shop") {
         report.push_str(&shop_orders(root, &release, &out_dir)?);
@@ -849,18 +857,6 @@ fn memory(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         ),
     )?;
     let node = start_trellis("trellis memory", release, &manifest, port)?;
-    let rss = |pid: u32| -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
-    };
     let pid = node.pid();
     let at_start = rss(pid).unwrap_or(0);
     eprintln!("== memory: {GROWERS} requests growing to 64 MiB each");
@@ -874,7 +870,6 @@ fn memory(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     std::thread::sleep(Duration::from_secs(2));
     let idle = rss(pid).unwrap_or(0);
     drop(node);
-    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     Ok(format!(
         "\n### Node memory\n\n\
          {GROWERS} requests in a row, each growing the probe's memory to its 64 MiB cap (then trapping there); \
@@ -890,6 +885,346 @@ fn memory(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         mib(peak) / 64.0,
         mib(idle),
         mib(idle) / 64.0,
+    ))
+}
+
+/// Resident set size of a process, in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    proc_status_field(pid, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// A number field of `/proc/PID/status` ("VmRSS:", "Threads:").
+fn proc_status_field(pid: u32, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The status of one request (0 when it failed), its body unread.
+fn status_of(port: u16, path: &str, host: &str) -> u16 {
+    let host = format!("host: {host}");
+    match exchange(port, "GET", path, &[&host], "", 200) {
+        Ok(_) => 200,
+        Err(e) => e
+            .to_string()
+            .split_once("HTTP/1.1 ")
+            .and_then(|(_, rest)| rest.get(..3)?.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+/// wrk on one connection (each request waits for the one before): the latency a single
+/// client sees. Returns (p50 ms, p99 ms, requests/s).
+fn single_client(url: &str, host: &str, duration: &str) -> Result<(f64, f64, f64)> {
+    let output = Command::new("wrk")
+        .args(["-t", "1", "-c", "1", "-d", duration, "--latency", "-H"])
+        .arg(format!("Host: {host}"))
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let output = String::from_utf8_lossy(&output.stdout);
+    Ok((
+        latency(&output, "50%").context("no p50")?,
+        latency(&output, "99%").context("no p99")?,
+        field(&output, "Requests/sec:").context("no Requests/sec")?,
+    ))
+}
+
+/// Noisy neighbours: a quiet tenant's latency alone, then while another tenant keeps its
+/// instance quota full of guests that loop until their deadline or grow their memory to
+/// the limit, with the node's CPU turns (`cpu_threads`, the default) and without them.
+fn isolation(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let data = out_dir.join("isolation-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port()?;
+    let manifest = out_dir.join("isolation.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
+             [tenants.noisy]\nhosts = [\"noisy.test\"]\nquota = {{ max_instances = {NOISY_CLIENTS}, max_memory = \"400MiB\" }}\n\n\
+             [tenants.quiet]\nhosts = [\"quiet.test\"]\n\n\
+             [components.noise]\ntenant = \"noisy\"\nsource = \"{probe}\"\nroutes = [\"/\"]\n\
+             limits = {{ deadline = \"1s\", memory = \"48MiB\" }}\n\n\
+             [components.hello]\ntenant = \"quiet\"\nsource = \"{hello}\"\nroutes = [\"/\"]\n",
+            data = data.display(),
+            probe = root.join("target/wasm/probe.wasm").display(),
+            hello = root.join("target/wasm/hello.wasm").display(),
+        ),
+    )?;
+    let node = start_trellis("trellis isolation", release, &manifest, port)?;
+    let url = format!("http://127.0.0.1:{port}/hello/bench");
+    eprintln!("== isolation: a quiet tenant next to a noisy one");
+    single_client(&url, "quiet.test", WARMUP)?;
+    let alone = single_client(&url, "quiet.test", DURATION)?;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noise: Vec<_> = (0..NOISY_CLIENTS)
+        .map(|i| {
+            let stop = stop.clone();
+            let path = if i % 2 == 0 { "/loop" } else { "/grow" };
+            std::thread::spawn(move || {
+                let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    *statuses
+                        .entry(status_of(port, path, "noisy.test"))
+                        .or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let fair = single_client(&url, "quiet.test", DURATION)?;
+    // The same neighbour with CPU turns out of the way: as many threads as it likes.
+    node.admin(
+        "PUT",
+        "/v1/tenants/noisy",
+        format!(
+            r#"{{"hosts":["noisy.test"],"quota":{{"max_instances":{NOISY_CLIENTS},"max_memory":"400MiB","cpu_threads":64}}}}"#
+        )
+        .as_bytes(),
+        200,
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let unfair = single_client(&url, "quiet.test", DURATION)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut noisy = std::collections::BTreeMap::<u16, u64>::new();
+    for thread in noise {
+        for (status, count) in thread.join().expect("a noise thread") {
+            *noisy.entry(status).or_default() += count;
+        }
+    }
+    drop(node);
+    let row = |label: &str, (p50, p99, rps): (f64, f64, f64)| {
+        format!(
+            "| {label} | {p50:.2} ms | {p99:.2} ms | {:.2}x | {rps:.0} |\n",
+            p99 / alone.1
+        )
+    };
+    let noisy_answers: Vec<String> = noisy
+        .iter()
+        .map(|(status, count)| format!("{count} x {status}"))
+        .collect();
+    Ok(format!(
+        "\n### Noisy neighbours\n\n\
+         The quiet tenant's hello, one client (wrk -t1 -c1, {DURATION} each); the noisy tenant keeps its \
+         quota of {NOISY_CLIENTS} instances full: half its clients call a guest that loops until its 1 s deadline, \
+         half one that grows its memory to its 48 MiB limit, each again as soon as it is answered \
+         ({}). Aim: the quiet p99 within 2x of alone.\n\n\
+         | quiet tenant | p50 | p99 | p99 vs alone | req/s |\n|---|---|---|---|---|\n{}{}{}",
+        noisy_answers.join(", "),
+        row("alone", alone),
+        row("noisy neighbour, CPU turns (default cpu_threads)", fair),
+        row("noisy neighbour, no CPU turns (cpu_threads = 64)", unfair),
+    ))
+}
+
+/// Clients the noisy tenant keeps busy (its instance quota).
+const NOISY_CLIENTS: usize = 6;
+
+/// Tenants the density section creates (`TRELLIS_BENCH_TENANTS` to change).
+const DENSITY_TENANTS: usize = 1000;
+
+/// A thousand tenants, each with the five shop components, created through the admin API
+/// on one node: its memory, threads and files, the time to add a tenant, the first request
+/// to a cold tenant, and requests spread across all of them.
+fn density(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let tenants: usize = std::env::var("TRELLIS_BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DENSITY_TENANTS);
+    let data = out_dir.join("density-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port()?;
+    let manifest = out_dir.join("density.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )?;
+    let node = start_trellis("trellis density", release, &manifest, port)?;
+    let pid = node.pid();
+    let at_start = rss(pid).unwrap_or(0);
+    let services = ["user", "product", "order", "payment", "notification"];
+    let code: Vec<Vec<u8>> = services
+        .iter()
+        .map(|s| std::fs::read(root.join(format!("target/wasm/{s}.wasm"))))
+        .collect::<std::io::Result<_>>()?;
+    let migrations = |s: &str| {
+        root.join(format!("components/{s}/migrations"))
+            .display()
+            .to_string()
+    };
+    let entries = [
+        format!(
+            r#"{{"routes":["/api/v1/users","/api/v1/auth"],"sql":true,"migrations":"{}","limits":{{"memory":"64MiB"}}}}"#,
+            migrations("user")
+        ),
+        format!(
+            r#"{{"routes":["/api/v1/products"],"sql":true,"migrations":"{}","limits":{{"memory":"32MiB"}}}}"#,
+            migrations("product")
+        ),
+        format!(
+            r#"{{"routes":["/api/v1/orders"],"sql":true,"migrations":"{}","outbound":["user.internal","product.internal"],"subscriptions":["payment.succeeded","payment.failed"],"publish":["order.*"],"limits":{{"memory":"32MiB"}}}}"#,
+            migrations("order")
+        ),
+        format!(
+            r#"{{"routes":["/api/v1/payments"],"sql":true,"migrations":"{}","outbound":["order.internal"],"subscriptions":["order.created","order.cancelled"],"publish":["payment.*"],"config":{{"MAX_AMOUNT_CENTS":"1000000"}},"limits":{{"memory":"32MiB"}}}}"#,
+            migrations("payment")
+        ),
+        format!(
+            r#"{{"routes":["/api/v1/notifications"],"sql":true,"migrations":"{}","subscriptions":["order.created","order.confirmed","order.cancelled","order.shipped","order.delivered","payment.failed"],"limits":{{"memory":"32MiB"}}}}"#,
+            migrations("notification")
+        ),
+    ];
+    eprintln!("== density: {tenants} tenants x 5 shop components");
+    let host = |t: usize| format!("t{t:04}.shop.test");
+    let started = Instant::now();
+    let mut per_tenant = Vec::with_capacity(tenants);
+    for t in 0..tenants {
+        let began = Instant::now();
+        node.admin(
+            "PUT",
+            &format!("/v1/tenants/t{t:04}"),
+            format!(
+                r#"{{"hosts":["{}"],"config":{{"JWT_SECRET":"density-secret-{t:04}-0123456789abcdef0123","ADMIN_EMAILS":"admin@shop.example"}}}}"#,
+                host(t)
+            )
+            .as_bytes(),
+            201,
+        )?;
+        for ((service, entry), bytes) in services.iter().zip(&entries).zip(&code) {
+            let path = format!("/v1/tenants/t{t:04}/components/{service}");
+            node.admin("PUT", &path, entry.as_bytes(), 201)?;
+            node.admin(
+                "POST",
+                &format!("{path}/versions?activate=true"),
+                bytes,
+                201,
+            )?;
+        }
+        per_tenant.push(began.elapsed().as_secs_f64() * 1000.0);
+        if (t + 1) % 100 == 0 {
+            eprintln!(
+                "   {} tenants, {:.0} s, RSS {:.0} MiB",
+                t + 1,
+                started.elapsed().as_secs_f64(),
+                mib(rss(pid).unwrap_or(0))
+            );
+        }
+    }
+    let deployed_in = started.elapsed();
+    let after_deploy = (
+        rss(pid).unwrap_or(0),
+        proc_status_field(pid, "Threads:").unwrap_or(0),
+        open_files(pid),
+    );
+    // Idle: every database connection closed (storage::IDLE_CONNECTION, 10 s, checked as often).
+    std::thread::sleep(Duration::from_secs(25));
+    let idle = (
+        rss(pid).unwrap_or(0),
+        proc_status_field(pid, "Threads:").unwrap_or(0),
+        open_files(pid),
+    );
+    // The first request to tenants nobody has called yet.
+    let mut cold = Vec::new();
+    for t in (0..tenants).step_by((tenants / 10).max(1)) {
+        let began = Instant::now();
+        let status = status_of(port, "/api/v1/products", &host(t));
+        if status != 200 {
+            bail!("GET /api/v1/products on {} answered {status}", host(t));
+        }
+        cold.push(began.elapsed().as_secs_f64() * 1000.0);
+    }
+    // Requests spread across every tenant.
+    let script = out_dir.join("density.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "request = function()\n  wrk.headers[\"Host\"] = string.format(\"t%04d.shop.test\", math.random(0, {}))\n  \
+             return wrk.format(\"GET\", \"/api/v1/products\")\nend\n",
+            tenants - 1
+        ),
+    )?;
+    let output = Command::new("wrk")
+        .args([
+            "-t",
+            THREADS,
+            "-c",
+            CONNECTIONS,
+            "-d",
+            DURATION,
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}/api/v1/products"))
+        .output()
+        .context("running wrk")?;
+    let output = String::from_utf8_lossy(&output.stdout);
+    let spread = (
+        field(&output, "Requests/sec:").context("no Requests/sec")?,
+        latency(&output, "50%").context("no p50")?,
+        latency(&output, "99%").context("no p99")?,
+        field(&output, "Non-2xx or 3xx responses:").unwrap_or(0.0),
+    );
+    let under_load = (
+        rss(pid).unwrap_or(0),
+        proc_status_field(pid, "Threads:").unwrap_or(0),
+        open_files(pid),
+    );
+    drop(node);
+    per_tenant.sort_by(f64::total_cmp);
+    cold.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    let state = |label: &str, (bytes, threads, files): (u64, u64, usize)| {
+        format!(
+            "| {label} | {:.0} MiB | {threads} | {files} |\n",
+            mib(bytes)
+        )
+    };
+    Ok(format!(
+        "\n### Density\n\n\
+         {tenants} tenants created through the admin API on one node (SQLite, in-process bus), each with \
+         its own host and the five shop components (the same bytes for every tenant, so compiled once), \
+         then left idle, then called. Aim: under 1 GiB resident.\n\n\
+         | node | RSS | threads | open files |\n|---|---|---|---|\n{}{}{}{}\n\
+         - Creating a tenant and deploying its five components (each: entry, upload, migrations, a trial \
+         instance): median {:.0} ms, p99 {:.0} ms; {tenants} tenants in {:.0} s.\n\
+         - First request to a tenant nobody had called (GET /api/v1/products, its database closed): \
+         median {:.1} ms, slowest {:.1} ms.\n\
+         - Requests spread at random over all {tenants} tenants (wrk, {CONNECTIONS} connections, {DURATION}): \
+         {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx.\n",
+        state("started, no tenants", (at_start, 0, 0)).replace("| 0 | 0 |", "| - | - |"),
+        state(&format!("{tenants} tenants deployed"), after_deploy),
+        state("idle 25 s later", idle),
+        state("after the spread load", under_load),
+        pct(&per_tenant, 0.5),
+        pct(&per_tenant, 0.99),
+        deployed_in.as_secs_f64(),
+        pct(&cold, 0.5),
+        cold.last().copied().unwrap_or(0.0),
+        spread.0,
+        spread.1,
+        spread.2,
+        spread.3,
     ))
 }
 
@@ -923,10 +1258,16 @@ fn exchange_bytes(
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+    {
+        extra.insert_str(0, "host: 127.0.0.1\r\n");
+    }
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )?;
     stream.write_all(body)?;
