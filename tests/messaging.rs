@@ -231,6 +231,7 @@ source = "{wasm:msg-probe}"
 routes = ["/"]
 keyvalue = ["default"]
 publish = ["news.>"]
+subscriptions = ["news.>"]
 
 [components.blog-listener]
 tenant = "blog"
@@ -250,8 +251,24 @@ subscriptions = [">"]
         )
         .await;
     assert_eq!(published.json(), json!({"ok": true}));
-    // The blog's catch-all subscription sees nothing of the shop's subjects.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The shop's own subscription gets it (so delivery works)...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let own = node
+            .request("GET", "/received", None, &[("host", "shop.test")])
+            .await
+            .json();
+        if own["received"] == json!(["news.today|shop-only"]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shop never got its event: {own}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the blog's catch-all subscription sees nothing of the shop's subjects.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let received = node
         .request("GET", "/received", None, &[("host", "blog.test")])
         .await

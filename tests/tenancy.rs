@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{NodeOptions, Response, TestNode, wasm};
+use common::{NodeOptions, Response, TestNode, on_both_backends, wasm};
 use serde_json::{Value, json};
 
 fn bytes_of(fixture: &str) -> Bytes {
@@ -73,12 +73,14 @@ const ONE_TENANT: &str = r#"
 hosts = ["ops.test"]
 "#;
 
-#[tokio::test]
-async fn tenants_are_created_changed_and_removed_at_runtime() {
+on_both_backends!(tenants_are_created_changed_and_removed_at_runtime);
+on_both_backends!(the_storage_quota_stops_writes_not_reads);
+
+async fn tenants_are_created_changed_and_removed_at_runtime(options: NodeOptions) {
     let data = tempfile::tempdir().unwrap();
     let options = NodeOptions {
         data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
+        ..options
     };
     let mut node = TestNode::start_with(ONE_TENANT, &options).await;
 
@@ -909,6 +911,98 @@ async fn each_quota_breach_gets_its_answer() {
         .filter(|l| l.contains("tenant quota reached") && l.contains("requests_per_second"))
         .count();
     assert_eq!(rate_lines, 1, "logged once:\n{log}");
+}
+
+const STORAGE: &str = r#"
+[tenants.small]
+hosts = ["small.test"]
+quota = { max_storage = "2MiB" }
+
+[tenants.large]
+hosts = ["large.test"]
+
+[components.small-sql]
+tenant = "small"
+source = "{wasm:sql-probe}"
+routes = ["/sql"]
+sql = true
+
+[components.large-sql]
+tenant = "large"
+source = "{wasm:sql-probe}"
+routes = ["/sql"]
+sql = true
+"#;
+
+/// Inserts 100 KiB rows into `host`'s table until an insert fails (at most `max`);
+/// answers how many passed and the last answer.
+async fn fill(node: &TestNode, host: &str, max: usize) -> (usize, Value) {
+    let blob = "x".repeat(100 * 1024);
+    let mut last = Value::Null;
+    for i in 0..max {
+        last = sql(
+            node,
+            host,
+            json!([{"execute": "INSERT INTO blobs (v) VALUES ($1)", "params": [blob]}]),
+        )
+        .await;
+        if last["results"][0]["error"].is_object() {
+            return (i, last);
+        }
+        // PostgreSQL's size is measured at most once a second.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    (max, last)
+}
+
+async fn the_storage_quota_stops_writes_not_reads(options: NodeOptions) {
+    let node = TestNode::start_with(STORAGE, &options).await;
+    for host in ["small.test", "large.test"] {
+        let created = sql(
+            &node,
+            host,
+            json!([{"execute": "CREATE TABLE blobs (v TEXT)"}]),
+        )
+        .await;
+        assert!(created["results"][0]["error"].is_null(), "{created}");
+    }
+    // The small tenant is stopped near its 2 MiB; the large one writes as much (positive
+    // control).
+    let (small, refusal) = fill(&node, "small.test", 60).await;
+    assert!(small < 60, "never refused: {refusal}");
+    let message = refusal["results"][0]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("storage quota exceeded"), "{refusal}");
+    let (large, _) = fill(&node, "large.test", small + 5).await;
+    assert_eq!(large, small + 5, "the other tenant is not limited");
+    // Reads and deletes keep working.
+    let count = sql(
+        &node,
+        "small.test",
+        json!([{"query": "SELECT count(*) FROM blobs"}]),
+    )
+    .await;
+    assert_eq!(count["results"][0]["rows"][0][0], small as i64, "{count}");
+    let deleted = sql(
+        &node,
+        "small.test",
+        json!([{"execute": "DELETE FROM blobs"}]),
+    )
+    .await;
+    assert!(deleted["results"][0]["error"].is_null(), "{deleted}");
+    let status = node.admin("GET", "/v1/tenants/small", None).await.json();
+    assert!(
+        status["usage"]["storage_bytes"].as_u64().unwrap() > 1 << 20,
+        "{status}"
+    );
+    assert!(
+        status["usage"]["rejections"]["max_storage"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{status}"
+    );
 }
 
 const NOISY: &str = r#"

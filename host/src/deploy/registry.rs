@@ -61,6 +61,18 @@ impl DeployError {
         }
     }
 
+    /// An entry refused for `problems` (each a field and its reason), all in the message.
+    pub fn with_problems(status: u16, code: &'static str, problems: Vec<Problem>) -> Self {
+        let message = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut error = Self::new(status, code, message);
+        error.problems = problems;
+        error
+    }
+
     fn not_found(tenant: &str, name: &str) -> Self {
         Self::new(
             404,
@@ -908,17 +920,7 @@ impl Registry {
         if problems.is_empty() {
             return Ok(());
         }
-        let mut error = DeployError::new(
-            422,
-            "invalid_entry",
-            problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
-        error.problems = problems;
-        Err(error)
+        Err(DeployError::with_problems(422, "invalid_entry", problems))
     }
 
     /// Takes an uploaded version. `Keep` verifies, keeps and compiles it and checks its
@@ -1367,17 +1369,7 @@ async fn fingerprint_of(spec: &ComponentSpec) -> anyhow::Result<String> {
 
 /// A change refused by the tenant's quota, with the fields that are over it.
 pub(super) fn over_quota(problems: Vec<Problem>) -> DeployError {
-    let mut error = DeployError::new(
-        422,
-        "quota_exceeded",
-        problems
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; "),
-    );
-    error.problems = problems;
-    error
+    DeployError::with_problems(422, "quota_exceeded", problems)
 }
 
 fn into_load_error(e: DeployError) -> LoadError {

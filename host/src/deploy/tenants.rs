@@ -30,10 +30,8 @@ impl From<TenantError> for DeployError {
                 "unknown_tenant",
                 format!("there is no tenant {name:?}"),
             ),
-            TenantError::Invalid(message, problems) => {
-                let mut error = DeployError::new(422, "invalid_tenant", message);
-                error.problems = problems;
-                error
+            TenantError::Invalid(problems) => {
+                DeployError::with_problems(422, "invalid_tenant", problems)
             }
         }
     }

@@ -116,6 +116,8 @@ impl Limit {
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up. Unset rate: no limit.
 pub struct TokenBucket {
+    /// Whether a rate is set at all (most tenants have none: no lock on their path).
+    limited: AtomicBool,
     state: Mutex<Bucket>,
 }
 
@@ -129,6 +131,7 @@ struct Bucket {
 impl TokenBucket {
     pub fn new(rate: Option<u32>, burst: Option<u32>) -> Self {
         let bucket = TokenBucket {
+            limited: AtomicBool::new(false),
             state: Mutex::new(Bucket {
                 rate: None,
                 burst: 0.0,
@@ -152,10 +155,14 @@ impl TokenBucket {
             state.tokens.min(burst)
         };
         state.burst = burst;
+        self.limited.store(rate.is_some(), Ordering::Release);
     }
 
     /// Takes a token, or says how long until one is there.
     pub fn take(&self) -> Result<(), Duration> {
+        if !self.limited.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut state = self.state.lock().expect("bucket lock");
         let Some(rate) = state.rate else {
             return Ok(());
@@ -353,8 +360,8 @@ pub struct Tenants {
 pub enum TenantError {
     #[error("there is no tenant {0:?}")]
     Unknown(String),
-    #[error("{0}")]
-    Invalid(String, Vec<crate::manifest::Problem>),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<crate::manifest::Problem>),
 }
 
 impl Tenants {
@@ -436,12 +443,7 @@ impl Tenants {
             }
         }
         if !problems.is_empty() {
-            let message = problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(TenantError::Invalid(message, problems));
+            return Err(TenantError::Invalid(problems));
         }
         if let Some(tenant) = current.get(name) {
             let quota = self.effective(&spec);

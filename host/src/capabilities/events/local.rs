@@ -429,6 +429,9 @@ impl EventLog for LocalLog {
     }
 }
 
+/// How long an idle consumer waits before it looks at the queue again unwoken.
+const IDLE_RECHECK_MS: i64 = 30_000;
+
 /// Hands a consumer's due deliveries out, oldest first, until its receiver is gone.
 async fn fetcher(
     inner: Arc<Inner>,
@@ -469,9 +472,12 @@ async fn fetcher(
             .await
             .ok()
             .and_then(|row| row.get(0));
+            // Every write that makes a delivery due wakes its consumer, so an idle one
+            // waits for that (or its next retry) and only looks again now and then as a
+            // safety net: a node with thousands of idle consumers must not poll them.
             let wait = next_due
-                .map(|due| Duration::from_millis((due - now).clamp(1, 1000) as u64))
-                .unwrap_or(Duration::from_secs(1));
+                .map(|due| Duration::from_millis((due - now).clamp(1, IDLE_RECHECK_MS) as u64))
+                .unwrap_or(Duration::from_millis(IDLE_RECHECK_MS as u64));
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
