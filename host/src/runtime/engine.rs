@@ -17,9 +17,12 @@ use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
-/// How often the epoch advances. A guest stuck in a loop yields to the executor this often,
-/// and request deadlines are enforced to this granularity.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How often the epoch advances. A guest stuck in a loop yields to the executor this often
+/// (and queues for its tenant's CPU turn), and request deadlines are enforced to this
+/// granularity. It bounds how long a looping guest can hold a worker thread that another
+/// tenant's request is waiting for: at 10 ms a quiet tenant's p99 went from 1.5 ms to 17 ms
+/// beside a looping neighbour (BENCHMARKS.md, "Noisy neighbours").
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Unused pool slots kept warm (reset, up to 4 MiB resident each) for the next instances.
 pub const WARM_SLOTS: u32 = 32;

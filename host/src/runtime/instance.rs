@@ -208,6 +208,13 @@ pub struct MemoryLimiter {
 /// Tables hold function references; no real guest needs more than this many entries.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+impl MemoryLimiter {
+    /// Bytes of linear memory the instance holds.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+}
+
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,

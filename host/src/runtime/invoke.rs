@@ -380,7 +380,21 @@ pub async fn message(
     if let Err(failure) = &outcome {
         failure.record(version, metrics);
     }
+    retire(store);
     outcome
+}
+
+/// Linear memory past which an instance is torn down on a blocking thread.
+const LARGE_INSTANCE: u64 = 16 << 20;
+
+/// Ends an instance. Giving a large one's memory back to the system (madvise over tens of
+/// MiB) takes milliseconds in the kernel; done on an async worker it would hold up every
+/// task queued there, another tenant's requests among them. Small instances (the common
+/// case) end in place: a thread hop would cost more than their teardown.
+fn retire(store: Store<InstanceState>) {
+    if store.data().limiter.reserved() >= LARGE_INSTANCE {
+        tokio::task::spawn_blocking(move || drop(store));
+    }
 }
 
 /// Serves one HTTP request with `version`: checks the declared body size (413), takes a
@@ -564,6 +578,7 @@ where
             if let Err(failure) = &outcome {
                 failure.record(&instance, &instance_metrics);
             }
+            retire(store);
             outcome
         });
 
