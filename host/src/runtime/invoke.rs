@@ -384,16 +384,45 @@ pub async fn message(
     outcome
 }
 
-/// Linear memory past which an instance is torn down on a blocking thread.
+/// Linear memory past which an instance is torn down by the reaper thread.
 const LARGE_INSTANCE: u64 = 16 << 20;
 
 /// Ends an instance. Giving a large one's memory back to the system (madvise over tens of
-/// MiB) takes milliseconds in the kernel; done on an async worker it would hold up every
-/// task queued there, another tenant's requests among them. Small instances (the common
-/// case) end in place: a thread hop would cost more than their teardown.
+/// MiB) takes milliseconds in the kernel: done on an async worker it would hold up every
+/// task queued there, another tenant's requests among them, so it goes to a thread of
+/// its own at the lowest CPU priority (its memory stays counted in the budgets until
+/// then). Small instances (the common case) end in place: a thread hop would cost more
+/// than their teardown.
 fn retire(store: Store<InstanceState>) {
-    if store.data().limiter.reserved() >= LARGE_INSTANCE {
-        tokio::task::spawn_blocking(move || drop(store));
+    if store.data().limiter.reserved() < LARGE_INSTANCE {
+        return;
+    }
+    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Store<InstanceState>>>> =
+        std::sync::OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (sender, stores) = std::sync::mpsc::channel::<Store<InstanceState>>();
+        std::thread::Builder::new()
+            .name("trellis-reaper".into())
+            .spawn(move || {
+                // SAFETY: setpriority on the calling thread (who = 0) only.
+                #[cfg(target_os = "linux")]
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                for store in stores {
+                    drop(store);
+                }
+            })
+            .ok()
+            .map(|_| sender)
+    });
+    match reaper {
+        Some(sender) => {
+            if let Err(std::sync::mpsc::SendError(store)) = sender.send(store) {
+                drop(store);
+            }
+        }
+        None => drop(store),
     }
 }
 
