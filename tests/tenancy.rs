@@ -314,6 +314,32 @@ async fn a_tenant_token_manages_only_its_tenant() {
         "the operator sees the blog's series"
     );
 
+    // What only the operator may grant: host directories, migration folders, calls to
+    // the node's own machine.
+    let hello_path = "/v1/tenants/shop/components/hello";
+    for entry in [
+        json!({"routes": ["/"], "dirs": {"/host": {"host": "/"}}}),
+        json!({"routes": ["/"], "sql": true, "migrations": "/tmp"}),
+        json!({"routes": ["/"], "outbound": ["127.0.0.1:8081"]}),
+        json!({"routes": ["/"], "outbound": ["localhost"]}),
+        json!({"routes": ["/"], "outbound": ["169.254.169.254"]}),
+    ] {
+        let refused = node
+            .admin_with("PUT", hello_path, body(entry.clone()), &as_shop)
+            .await;
+        let refused = expect(refused, 403, &format!("granting {entry}")).await;
+        assert_eq!(refused["error"], "forbidden");
+    }
+    let allowed = node
+        .admin_with(
+            "PUT",
+            hello_path,
+            body(json!({"routes": ["/"], "outbound": ["api.example.com"]})),
+            &as_shop,
+        )
+        .await;
+    expect(allowed, 200, "a public outbound host").await;
+
     // Anything else: 403.
     for (method, path, payload) in [
         ("GET", "/v1/tenants/blog", None),
@@ -844,6 +870,25 @@ async fn each_quota_breach_gets_its_answer() {
         code_refusal.to_string().contains("max_code_size"),
         "{code_refusal}"
     );
+    // Kept for later, then activated: refused at the activation.
+    let kept = node
+        .admin(
+            "POST",
+            "/v1/tenants/tight/components/probe/versions",
+            Some(bytes_of("user")),
+        )
+        .await;
+    let kept = expect(kept, 201, "keeping a version").await;
+    assert_eq!(kept["state"], "uploaded");
+    let activated = node
+        .admin(
+            "POST",
+            "/v1/tenants/tight/components/probe/activate",
+            body(json!({"version": kept["version"]})),
+        )
+        .await;
+    let activated = expect(activated, 422, "activating past the code quota").await;
+    assert_eq!(activated["error"], "quota_exceeded");
     // Components: six at most (created ones waiting for code count too).
     let mut count_refusal = None;
     for i in 0..6 {
@@ -985,6 +1030,20 @@ async fn the_storage_quota_stops_writes_not_reads(options: NodeOptions) {
     assert!(message.contains("storage quota exceeded"), "{refusal}");
     let (large, _) = fill(&node, "large.test", small + 5).await;
     assert_eq!(large, small + 5, "the other tenant is not limited");
+    // Another statement behind a read or a delete is a write too.
+    for sneaky in [
+        "SELECT 1; INSERT INTO blobs (v) VALUES ('x')",
+        "DELETE FROM blobs WHERE 0; INSERT INTO blobs (v) VALUES ('x')",
+    ] {
+        let refused = sql(&node, "small.test", json!([{"execute": sneaky}])).await;
+        assert!(
+            refused["results"][0]["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("storage quota exceeded"),
+            "{sneaky}: {refused}"
+        );
+    }
     // Reads and deletes keep working.
     let count = sql(
         &node,

@@ -145,7 +145,7 @@ async fn route(
         (&Method::GET, ["v1", "tenants", tenant, "components"]) => list(registry, tenant),
         (_, ["v1", "tenants", tenant, "components", name, rest @ ..]) => {
             let (tenant, name) = (tenant.to_string(), name.to_string());
-            component(registry, method, &tenant, &name, rest, request).await
+            component(registry, caller, method, &tenant, &name, rest, request).await
         }
         _ => Err(DeployError::new(
             404,
@@ -238,8 +238,58 @@ async fn read_json_or_empty<T: serde::de::DeserializeOwned + Default>(
     parse_json(&bytes)
 }
 
+/// What only the operator may grant: host directories and migration folders (paths on
+/// the node's machine), and outbound calls to the node's own machine or private networks
+/// by address. A tenant token's entries are refused for them (403).
+fn tenant_may_grant(spec: &ComponentSpec) -> Result<(), DeployError> {
+    let forbidden = |what: String| {
+        Err(DeployError::new(
+            403,
+            "forbidden",
+            format!("{what}: only the operator's token may grant that"),
+        ))
+    };
+    if !spec.dirs.is_empty() {
+        return forbidden("dirs names directories of the node's machine".into());
+    }
+    if spec.migrations.is_some() {
+        return forbidden("migrations names a directory of the node's machine".into());
+    }
+    for host in &spec.outbound {
+        let name = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.parse::<u16>().is_ok())
+            .map_or(host.as_str(), |(name, _)| name)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let private = match name.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => {
+                ip.is_loopback()
+                    || ip.is_private()
+                    || ip.is_link_local()
+                    || ip.is_unspecified()
+                    || ip.is_broadcast()
+            }
+            Ok(std::net::IpAddr::V6(ip)) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip.is_unique_local()
+                    || ip.is_unicast_link_local()
+            }
+            Err(_) => name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost"),
+        };
+        if private {
+            return forbidden(format!(
+                "outbound {host:?} is the node's own machine or a private network"
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn component(
     registry: &Registry,
+    caller: &Caller,
     method: &Method,
     tenant: &str,
     name: &str,
@@ -253,6 +303,9 @@ async fn component(
             let version = param(&params, "version").map(str::to_string);
             let action = action_from(&params, UploadAction::Activate)?;
             let spec: ComponentSpec = read_json(request).await?;
+            if matches!(caller, Caller::Tenant(_)) {
+                tenant_may_grant(&spec)?;
+            }
             let created = registry
                 .put_spec(tenant, name, spec, version.as_deref(), action)
                 .await?;

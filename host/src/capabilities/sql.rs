@@ -230,16 +230,21 @@ async fn wrote(meter: Option<Arc<StorageMeter>>) {
     }
 }
 
-/// Whether a statement only reads: it starts with SELECT (a `WITH` may hide a write).
+/// Whether a statement only reads: one statement starting with SELECT (a `WITH` may hide a
+/// write, and SQLite runs every statement of a string, so `SELECT 1; INSERT ...` is not
+/// a read; a `;` inside a string literal only makes a read count as a write).
 fn is_read_only(statement: &str) -> bool {
     starts_with_keyword(statement, "select")
 }
 
+/// Whether `statement` is one statement starting with `keyword`.
 fn starts_with_keyword(statement: &str, keyword: &str) -> bool {
-    statement
-        .trim_start()
-        .get(..keyword.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(keyword))
+    let single = !statement.trim_end().trim_end_matches(';').contains(';');
+    single
+        && statement
+            .trim_start()
+            .get(..keyword.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(keyword))
 }
 
 impl wit::HostTransaction for Sql<'_> {
@@ -263,10 +268,14 @@ impl wit::HostTransaction for Sql<'_> {
         params: Vec<Value>,
     ) -> Result<u64, SqlError> {
         self.may_run(&statement)?;
-        match self.table.get_mut(&this)? {
+        let meter = self.meter();
+        let changed = match self.table.get_mut(&this)? {
             Transaction::Sqlite(tx, _) => sqlite::execute(&mut **tx, statement, &params).await,
             Transaction::Postgres(tx) => postgres::execute(&mut **tx, statement, &params).await,
-        }
+        }?;
+        // Measured as it goes (what a transaction spilled to disk), not only at commit.
+        wrote(meter).await;
+        Ok(changed)
     }
 
     async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {

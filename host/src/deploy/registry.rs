@@ -470,7 +470,10 @@ impl Registry {
         // live traffic, so a deploy cannot make a busy component answer 503.
         // Not counted in the component's in-flight gauge: no call is being served.
         let scratch = Admission::new(1, None, Default::default());
-        let permit = scratch.admit().await;
+        let permit = scratch
+            .admit()
+            .await
+            .expect("an admission without a tenant always admits");
         invoke::check(&version, &permit)
             .await
             .map_err(|failure| match failure {
@@ -884,6 +887,11 @@ impl Registry {
             Some(digest) => self.known_digest(&slot, digest)?,
             None => current.active.digest.to_string(),
         };
+        let size = match action {
+            UploadAction::Canary(_) => slot.size_of(&current.active.digest) + slot.size_of(&digest),
+            _ => slot.size_of(&digest),
+        };
+        self.check_code_size(&owner, name, size)?;
         let new = self.build(tenant, name, &digest, None, &spec).await?;
         match action {
             UploadAction::Canary(policy) => self.start_canary_locked(&slot, new, policy)?,
@@ -959,10 +967,11 @@ impl Registry {
         }
         let _change = self.changes.lock().await;
         let owner = self.tenant(tenant)?;
-        if !matches!(action, UploadAction::Keep) {
+        let slot = self.slot(tenant, name);
+        // A first version serves at once, whatever the action says.
+        if slot.is_none() || !matches!(action, UploadAction::Keep) {
             self.check_code_size(&owner, name, size)?;
         }
-        let slot = self.slot(tenant, name);
         let pending = self
             .pending
             .lock()
@@ -1131,6 +1140,7 @@ impl Registry {
         let _change = self.changes.lock().await;
         let slot = self.existing(tenant, name)?;
         let version = self.version_of(&slot, digest).await?;
+        self.check_code_size(&slot.owner, name, slot.size_of(&version.digest))?;
         self.activate_locked(&slot, version.clone(), "activated", None)
             .await?;
         self.persist(&slot).await;
@@ -1201,6 +1211,8 @@ impl Registry {
             return Err(DeployError::new(422, "invalid_canary", problem));
         }
         let version = self.version_of(&slot, digest).await?;
+        let both = slot.size_of(&slot.active().digest) + slot.size_of(&version.digest);
+        self.check_code_size(&slot.owner, name, both)?;
         self.start_canary_locked(&slot, version.clone(), policy)?;
         self.persist(&slot).await;
         Ok(version)

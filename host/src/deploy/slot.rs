@@ -188,6 +188,17 @@ impl Slot {
         meta.events = events.into();
     }
 
+    /// The size of uploaded code `digest` (0 when unknown).
+    pub fn size_of(&self, digest: &str) -> u64 {
+        self.meta
+            .lock()
+            .expect("slot lock")
+            .known
+            .iter()
+            .find(|k| k.digest == digest)
+            .map_or(0, |k| k.size)
+    }
+
     /// Bytes of the code it runs: the active version's, and a canary's.
     pub fn code_size(&self) -> u64 {
         let versions = self.versions();
@@ -335,7 +346,8 @@ impl Slot {
                         | Failure::TenantOverloaded { .. }
                         | Failure::PoolExhausted
                         | Failure::NodeMemory
-                        | Failure::TenantMemory,
+                        | Failure::TenantMemory
+                        | Failure::TenantRemoved,
                     ) => return,
                     Some(_) => true,
                     None => end.status >= 500,
@@ -575,7 +587,8 @@ impl Slot {
                     | Failure::TenantOverloaded { .. }
                     | Failure::PoolExhausted
                     | Failure::NodeMemory
-                    | Failure::TenantMemory)
+                    | Failure::TenantMemory
+                    | Failure::TenantRemoved)
             )
         {
             self.judge(canary, outcome.is_err());
@@ -807,7 +820,9 @@ async fn forward(
         let Some(message) = message else { break };
         // The permit comes before instantiation, as for HTTP; a message waits for a
         // slot (backpressure) rather than being refused.
-        let permit = slot.admission.admit().await;
+        let Some(permit) = slot.admission.admit().await else {
+            break; // the tenant was removed
+        };
         let slot = slot.clone();
         tokio::spawn(async move { slot.deliver(permit, message).await });
     }
@@ -830,7 +845,10 @@ async fn forward_events(
         let permit = tokio::select! {
             biased;
             _ = stopped.wait_for(|s| *s) => return,
-            permit = slot.admission.admit() => permit,
+            permit = slot.admission.admit() => match permit {
+                Some(permit) => permit,
+                None => return, // the tenant was removed: the log keeps the event
+            },
         };
         let slot = slot.clone();
         tokio::spawn(async move { slot.deliver_event(permit, delivery).await });

@@ -138,6 +138,12 @@ impl Registry {
         }
         self.tenants.remove(name)?;
         self.rebuild_table(None, None);
+        // Taken before the slots go (removing a slot forgets its database).
+        let databases: Vec<_> = {
+            let mut open = self.databases.lock().await;
+            let keys: Vec<_> = open.keys().filter(|(t, _)| t == name).cloned().collect();
+            keys.into_iter().filter_map(|k| open.remove(&k)).collect()
+        };
         for slot in self.slots().into_iter().filter(|s| &*s.tenant == name) {
             self.remove_locked(&slot).await;
         }
@@ -146,11 +152,6 @@ impl Registry {
             .expect("pending lock")
             .retain(|(t, _), _| t != name);
         self.tokens.revoke_all(name);
-        let databases: Vec<_> = {
-            let mut open = self.databases.lock().await;
-            let keys: Vec<_> = open.keys().filter(|(t, _)| t == name).cloned().collect();
-            keys.into_iter().filter_map(|k| open.remove(&k)).collect()
-        };
         if let Some(state) = &self.state
             && let Err(e) = state.remove_tenant(name).await
         {

@@ -111,6 +111,9 @@ impl Admission {
 
     /// A permit now, or the failure to answer at once (HTTP: 503, never a wait).
     pub fn try_admit(&self) -> Result<Permit, Failure> {
+        if self.tenant.as_ref().is_some_and(|t| t.is_removed()) {
+            return Err(Failure::TenantRemoved);
+        }
         let component = self.component.try_take().ok_or(Failure::Overloaded {
             limit: self.component.size(),
         })?;
@@ -128,14 +131,19 @@ impl Admission {
         Ok(self.permit(component, tenant))
     }
 
-    /// Waits for a permit (message delivery: backpressure, not refusal).
-    pub async fn admit(&self) -> Permit {
-        let component = self.component.take().await;
+    /// Waits for a permit (message delivery: backpressure, not refusal); `None` once the
+    /// tenant is removed. The tenant's permit comes first, so that a delivery waiting
+    /// for it does not hold one of the component's (and narrow its HTTP capacity).
+    pub async fn admit(&self) -> Option<Permit> {
         let tenant = match &self.tenant {
             Some(tenant) => Some(tenant.instances.take().await),
             None => None,
         };
-        self.permit(component, tenant)
+        let component = self.component.take().await;
+        if self.tenant.as_ref().is_some_and(|t| t.is_removed()) {
+            return None;
+        }
+        Some(self.permit(component, tenant))
     }
 
     fn permit(
@@ -173,6 +181,8 @@ pub enum Failure {
     NodeMemory,
     /// The tenant's memory budget (`quota.max_memory`) had no room for the growth.
     TenantMemory,
+    /// The tenant was removed after the call was routed.
+    TenantRemoved,
     /// The guest trapped (a panic, `unreachable`, ...).
     Trap(String),
     /// The guest returned an error of its own (a message handler's `Err`).
@@ -216,6 +226,7 @@ impl Failure {
             Failure::TenantMemory => {
                 metrics.admission_rejections.inc();
             }
+            Failure::TenantRemoved => {}
             Failure::Deadline(deadline) => {
                 metrics.deadline_kills.inc();
                 tracing::warn!(
@@ -273,6 +284,11 @@ impl Failure {
             Failure::TenantMemory => {
                 return overloaded("the tenant is at its memory quota", name);
             }
+            Failure::TenantRemoved => (
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "the tenant was removed".to_string(),
+            ),
             Failure::PoolExhausted => {
                 return overloaded("the node is at its instance limit", name);
             }
@@ -319,6 +335,7 @@ impl std::fmt::Display for Failure {
                 write!(f, "the tenant is at its quota of {limit} instances")
             }
             Failure::TenantMemory => write!(f, "the tenant is at its memory quota"),
+            Failure::TenantRemoved => write!(f, "the tenant was removed"),
             Failure::PoolExhausted => write!(f, "the node is at its instance limit"),
             Failure::NodeMemory => write!(f, "the node is at its memory budget"),
             Failure::Deadline(deadline) => write!(f, "ran past its deadline of {deadline:?}"),
@@ -394,6 +411,8 @@ const LARGE_INSTANCE: u64 = 16 << 20;
 /// then). Small instances (the common case) end in place: a thread hop would cost more
 /// than their teardown.
 fn retire(store: Store<InstanceState>) {
+    // The guest is done: its tenant's CPU turn is free now, not when the store goes.
+    store.data().cpu_turn.give_back();
     if store.data().limiter.reserved() < LARGE_INSTANCE {
         return;
     }

@@ -280,7 +280,7 @@ impl Version {
             ))
         });
         store.call_hook(|store, hook| {
-            if matches!(hook, CallHook::CallingHost) {
+            if matches!(hook, CallHook::CallingHost | CallHook::ReturningFromWasm) {
                 store.data().cpu_turn.give_back();
             }
             Ok(())

@@ -203,7 +203,12 @@ impl Storage {
                 .fetch_all(admin)
                 .await
                 .context("listing the tenant's schemas")?;
-                for (schema,) in schemas {
+                // Component names never start with '-', so their part of a schema name
+                // never starts with '_': what does belongs to a tenant named "NAME-...".
+                let ours = schemas
+                    .into_iter()
+                    .filter(|(schema,)| !schema[prefix.len()..].starts_with('_'));
+                for (schema,) in ours {
                     for sql in [
                         format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
                         format!("DROP ROLE IF EXISTS \"{schema}\""),
