@@ -83,7 +83,7 @@ async fn route(
             .tenants
             .get(tenant)
             .map(|t| json(StatusCode::OK, tenant_status(registry, &t)))
-            .ok_or_else(|| unknown_tenant(tenant)),
+            .ok_or_else(|| DeployError::unknown_tenant(tenant)),
         (&Method::PUT, ["v1", "tenants", tenant]) => {
             let tenant = tenant.to_string();
             let spec: TenantSpec = read_json(request).await?;
@@ -120,7 +120,7 @@ async fn route(
                     serde_json::json!({"tokens": registry.tokens.of(tenant).iter().map(|r| serde_json::json!({"id": r.id, "created_at": r.created_at, "label": r.label})).collect::<Vec<_>>()}),
                 ))
             } else {
-                Err(unknown_tenant(tenant))
+                Err(DeployError::unknown_tenant(tenant))
             }
         }
         (&Method::POST, ["v1", "tenants", tenant, "tokens"]) => {
@@ -180,14 +180,6 @@ fn allowed(caller: &Caller, method: &Method, segments: &[&str]) -> Result<(), De
     }
 }
 
-fn unknown_tenant(tenant: &str) -> DeployError {
-    DeployError::new(
-        404,
-        "unknown_tenant",
-        format!("there is no tenant {tenant:?}"),
-    )
-}
-
 fn no_content() -> Response<ResponseBody> {
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -196,12 +188,13 @@ fn no_content() -> Response<ResponseBody> {
 
 fn tenant_status(registry: &Registry, tenant: &Tenant) -> serde_json::Value {
     let mut status = tenant.status();
-    let mut components: Vec<String> = registry
+    let slots: Vec<_> = registry
         .slots()
-        .iter()
+        .into_iter()
         .filter(|s| s.tenant == tenant.name)
-        .map(|s| s.name.to_string())
         .collect();
+    let code_bytes: u64 = slots.iter().map(|s| s.code_size()).sum();
+    let mut components: Vec<String> = slots.iter().map(|s| s.name.to_string()).collect();
     components.extend(
         registry
             .pending()
@@ -210,13 +203,7 @@ fn tenant_status(registry: &Registry, tenant: &Tenant) -> serde_json::Value {
             .map(|(_, n, _)| n),
     );
     status["usage"]["components"] = components.len().into();
-    status["usage"]["code_bytes"] = registry
-        .slots()
-        .iter()
-        .filter(|s| s.tenant == tenant.name)
-        .map(|s| s.code_size())
-        .sum::<u64>()
-        .into();
+    status["usage"]["code_bytes"] = code_bytes.into();
     status["components"] = components.into();
     status
 }
@@ -614,11 +601,7 @@ fn status(registry: &Registry) -> Response<ResponseBody> {
 
 fn list(registry: &Registry, tenant: &str) -> Result<Response<ResponseBody>, DeployError> {
     if !registry.tenant_exists(tenant) {
-        return Err(DeployError::new(
-            404,
-            "unknown_tenant",
-            format!("there is no tenant {tenant:?}"),
-        ));
+        return Err(DeployError::unknown_tenant(tenant));
     }
     let mut components: Vec<serde_json::Value> = registry
         .slots()

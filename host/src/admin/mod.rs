@@ -1,7 +1,8 @@
 //! The admin API, on its own listener (`node.admin_listen`, default `127.0.0.1:8081`),
 //! never on the gateway: JSON in and out, every call authenticated ([`auth`]) with the
 //! node's operator token, which may do everything, or a tenant token, which may manage
-//! its own tenant's components and read its own status and metrics (anything else: 403). It serves `/metrics` and the deployment calls of [`api`]; the CLI's
+//! its own tenant's components and read its own status and metrics (anything else:
+//! 403). It serves `/metrics` and the deployment calls of [`api`]; the CLI's
 //! side of it is [`client`]. `docs/admin-api.openapi.json` describes every endpoint.
 
 pub mod api;

@@ -83,20 +83,12 @@ pub struct MessagingGrant {
     pub bus: Arc<dyn MessageBus>,
     pub events: Arc<dyn EventLog>,
     pub tenant: Arc<str>,
-    /// The tenant's quotas (publish rate); none in the node's own uses.
-    pub owner: Option<Arc<crate::tenancy::Tenant>>,
+    /// The tenant's quotas (its publish rate).
+    pub owner: Arc<crate::tenancy::Tenant>,
     pub publish: Vec<String>,
 }
 
 impl MessagingGrant {
-    /// Whether the tenant's publish rate (`quota.publish_per_second`) allows one more.
-    fn admit_publish(&self) -> Result<(), String> {
-        match &self.owner {
-            Some(owner) => owner.admit_publish(),
-            None => Ok(()),
-        }
-    }
-
     /// The bus subject for a guest subject, if the guest may send there.
     fn outgoing_subject(&self, subject: &str) -> Result<String, String> {
         if subject.starts_with(INBOX_PREFIX) {
@@ -167,7 +159,7 @@ impl consumer::Host for Messaging<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
-        if let Err(refused) = grant.admit_publish() {
+        if let Err(refused) = grant.owner.admit_publish() {
             return Ok(Err(refused));
         }
         let reply = grant
@@ -198,7 +190,7 @@ impl consumer::Host for Messaging<'_> {
         };
         // Replies are the requester's traffic; everything else counts against the quota.
         if !msg.subject.starts_with(INBOX_PREFIX)
-            && let Err(refused) = grant.admit_publish()
+            && let Err(refused) = grant.owner.admit_publish()
         {
             return Ok(Err(refused));
         }

@@ -32,14 +32,9 @@ struct HostRule {
 pub struct OutboundPolicy {
     rules: Arc<[HostRule]>,
     internal: Option<InternalCalls>,
-    quota: Option<OutboundQuota>,
+    /// The tenant whose `quota.max_outbound_per_request` caps `sent`.
+    owner: Option<Arc<crate::tenancy::Tenant>>,
     sent: u32,
-}
-
-/// The tenant's cap on calls per instance, read when the instance starts.
-#[derive(Clone)]
-pub struct OutboundQuota {
-    pub owner: Arc<crate::tenancy::Tenant>,
 }
 
 /// Any error a body may end with.
@@ -99,14 +94,14 @@ impl OutboundPolicy {
         Self {
             rules,
             internal,
-            quota: None,
+            owner: None,
             sent: 0,
         }
     }
 
     /// The same policy, with calls counted against `owner`'s quota.
     pub fn with_quota(mut self, owner: Arc<crate::tenancy::Tenant>) -> Self {
-        self.quota = Some(OutboundQuota { owner });
+        self.owner = Some(owner);
         self
     }
 
@@ -121,17 +116,15 @@ impl OutboundPolicy {
     /// Counts a call; refuses it past the tenant's quota.
     fn count_call(&mut self) -> Result<(), Error> {
         self.sent += 1;
-        let Some(quota) = &self.quota else {
+        let Some(owner) = &self.owner else {
             return Ok(());
         };
-        match quota.owner.quota().max_outbound_per_request {
+        match owner.quota().max_outbound_per_request {
             Some(max) if self.sent > max => {
                 let message = format!(
                     "the tenant's quota of {max} outbound requests per request is used up (quota.max_outbound_per_request)"
                 );
-                quota
-                    .owner
-                    .breach(crate::tenancy::quota::OUTBOUND, &message);
+                owner.breach(crate::tenancy::quota::OUTBOUND, &message);
                 Err(Error::InternalError(Some(message)))
             }
             _ => Ok(()),

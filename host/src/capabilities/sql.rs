@@ -174,7 +174,7 @@ impl wit::Host for Sql<'_> {
         let rows = match self.database()? {
             // `INSERT/UPDATE/DELETE ... RETURNING` writes through `query`: it waits for the
             // write turn too. Plain reads never wait (WAL readers do not block writers).
-            ComponentDatabase::Sqlite(db) if !is_read_only(&statement) => {
+            ComponentDatabase::Sqlite(db) if !read_only => {
                 let _turn = write_turn(&db).await?;
                 sqlite::query(&db.pool, statement, &params).await
             }

@@ -73,6 +73,14 @@ impl DeployError {
         error
     }
 
+    pub fn unknown_tenant(tenant: &str) -> Self {
+        Self::new(
+            404,
+            "unknown_tenant",
+            format!("there is no tenant {tenant:?}"),
+        )
+    }
+
     fn not_found(tenant: &str, name: &str) -> Self {
         Self::new(
             404,
@@ -254,13 +262,9 @@ impl Registry {
     }
 
     fn tenant(&self, tenant: &str) -> Result<Arc<Tenant>, DeployError> {
-        self.tenants.get(tenant).ok_or_else(|| {
-            DeployError::new(
-                404,
-                "unknown_tenant",
-                format!("there is no tenant {tenant:?}"),
-            )
-        })
+        self.tenants
+            .get(tenant)
+            .ok_or_else(|| DeployError::unknown_tenant(tenant))
     }
 
     /// Components created through the API that have no version yet.

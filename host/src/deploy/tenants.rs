@@ -25,11 +25,7 @@ pub enum TenantData {
 impl From<TenantError> for DeployError {
     fn from(e: TenantError) -> Self {
         match e {
-            TenantError::Unknown(name) => DeployError::new(
-                404,
-                "unknown_tenant",
-                format!("there is no tenant {name:?}"),
-            ),
+            TenantError::Unknown(name) => DeployError::unknown_tenant(&name),
             TenantError::Invalid(problems) => {
                 DeployError::with_problems(422, "invalid_tenant", problems)
             }

@@ -470,13 +470,9 @@ impl LoadedManifest {
     }
 
     pub fn tenants(&self) -> Vec<(String, Vec<String>)> {
-        if self.manifest.tenants.is_empty() {
-            return vec![(DEFAULT_TENANT.to_string(), vec!["*".to_string()])];
-        }
-        self.manifest
-            .tenants
-            .iter()
-            .map(|(name, spec)| (name.clone(), spec.hosts.clone()))
+        self.tenant_specs()
+            .into_iter()
+            .map(|(name, spec)| (name, spec.hosts))
             .collect()
     }
 }

@@ -205,7 +205,7 @@ impl Version {
                 bus: services.bus,
                 events: services.events,
                 tenant: tenant.clone(),
-                owner: Some(services.owner),
+                owner: services.owner,
                 publish: spec.publish.clone(),
             }),
         };

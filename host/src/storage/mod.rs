@@ -195,7 +195,7 @@ impl Storage {
                 }
             }
             Storage::Postgres { admin, .. } => {
-                let prefix = format!("trellis_{}__", tenant.replace('-', "_"));
+                let prefix = schema_name(tenant, "");
                 let schemas: Vec<(String,)> = sqlx::query_as(
                     "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)",
                 )
@@ -417,8 +417,9 @@ impl StorageUsage {
 }
 
 /// Keeps one database's share of its tenant's [`StorageUsage`] current. Writes check the
-/// tenant's quota before they start and re-measure after; measuring is a `stat` on
-/// SQLite and a query on PostgreSQL, so there it is done at most once a second.
+/// tenant's quota before they start and re-measure after: after every write on SQLite (a
+/// `stat`) when the tenant has a storage quota, else (and always on PostgreSQL, where it
+/// is a query) at most once a second.
 pub struct StorageMeter {
     database: ComponentDatabase,
     key: String,
@@ -449,9 +450,11 @@ impl StorageMeter {
     }
 
     async fn measure(&self, now: bool) {
+        // Every write when a quota depends on it (a stat on SQLite); otherwise, and on
+        // PostgreSQL (a query), at most once a second, for status and metrics.
         let every = match self.database {
-            ComponentDatabase::Sqlite(_) => Duration::ZERO,
-            ComponentDatabase::Postgres(_) => Duration::from_secs(1),
+            ComponentDatabase::Sqlite(_) if self.usage.limit() != u64::MAX => Duration::ZERO,
+            _ => Duration::from_secs(1),
         };
         {
             let mut measured = self.measured.lock().expect("meter lock");
