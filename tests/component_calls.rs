@@ -106,3 +106,61 @@ async fn calls_need_a_grant_and_stay_inside_the_tenant() {
         "{ghost}"
     );
 }
+
+#[tokio::test]
+async fn a_body_streams_to_a_sibling_and_back_while_it_is_written() {
+    let node = TestNode::start(
+        r#"
+[components.caller]
+source = "{wasm:probe}"
+routes = ["/caller"]
+outbound = ["echo.internal", "small.internal"]
+limits = { deadline = "20s" }
+
+[components.echo]
+source = "{wasm:probe}"
+routes = ["/echo"]
+limits = { max_body = "16MiB", deadline = "20s" }
+
+[components.small]
+source = "{wasm:probe}"
+routes = ["/small"]
+limits = { max_body = "64KiB", deadline = "20s" }
+"#,
+    )
+    .await;
+    // The caller waits for the echo's response head before writing, then writes 4 MiB
+    // while reading: with a body held back until complete this would hang to 504.
+    let total = 4 * 1024 * 1024;
+    let reply = node
+        .get(&format!(
+            "/caller/duplex?url=http://echo.internal/echo/echo&bytes={total}"
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, node.log());
+    let report = reply.json();
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["sent"], total, "{report}");
+    assert_eq!(report["received"], total, "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["read_error"], serde_json::Value::Null, "{report}");
+    assert!(
+        report["read_while_writing"].as_u64().unwrap() > 0,
+        "the echo should come back while the body is still being written: {report}"
+    );
+
+    // The callee's max_body holds on a streamed body: the echo stops where it passes.
+    let reply = node
+        .get("/caller/duplex?url=http://small.internal/small/echo&bytes=1048576")
+        .await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, node.log());
+    let report = reply.json();
+    assert!(
+        report["received"].as_u64().unwrap() <= 64 * 1024,
+        "nothing past the limit comes back: {report}"
+    );
+    assert!(
+        !report["read_error"].is_null() || !report["write_error"].is_null(),
+        "the caller is told the body was cut off: {report}"
+    );
+}

@@ -49,3 +49,37 @@ config = { ONE = "1", TWO = "2" }
         "guest stdout should reach the log with its component name:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_line_written_in_pieces_is_one_log_line() {
+    let node = TestNode::start(
+        r#"
+[components.probe]
+source = "{wasm:probe}"
+routes = ["/probe"]
+"#,
+    )
+    .await;
+    let printed = node
+        .get("/probe/print?text=one-line-in-seven-pieces&pieces=7")
+        .await;
+    assert_eq!(printed.status, 200, "{}", printed.body);
+    // Positive control: a line written whole is logged whole.
+    let whole = node.get("/probe/print?text=written-whole&pieces=1").await;
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let log = node.log();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(lines("written-whole"), 1, "{log}");
+    assert_eq!(
+        lines("one-line-in-seven-pieces"),
+        1,
+        "seven writes of one line should be one log line:\n{log}"
+    );
+    // Nothing else of the probe's output was logged: no fragment on a line of its own.
+    let guest_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("trellis::guest") || l.contains("component=probe"))
+        .filter(|l| l.contains("stdout"))
+        .collect();
+    assert_eq!(guest_lines.len(), 2, "{guest_lines:#?}");
+}

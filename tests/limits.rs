@@ -20,6 +20,17 @@ limits = { max_concurrent = 1, deadline = "20s" }
 [components.hello]
 source = "{wasm:hello}"
 routes = ["/hello"]
+
+# hello reads the whole body before it answers; echo streams it back as it comes.
+[components.reader]
+source = "{wasm:hello}"
+routes = ["/reader"]
+limits = { max_body = "1KiB" }
+
+[components.echo]
+source = "{wasm:probe}"
+routes = ["/echo"]
+limits = { max_body = "256KiB" }
 "#;
 
 /// The value of `series` for `component` (of the default tenant) in the node's metrics.
@@ -161,20 +172,50 @@ async fn saturation_answers_503_promptly_instead_of_queueing() {
 async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not() {
     let node = TestNode::start(MANIFEST).await;
 
-    // Declared with content-length.
-    let declared = node.post("/probe", vec![b'x'; 2000]).await;
+    // Declared with content-length: refused before anything runs.
+    let declared = node.post("/reader", vec![b'x'; 2000]).await;
     assert_eq!(declared.status, 413);
     assert_eq!(declared.json()["error"], "body_too_large");
 
-    // Chunked: the gateway finds out while reading it.
-    let (status, body) = chunked_post(&node, "/probe", &[b'x'; 2000]);
+    // Chunked: counted as it streams into the guest, which is answered 413 for it.
+    let (status, body) = chunked_post(&node, "/reader", &[b'x'; 2000]);
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body_too_large"));
+    assert!(body.contains("\"component\":\"reader\""), "{body}");
 
     // Under the limit, both ways reach the guest.
-    let (status, _) = chunked_post(&node, "/probe", &[b'x'; 500]);
-    assert_eq!(status, 200);
-    assert_eq!(node.post("/probe", vec![b'x'; 1000]).await.status, 200);
+    let (status, body) = chunked_post(&node, "/reader", &[b'x'; 500]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"body_bytes\":500"), "{body}");
+    let declared = node.post("/reader", vec![b'x'; 1000]).await;
+    assert_eq!(declared.status, 200);
+    assert_eq!(declared.json()["body_bytes"], 1000);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_cut_off_where_it_passes_the_limit() {
+    let node = TestNode::start(MANIFEST).await;
+    // Positive control: under the limit, the echo comes back whole.
+    let whole = node.stream_echo("/echo/echo", 200 * 1024, 16 * 1024).await;
+    assert_eq!(whole.status, 200, "{whole:?}");
+    assert!(whole.error.is_none(), "{:?}", whole.error);
+    assert!(
+        whole.echoes(200 * 1024),
+        "{} bytes back",
+        whole.received.len()
+    );
+
+    // Past it, the response already streaming is cut off: an error, never a clean end.
+    let cut = node.stream_echo("/echo/echo", 1024 * 1024, 16 * 1024).await;
+    assert!(cut.error.is_some(), "a cut-off body must not end cleanly");
+    assert!(
+        cut.received.len() <= 256 * 1024,
+        "no byte past the limit reaches the guest: {} came back",
+        cut.received.len()
+    );
+    // The node is fine, and so is the next call.
+    let again = node.stream_echo("/echo/echo", 64 * 1024, 16 * 1024).await;
+    assert!(again.echoes(64 * 1024), "{again:?}");
 }
 
 /// A request with `Transfer-Encoding: chunked`, written by hand because the test client
@@ -231,6 +272,20 @@ limits = { memory = "16MiB" }
             .contains("memory budget")
     );
     assert_eq!(refused.headers["retry-after"], "1");
+    // The hog's memory is given back by the low-priority reaper thread, soon but not at
+    // once on a busy machine.
+    let released = std::time::Instant::now();
+    while !node
+        .metrics()
+        .await
+        .contains("trellis_node_memory_reserved_bytes 0")
+    {
+        assert!(
+            released.elapsed() < std::time::Duration::from_secs(10),
+            "the hog's memory was never given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // Positive control: a component whose own cap comes first gets its own answer.
     let capped = node.get("/capped/grow").await;
     assert_eq!(capped.status, 500);

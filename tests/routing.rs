@@ -121,3 +121,28 @@ routes = ["/"]
     assert_eq!(echo["method"], "POST");
     assert_eq!(echo["body_bytes"], 12);
 }
+
+#[tokio::test]
+async fn bodies_stream_both_ways_through_the_gateway() {
+    let node = TestNode::start(
+        r#"
+[components.echo]
+source = "{wasm:probe}"
+routes = ["/echo"]
+limits = { max_body = "16MiB" }
+"#,
+    )
+    .await;
+    // Each 64 KiB chunk goes out only after the previous one came back: this completes
+    // only if the request streams in and the response streams out.
+    let total = 4 * 1024 * 1024;
+    let streamed = node.stream_echo("/echo/echo", total, 64 * 1024).await;
+    assert_eq!(streamed.status, 200, "{:?}", streamed.error);
+    assert!(streamed.error.is_none(), "{:?}", streamed.error);
+    assert_eq!(streamed.sent, total);
+    assert!(
+        streamed.echoes(total),
+        "{} bytes came back, not the same",
+        streamed.received.len()
+    );
+}

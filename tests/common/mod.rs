@@ -383,6 +383,72 @@ impl TestNode {
         })
     }
 
+    /// POSTs `total` bytes of [`pattern`] to `path` as a chunked body, in lockstep with
+    /// the answer: each chunk is sent only once everything before it has come back, so
+    /// the exchange completes only if the node streams both ways (one that held the body
+    /// back would never answer). Stops at the first error on either side.
+    pub async fn stream_echo(&self, path: &str, total: usize, chunk: usize) -> Streamed {
+        use hyper::body::Frame;
+        type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
+        let (frames, receiver) = tokio::sync::mpsc::channel::<Chunk>(1);
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::boxed(
+            futures_util::stream::unfold(receiver, |mut receiver| async move {
+                receiver.recv().await.map(|frame| (frame, receiver))
+            }),
+        ));
+        let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new()).build_http();
+        let request = http::Request::post(self.url(path)).body(body).unwrap();
+        let (progress, mut echoed) = tokio::sync::watch::channel(0usize);
+        let writer = tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < total {
+                // Wait for the echo of everything sent so far (or for the reader to stop).
+                if echoed.wait_for(|&echoed| echoed >= sent).await.is_err() {
+                    break;
+                }
+                let len = chunk.min(total - sent);
+                let bytes: Vec<u8> = (sent..sent + len).map(pattern).collect();
+                if frames
+                    .send(Ok(Frame::data(Bytes::from(bytes))))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += len;
+            }
+            sent
+        });
+        let mut streamed = Streamed::default();
+        match client.request(request).await {
+            Ok(response) => {
+                streamed.status = response.status().as_u16();
+                let mut body = response.into_body();
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => {
+                            if let Some(data) = frame.data_ref() {
+                                streamed.received.extend_from_slice(data);
+                                let _ = progress.send(streamed.received.len());
+                            }
+                        }
+                        Err(e) => {
+                            streamed.error = Some(format!("{e:?}"));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => streamed.error = Some(format!("{e:?}")),
+        }
+        drop(progress);
+        streamed.sent = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .map(|sent| sent.unwrap_or(0))
+            .unwrap_or(0);
+        streamed
+    }
+
     /// The node's process id (to kill it from another task while requests are running).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -404,6 +470,34 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The byte at `offset` of a streamed test body (what the probe's `/duplex` sends, too).
+pub fn pattern(offset: usize) -> u8 {
+    (offset % 251) as u8
+}
+
+/// What [`TestNode::stream_echo`] saw.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub status: u16,
+    /// Bytes the client sent.
+    pub sent: usize,
+    pub received: Vec<u8>,
+    /// The error that ended the exchange, if one did.
+    pub error: Option<String>,
+}
+
+impl Streamed {
+    /// Whether what came back is exactly the first `len` bytes of the pattern.
+    pub fn echoes(&self, len: usize) -> bool {
+        self.received.len() == len
+            && self
+                .received
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern(i))
     }
 }
 

@@ -272,19 +272,25 @@ impl Drop for MemoryLimiter {
 
 /// A guest's stdout or stderr, forwarded line by line to the node's log with the tenant
 /// and component attached, so an operator can tell whose output it is.
+///
+/// The partial line lives with the instance, not with one stream handle: guests built on
+/// the `wasip2` crate or wstd ask for a new stdout handle per write, so a line printed in
+/// pieces arrives through several handles and is still logged once, at its newline (or
+/// when the instance goes away).
 #[derive(Clone)]
 struct GuestLog {
-    tenant: Arc<str>,
-    component: Arc<str>,
-    stream: &'static str,
+    line: Arc<std::sync::Mutex<LineBuffer>>,
 }
 
 impl GuestLog {
     fn new(grants: &Grants, stream: &'static str) -> Self {
         Self {
-            tenant: grants.tenant.clone(),
-            component: grants.component.clone(),
-            stream,
+            line: Arc::new(std::sync::Mutex::new(LineBuffer {
+                tenant: grants.tenant.clone(),
+                component: grants.component.clone(),
+                stream,
+                pending: Vec::new(),
+            })),
         }
     }
 }
@@ -297,10 +303,7 @@ impl IsTerminal for GuestLog {
 
 impl StdoutStream for GuestLog {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(GuestLogWriter {
-            log: self.clone(),
-            pending: Vec::new(),
-        })
+        Box::new(self.clone())
     }
 }
 
@@ -308,40 +311,54 @@ impl StdoutStream for GuestLog {
 /// never writing a newline.
 const MAX_LOG_LINE: usize = 8 * 1024;
 
-struct GuestLogWriter {
-    log: GuestLog,
+struct LineBuffer {
+    tenant: Arc<str>,
+    component: Arc<str>,
+    stream: &'static str,
     pending: Vec<u8>,
 }
 
-impl GuestLogWriter {
+impl LineBuffer {
+    fn write(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
+            self.emit(newline + 1);
+        }
+        if self.pending.len() >= MAX_LOG_LINE {
+            self.emit(self.pending.len());
+        }
+    }
+
     fn emit(&mut self, upto: usize) {
         let line: Vec<u8> = self.pending.drain(..upto).collect();
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
         tracing::info!(
             target: "trellis::guest",
-            tenant = %self.log.tenant,
-            component = %self.log.component,
-            stream = self.log.stream,
+            tenant = %self.tenant,
+            component = %self.component,
+            stream = self.stream,
             "{text}"
         );
     }
 }
 
-impl tokio::io::AsyncWrite for GuestLogWriter {
+impl Drop for LineBuffer {
+    /// The instance is gone: an unfinished last line is still the guest's output.
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.emit(self.pending.len());
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestLog {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.pending.extend_from_slice(buf);
-        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
-            self.emit(newline + 1);
-        }
-        if self.pending.len() >= MAX_LOG_LINE {
-            let len = self.pending.len();
-            self.emit(len);
-        }
+        self.line.lock().expect("guest log lock").write(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -349,20 +366,7 @@ impl tokio::io::AsyncWrite for GuestLogWriter {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if !self.pending.is_empty() {
-            let len = self.pending.len();
-            self.emit(len);
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for GuestLogWriter {
-    fn drop(&mut self) {
-        if !self.pending.is_empty() {
-            let len = self.pending.len();
-            self.emit(len);
-        }
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
@@ -26,6 +26,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
+use crate::runtime::body::{CutOnOverflow, Metered, Overflow};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
 use crate::runtime::version::{DeadlineExceeded, Version};
 use crate::telemetry::metrics::ComponentMetrics;
@@ -446,8 +447,8 @@ fn retire(store: Store<InstanceState>) {
 }
 
 /// Serves one HTTP request with `version`: checks the declared body size (413), takes a
-/// permit from `admission` (503, never a wait), reads an undeclared-length body up to the
-/// limit (413), then instantiates and calls `wasi:http/incoming-handler`. The permit is
+/// permit from `admission` (503, never a wait), then instantiates and calls
+/// `wasi:http/incoming-handler` with the body streaming in, metered (413 past the limit). The permit is
 /// held by the task that runs the instance until the instance is gone, including while it
 /// streams its response body.
 ///
@@ -539,36 +540,11 @@ where
             HeaderValue::from_str(&local_addr.to_string()).expect("an address is a valid header"),
         );
     }
-    // A body of unknown length is read (up to the limit, within the deadline) before the
-    // guest runs, so that "too large" is a clean 413 rather than a guest read error.
+    // The body streams into the guest as it arrives, counted against `max_body`.
+    let overflow = Overflow::default();
     let body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error> =
-        if declared_length.is_none() && !body.is_end_stream() {
-            let collect = Limited::new(body, max_body as usize).collect();
-            match tokio::time::timeout_at(deadline.into(), collect).await {
-                Ok(Ok(collected)) => Full::new(collected.to_bytes())
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return (body_too_large(&version), Ending::Now(None));
-                }
-                Ok(Err(e)) => {
-                    let response = error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        &format!("reading the request body failed: {e}"),
-                        Some(name),
-                    );
-                    return (response, Ending::Now(None));
-                }
-                // The client was too slow to send its body: not the component's failure.
-                Err(_) => {
-                    let response = Failure::Deadline(version.limits.deadline).response(name);
-                    return (response, Ending::Now(None));
-                }
-            }
-        } else {
-            body.map_err(Into::into).boxed_unsync()
-        };
+        body.map_err(Into::into).boxed_unsync();
+    let body = Metered::new(body, max_body, overflow.clone()).boxed_unsync();
     let request = Request::from_parts(parts, body);
 
     let mut store = match FRESH.store(&version, deadline, &[]) {
@@ -656,8 +632,12 @@ where
         }
     };
 
+    if overflow.happened() {
+        return (body_too_large(&version), ending);
+    }
     let response = match head {
-        Ok(Ok(response)) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
+        Ok(Ok(response)) => response
+            .map(|body| CutOnOverflow::new(body.map_err(BoxError::from), overflow).boxed_unsync()),
         Ok(Err(code)) => {
             tracing::warn!(component = name, error = ?code, "component answered with an error code");
             Failure::GuestError(format!("{code:?}")).response(name)

@@ -1,8 +1,9 @@
 //! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
 //! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
-//! the one path every call takes through it ([`invoke`]), and the node's memory budget
-//! ([`memory`]).
+//! the one path every call takes through it ([`invoke`]), request bodies metered as they
+//! stream ([`body`]), and the node's memory budget ([`memory`]).
 
+pub mod body;
 pub mod engine;
 pub mod instance;
 pub mod invoke;
