@@ -1056,3 +1056,228 @@ async fn a_healthy_canary_with_promote_after_is_promoted_by_the_node() {
         assert_eq!(service(&node.get("/svc").await), "hello-wstd");
     }
 }
+
+/// Runs `trellis ARGS` with a docker config directory of the test's choosing.
+fn trellis_with_docker_config(args: &[&str], docker_config: &std::path::Path) -> (i32, String) {
+    let output = std::process::Command::new(common::TRELLIS)
+        .args(args)
+        .env("TRELLIS_LOG", "warn")
+        .env("DOCKER_CONFIG", docker_config)
+        .output()
+        .expect("running trellis");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn components_are_pushed_to_and_deployed_from_an_oci_registry() {
+    use common::{OciRegistry, REGISTRY_PASSWORD, REGISTRY_USER};
+    let mut registry = OciRegistry::start();
+    let host = registry.host();
+    let no_credentials = tempfile::tempdir().unwrap();
+    let hello = wasm("hello");
+    let hello = hello.to_str().unwrap();
+
+    // `trellis push`: refused without credentials (positive control below).
+    let tag = format!("oci://{host}/shop/hello:1");
+    let (code, out) = trellis_with_docker_config(&["push", hello, &tag], no_credentials.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused the credentials"), "{out}");
+    let (code, out) = trellis_with_docker_config(
+        &[
+            "push",
+            hello,
+            &tag,
+            "--username",
+            REGISTRY_USER,
+            "--password",
+            REGISTRY_PASSWORD,
+        ],
+        no_credentials.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("manifest sha256:"), "{out}");
+
+    // Credentials from a docker-style config file.
+    let docker = tempfile::tempdir().unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{REGISTRY_USER}:{REGISTRY_PASSWORD}"),
+    );
+    std::fs::write(
+        docker.path().join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    let probe = wasm("probe");
+    let (code, out) = trellis_with_docker_config(
+        &[
+            "push",
+            probe.to_str().unwrap(),
+            &format!("oci://{host}/shop/probe:1"),
+        ],
+        docker.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let probe_manifest = out
+        .split("manifest ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ')']).next())
+        .expect("the manifest digest is printed")
+        .to_string();
+
+    // A node pulls by tag at start, with the manifest's credentials.
+    let data_dir = tempfile::tempdir().unwrap();
+    let manifest = format!(
+        r#"
+[node.registries."{host}"]
+username = "{REGISTRY_USER}"
+password = "{REGISTRY_PASSWORD}"
+
+[components.svc]
+source = "oci://{host}/shop/hello:1"
+routes = ["/svc"]
+
+[components.cached]
+source = "oci://{host}/shop/hello:1"
+routes = ["/cached"]
+"#
+    );
+    let options = NodeOptions {
+        data_dir: Some(data_dir.path().to_path_buf()),
+        env: vec![(
+            "DOCKER_CONFIG".into(),
+            no_credentials.path().display().to_string(),
+        )],
+        ..Default::default()
+    };
+    let mut node = TestNode::start_with(&manifest, &options).await;
+    assert_eq!(service(&node.get("/svc").await), "hello");
+
+    // Deployed by digest through the CLI (the node pulls it).
+    let admin = format!("http://{}", node.admin_addr);
+    let deploy = |reference: &str| {
+        trellis_with_docker_config(
+            &[
+                "deploy",
+                reference,
+                "-c",
+                "svc",
+                "--admin",
+                &admin,
+                "--token",
+                ADMIN_TOKEN,
+            ],
+            no_credentials.path(),
+        )
+    };
+    let by_digest = format!("oci://{host}/shop/probe@{probe_manifest}");
+    let (code, out) = deploy(&by_digest);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("is active"), "{out}");
+    let serving = node.get("/svc").await;
+    assert_eq!(serving.json()["probe"], "ok", "{}", serving.body);
+
+    // Something that is not a Wasm component: an ordinary container image.
+    {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = oci_client::Client::try_from(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        })
+        .unwrap();
+        let image: oci_client::Reference = format!("{host}/shop/image:1").parse().unwrap();
+        let layer = oci_client::client::ImageLayer::new(
+            b"not wasm".to_vec(),
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        );
+        let config = oci_client::client::Config::new(
+            b"{}".to_vec(),
+            "application/vnd.oci.image.config.v1+json".into(),
+            None,
+        );
+        let auth = oci_client::secrets::RegistryAuth::Basic(
+            REGISTRY_USER.into(),
+            REGISTRY_PASSWORD.into(),
+        );
+        client
+            .push(&image, &[layer], config, &auth, None)
+            .await
+            .unwrap();
+    }
+    // A component whose layer the registry will serve corrupted.
+    let wstd = wasm("hello-wstd");
+    let (code, out) = trellis_with_docker_config(
+        &[
+            "push",
+            wstd.to_str().unwrap(),
+            &format!("oci://{host}/shop/corrupt:1"),
+        ],
+        docker.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let wstd_bytes = std::fs::read(&wstd).unwrap();
+    let blob = registry.blob_path(&sha256_hex(&wstd_bytes));
+    let mut corrupted = wstd_bytes.clone();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0xff;
+    std::fs::write(&blob, &corrupted).unwrap();
+
+    // Each bad case is refused with a clear reason, and the running version keeps serving.
+    for (reference, reason) in [
+        (
+            format!("oci://{host}/shop/hello:nope"),
+            "no such tag or digest",
+        ),
+        (
+            format!("oci://{host}/shop/hello"),
+            "neither a :TAG nor an @sha256",
+        ),
+        (
+            format!("oci://{host}/shop/image:1"),
+            "not a Wasm component artifact",
+        ),
+        (
+            format!("oci://{host}/shop/corrupt:1"),
+            "does not match its digest",
+        ),
+    ] {
+        let (code, out) = deploy(&reference);
+        assert_eq!(code, 1, "{reference}: {out}");
+        assert!(out.contains(reason), "{reference}: {out}");
+        let serving = node.get("/svc").await;
+        assert_eq!(
+            serving.json()["probe"],
+            "ok",
+            "{reference}: {}",
+            serving.body
+        );
+    }
+
+    // Without the registry: a new tag cannot be pulled (the old version serves on)...
+    registry.stop();
+    let (code, out) = deploy(&format!("oci://{host}/shop/hello:2"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot be reached"), "{out}");
+    assert_eq!(node.get("/svc").await.json()["probe"], "ok");
+
+    // ...and a restart serves what the references last resolved to, from the node's cache.
+    node.kill();
+    let node = TestNode::start_with(&manifest, &options).await;
+    assert_eq!(service(&node.get("/cached").await), "hello");
+    let serving = node.get("/svc").await;
+    assert_eq!(serving.json()["probe"], "ok", "{}", serving.body);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

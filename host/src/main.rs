@@ -72,7 +72,8 @@ enum Command {
     },
     /// Upload a component's .wasm to a running node and activate it (or start a canary).
     Deploy {
-        /// The component file.
+        /// The component file, or a registry reference (oci://HOST/REPO:TAG or
+        /// oci://HOST/REPO@sha256:DIGEST) for the node to pull.
         wasm: PathBuf,
         #[command(flatten)]
         target: Target,
@@ -90,6 +91,20 @@ enum Command {
         policy: PolicyArgs,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// Publish a component file to an OCI registry (the Wasm artifact layout wasmCloud,
+    /// wkg and oci-wasm use); prints the manifest digest to deploy by.
+    Push {
+        /// The component file.
+        wasm: PathBuf,
+        /// Where: oci://HOST/REPO:TAG.
+        reference: String,
+        /// Registry user (default: the docker config's credentials for the registry).
+        #[arg(long, env = "TRELLIS_REGISTRY_USERNAME")]
+        username: Option<String>,
+        /// Registry password (with --username).
+        #[arg(long, env = "TRELLIS_REGISTRY_PASSWORD", requires = "username")]
+        password: Option<String>,
     },
     /// Make an uploaded version active.
     Activate {
@@ -392,6 +407,20 @@ async fn run(command: Command) -> ExitCode {
                 Ok(false)
             }
         },
+        Command::Push {
+            wasm,
+            reference,
+            username,
+            password,
+        } => {
+            return match push(&wasm, &reference, username.zip(password)).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
         admin_command => {
             return match admin(admin_command).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -425,8 +454,14 @@ async fn admin(command: Command) -> Result<(), ClientError> {
             admin,
         } => {
             let client = admin.client()?;
-            let bytes = std::fs::read(&wasm)
-                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", wasm.display())))?;
+            // A registry reference is pulled by the node; a file is uploaded.
+            let reference = trellis::manifest::component_oci_reference(&wasm).map(str::to_string);
+            let bytes = match &reference {
+                Some(_) => Vec::new(),
+                None => std::fs::read(&wasm).map_err(|e| {
+                    ClientError::Usage(format!("cannot read {}: {e}", wasm.display()))
+                })?,
+            };
             let entry = entry.map(|path| read_entry(&path)).transpose()?;
             // Whether the component exists (and that the token is good) before uploading.
             let exists = match client.call(Method::GET, &target.path(""), None).await {
@@ -449,12 +484,18 @@ async fn admin(command: Command) -> Result<(), ClientError> {
             } else {
                 "activate=true".to_string()
             };
-            let digest = trellis::deploy::code::digest(&bytes);
             let label = format!("{}/{}", target.tenant, target.component);
             let upload = |query: &str, bytes: Vec<u8>| {
+                let (client, label, reference) = (&client, &label, &reference);
+                let mut query = query.to_string();
+                let mut headers = Vec::new();
+                match reference {
+                    Some(reference) => query.push_str(&format!("&source={}", encode(reference))),
+                    None => {
+                        headers.push(("x-trellis-digest", trellis::deploy::code::digest(&bytes)))
+                    }
+                }
                 let path = target.path(&format!("/versions?{query}"));
-                let headers = [("x-trellis-digest", digest.clone())];
-                let (client, label) = (&client, &label);
                 async move { client.upload(&path, label, bytes, &headers).await }
             };
             let answer = match entry {
@@ -462,6 +503,7 @@ async fn admin(command: Command) -> Result<(), ClientError> {
                 // kept, then the entry names it, activated or as a canary.
                 Some(entry) if exists => {
                     let mut answer = upload("activate=false", bytes).await?;
+                    let digest = answer["version"].as_str().unwrap_or_default().to_string();
                     let path = target.path(&format!("?version={}&{action}", encode(&digest)));
                     let status = client.call(Method::PUT, &path, Some(entry)).await?;
                     let side = if status["canary"]["version"] == digest.as_str() {
@@ -611,7 +653,9 @@ async fn admin(command: Command) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Tenant { action } => tenant(action).await,
-        Command::Up { .. } | Command::Check { .. } => unreachable!("handled by run"),
+        Command::Up { .. } | Command::Check { .. } | Command::Push { .. } => {
+            unreachable!("handled by run")
+        }
     }
 }
 
@@ -724,6 +768,38 @@ fn read_entry(path: &std::path::Path) -> Result<serde_json::Value, ClientError> 
         serde_json::to_value(table).map_err(|e| ClientError::Usage(e.to_string()))?
     };
     Ok(value)
+}
+
+/// `trellis push`: publishes a component file to a registry and prints its digests.
+async fn push(
+    wasm: &std::path::Path,
+    reference: &str,
+    credentials: Option<(String, String)>,
+) -> Result<(), ClientError> {
+    use trellis::deploy::oci;
+    let bytes = std::fs::read(wasm)
+        .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", wasm.display())))?;
+    let (imports, exports) = oci::component_world(&bytes)
+        .map_err(|reason| ClientError::Usage(format!("{}: {reason}", wasm.display())))?;
+    oci::parse(reference).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let version = trellis::deploy::code::digest(&bytes);
+    let manifest = oci::push(reference, bytes, imports, exports, credentials)
+        .await
+        .map_err(|e| ClientError::Refused {
+            status: e.status(),
+            code: e.code().to_string(),
+            message: e.to_string(),
+            problems: Vec::new(),
+        })?;
+    let repository = match reference.split_once('@') {
+        Some((repository, _)) => repository,
+        None => reference
+            .rsplit_once(':')
+            .map_or(reference, |(repository, _)| repository),
+    };
+    println!("pushed {reference} (manifest {manifest}, version {version})");
+    println!("deploy it by digest: {repository}@{manifest}");
+    Ok(())
 }
 
 fn encode(value: &str) -> String {

@@ -98,6 +98,7 @@ fn clone_settings(node: &crate::manifest::NodeSettings) -> crate::manifest::Node
         max_memory: node.max_memory,
         events: node.events.clone(),
         tenant_quota: node.tenant_quota,
+        registries: node.registries.clone(),
     }
 }
 

@@ -102,6 +102,8 @@ pub struct NodeOptions {
     pub manifest_path: Option<PathBuf>,
     /// Give the node no admin token, so that it generates its own (default: [`ADMIN_TOKEN`]).
     pub generated_admin_token: bool,
+    /// More environment variables for the node process.
+    pub env: Vec<(String, String)>,
 }
 
 /// The admin token every test node is started with.
@@ -174,6 +176,7 @@ impl TestNode {
             command.args(["--nats-url", url]);
         }
         command.args(&options.extra_args);
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .env("TRELLIS_LOG", "info,trellis=debug")
             .env(
@@ -714,5 +717,105 @@ impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A real OCI registry (Debian's `docker-registry`, the CNCF distribution server, installed
+/// by `cargo xtask test`) on a free loopback port, storing in its own directory, with
+/// one user (`REGISTRY_USER`/`REGISTRY_PASSWORD`) required for every call. Stopped on drop.
+pub struct OciRegistry {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+pub const REGISTRY_USER: &str = "shop";
+pub const REGISTRY_PASSWORD: &str = "s3cret";
+/// `htpasswd -nbB shop s3cret`
+const REGISTRY_HTPASSWD: &str = "shop:$2y$05$hywjVALC0iVhu3dAJrJqkeBlWrgkYWjyc1wfXS9MKyMERYukwGYSe";
+
+impl OciRegistry {
+    pub fn start() -> OciRegistry {
+        let binary = ["/usr/bin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("docker-registry not found: run `cargo xtask test`, which installs Debian's docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-registry")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            dir.path().join("htpasswd"),
+            format!("{REGISTRY_HTPASSWD}\n"),
+        )
+        .unwrap();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: trellis-test\n    path: {htpasswd}\n",
+                root = dir.path().join("storage").display(),
+                htpasswd = dir.path().join("htpasswd").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = OciRegistry {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on port {port} within 15 s:\n{}",
+                std::fs::read_to_string(registry.dir.path().join("registry.log"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        registry
+    }
+
+    /// `127.0.0.1:PORT`, as a reference's host.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The registry's file for a blob (to corrupt it).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

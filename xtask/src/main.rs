@@ -203,7 +203,12 @@ type Requirement = (&'static str, fn() -> bool);
 const TEST_PACKAGES: &[Requirement] = &[
     ("postgresql", postgres_installed),
     ("nats-server", nats_installed),
+    ("docker-registry", registry_installed),
 ];
+
+fn registry_installed() -> bool {
+    Path::new("/usr/bin/docker-registry").is_file() || which("docker-registry").is_some()
+}
 
 fn nats_installed() -> bool {
     // Debian installs it in /usr/sbin, which is not on every PATH.

@@ -22,7 +22,7 @@
 //! | `GET /v1/tenants/T/components/C` | one component: versions, canary, history |
 //! | `PUT /v1/tenants/T/components/C` | create it (JSON entry), or change its entry |
 //! | `DELETE /v1/tenants/T/components/C` | delete a component created here |
-//! | `POST /v1/tenants/T/components/C/versions` | upload code (raw bytes) |
+//! | `POST /v1/tenants/T/components/C/versions` | upload code (raw bytes, or `?source=oci://...`) |
 //! | `POST /v1/tenants/T/components/C/activate` | make a version active |
 //! | `POST /v1/tenants/T/components/C/rollback` | back to the previous version |
 //! | `POST /v1/tenants/T/components/C/canary` | start a canary |
@@ -243,33 +243,59 @@ fn tenant_may_grant(spec: &ComponentSpec) -> Result<(), DeployError> {
         return forbidden("migrations names a directory of the node's machine".into());
     }
     for host in &spec.outbound {
-        let name = host
-            .rsplit_once(':')
-            .filter(|(_, port)| port.parse::<u16>().is_ok())
-            .map_or(host.as_str(), |(name, _)| name)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let private = match name.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => {
-                ip.is_loopback()
-                    || ip.is_private()
-                    || ip.is_link_local()
-                    || ip.is_unspecified()
-                    || ip.is_broadcast()
-            }
-            Ok(std::net::IpAddr::V6(ip)) => {
-                ip.is_loopback()
-                    || ip.is_unspecified()
-                    || ip.is_unique_local()
-                    || ip.is_unicast_link_local()
-            }
-            Err(_) => name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost"),
-        };
+        let private = is_private_host(host);
         if private {
             return forbidden(format!(
                 "outbound {host:?} is the node's own machine or a private network"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Whether `host` (`NAME[:PORT]`) is the node's own machine or a private network, by
+/// address or by a `localhost` name.
+fn is_private_host(host: &str) -> bool {
+    let name = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok())
+        .map_or(host, |(name, _)| name)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unique_local()
+                || ip.is_unicast_link_local()
+        }
+        Err(_) => name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost"),
+    }
+}
+
+/// A tenant token may have the node pull from a public registry, or from one the
+/// operator listed in `node.registries`; never from the node's own machine or private
+/// network otherwise (the node would be its proxy there).
+fn tenant_may_pull(registry: &Registry, reference: &str) -> Result<(), DeployError> {
+    let host = reference
+        .strip_prefix(crate::grammar::oci::SCHEME)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    if is_private_host(host) && !registry.node().registries.contains_key(host) {
+        return Err(DeployError::new(
+            403,
+            "forbidden",
+            format!(
+                "registry {host:?} is the node's own machine or a private network: only the operator's token may pull from it (or list it in node.registries)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -306,7 +332,7 @@ async fn component(
             registry.delete(tenant, name).await?;
             Ok(no_content())
         }
-        (&Method::POST, ["versions"]) => upload(registry, tenant, name, request).await,
+        (&Method::POST, ["versions"]) => upload(registry, caller, tenant, name, request).await,
         (&Method::POST, ["activate"]) => {
             let body: VersionBody = read_json(request).await?;
             registry.activate(tenant, name, &body.version).await?;
@@ -370,12 +396,14 @@ impl<'de> Deserialize<'de> for CanaryBody {
     }
 }
 
-/// `POST .../versions`: the body is the component's bytes. Query: `activate=true` to make
+/// `POST .../versions`: the body is the component's bytes, or empty with
+/// `source=oci://HOST/REPO:TAG` (or `@sha256:...`) to pull them. Query: `activate=true` to make
 /// it active, or `canary=PERCENT` (with the other canary fields as query parameters) to
 /// start a canary with it; neither keeps it for later. Header `x-trellis-digest` makes
 /// the node verify the bytes.
 async fn upload(
     registry: &Registry,
+    caller: &Caller,
     tenant: &str,
     name: &str,
     request: Request<Incoming>,
@@ -388,6 +416,32 @@ async fn upload(
         .get("x-trellis-digest")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // `?source=oci://...`: the node pulls the code from a registry; the body is empty.
+    if let Some(reference) = param(&params, "source") {
+        if matches!(caller, Caller::Tenant(_)) {
+            tenant_may_pull(registry, reference)?;
+        }
+        let pulled = registry.pull(reference).await?;
+        let size = pulled.bytes.len();
+        let uploaded = registry
+            .upload(tenant, name, pulled.bytes, expected.as_deref(), action)
+            .await?;
+        let mut answer = serde_json::json!({
+            "tenant": tenant,
+            "component": name,
+            "version": uploaded.digest,
+            "size": size,
+            "state": uploaded.state,
+            "source": reference,
+            "manifest": pulled.manifest,
+            "from_cache": pulled.from_cache,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        });
+        if let Some(seq) = uploaded.seq {
+            answer["seq"] = seq.into();
+        }
+        return Ok(json(StatusCode::CREATED, answer));
+    }
     let limit = registry.node().max_component_size.as_u64() as usize;
     let declared = request
         .headers()

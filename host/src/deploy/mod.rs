@@ -5,6 +5,7 @@
 
 pub mod canary;
 pub mod code;
+pub mod oci;
 pub mod registry;
 pub mod slot;
 pub mod state;

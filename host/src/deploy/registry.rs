@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
@@ -151,6 +150,8 @@ pub struct Registry {
     /// Tenant tokens (hashed).
     pub tokens: TokenSet,
     code: CodeStore,
+    /// Components pulled from OCI registries.
+    oci: super::oci::OciSource,
     pub(super) state: Option<StateStore>,
     table: ArcSwap<Table>,
     /// Components created through the API that wait for their first version.
@@ -177,6 +178,7 @@ impl Registry {
         state: Option<StateStore>,
     ) -> Arc<Self> {
         let code = CodeStore::new(&config.node.data_dir, engine);
+        let oci = super::oci::OciSource::new(&config.node.data_dir, config.node.registries.clone());
         let metrics = Arc::new(Metrics::default());
         let tenants = Tenants::new(&config.tenants, config.node.tenant_quota, metrics.clone());
         let router = Router::new(&tenants.hosts(), &[]);
@@ -201,6 +203,7 @@ impl Registry {
             tokens: TokenSet::default(),
             memory_budget,
             code,
+            oci,
             state,
             table: ArcSwap::from_pointee(Table {
                 slots: BTreeMap::new(),
@@ -316,7 +319,8 @@ impl Registry {
                     let applies = match (&record.origin, declared) {
                         (Origin::Api, None) => self.tenant_exists(&tenant),
                         (Origin::Manifest { fingerprint }, Some(spec)) => {
-                            fingerprint_of(spec).await.ok().as_ref() == Some(fingerprint)
+                            self.fingerprint_of(&name, spec).await.ok().as_ref()
+                                == Some(fingerprint)
                         }
                         _ => false,
                     };
@@ -760,15 +764,7 @@ impl Registry {
         name: &str,
         spec: &ComponentSpec,
     ) -> Result<Arc<Version>, LoadError> {
-        let source = spec.source.clone().unwrap_or_default();
-        let read_error = |reason: String| LoadError::Read {
-            component: name.to_string(),
-            source_name: source.display().to_string(),
-            reason,
-        };
-        let bytes = tokio::fs::read(&source)
-            .await
-            .map_err(|e| read_error(e.to_string()))?;
+        let (bytes, _) = self.read_source(name, spec).await?;
         let size = bytes.len() as u64;
         let owner = self
             .tenants
@@ -780,11 +776,11 @@ impl Registry {
         }
         self.check_code_size(&owner, name, size)
             .map_err(into_load_error)?;
-        let digest = self
-            .code
-            .put(&bytes)
-            .await
-            .map_err(|e| read_error(format!("keeping it in the version store: {e:#}")))?;
+        let digest = self.code.put(&bytes).await.map_err(|e| LoadError::Read {
+            component: name.to_string(),
+            source_name: source_name(spec),
+            reason: format!("keeping it in the version store: {e:#}"),
+        })?;
         let fingerprint = fingerprint(spec, &digest);
         let version = self
             .build(&spec.tenant, name, &digest, Some(bytes), spec)
@@ -1377,10 +1373,11 @@ fn fingerprint(spec: &ComponentSpec, digest: &str) -> String {
     code::digest(format!("{entry}\n{digest}").as_bytes())
 }
 
-async fn fingerprint_of(spec: &ComponentSpec) -> anyhow::Result<String> {
-    let source: PathBuf = spec.source.clone().unwrap_or_default();
-    let bytes = tokio::fs::read(&source).await?;
-    Ok(fingerprint(spec, &code::digest(&bytes)))
+fn source_name(spec: &ComponentSpec) -> String {
+    spec.source
+        .as_ref()
+        .map(|source| source.display().to_string())
+        .unwrap_or_default()
 }
 
 /// A change refused by the tenant's quota, with the fields that are over it.
@@ -1393,13 +1390,56 @@ fn into_load_error(e: DeployError) -> LoadError {
 }
 
 impl Registry {
+    /// A manifest entry's code and its digest: the file's bytes, or the registry
+    /// artifact's (pulled, or from the node's cache).
+    async fn read_source(
+        &self,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<(Vec<u8>, String), LoadError> {
+        let source = spec.source.clone().unwrap_or_default();
+        let read_error = |reason: String| LoadError::Read {
+            component: name.to_string(),
+            source_name: source.display().to_string(),
+            reason,
+        };
+        if let Some(reference) = crate::manifest::component_oci_reference(&source) {
+            let max = self.config.node.max_component_size.as_u64();
+            let pulled = self
+                .oci
+                .pull(reference, &self.code, max)
+                .await
+                .map_err(|e| read_error(e.to_string()))?;
+            return Ok((pulled.bytes, pulled.digest));
+        }
+        let bytes = tokio::fs::read(&source)
+            .await
+            .map_err(|e| read_error(e.to_string()))?;
+        let digest = code::digest(&bytes);
+        Ok((bytes, digest))
+    }
+
+    async fn fingerprint_of(&self, name: &str, spec: &ComponentSpec) -> Result<String, LoadError> {
+        let (_, digest) = self.read_source(name, spec).await?;
+        Ok(fingerprint(spec, &digest))
+    }
+
+    /// Pulls `reference` for an upload through the admin API (`?source=oci://...`).
+    pub async fn pull(&self, reference: &str) -> Result<super::oci::Pulled, DeployError> {
+        let max = self.config.node.max_component_size.as_u64();
+        self.oci
+            .pull(reference, &self.code, max)
+            .await
+            .map_err(|e| DeployError::new(e.status(), e.code(), e.to_string()))
+    }
+
     /// Whether a manifest entry (or its source bytes) differs from what its slot runs;
     /// true for an entry the node does not run yet.
     pub async fn manifest_entry_changed(&self, name: &str, spec: &ComponentSpec) -> bool {
         let Some(slot) = self.slot(&spec.tenant, name) else {
             return true;
         };
-        match (slot.origin(), fingerprint_of(spec).await) {
+        match (slot.origin(), self.fingerprint_of(name, spec).await) {
             (Origin::Manifest { fingerprint }, Ok(current)) => fingerprint != current,
             // An unreadable source is the deploy's to report.
             _ => true,

@@ -116,7 +116,11 @@ fn rewatch(
         .manifest
         .components
         .values()
-        .filter_map(|c| c.source.as_ref()?.parent().map(Path::to_path_buf))
+        .filter_map(|c| c.source.as_ref())
+        // A registry source has no file to watch; a new tag is deployed by the API or a
+        // manifest change.
+        .filter(|source| manifest::component_oci_reference(source).is_none())
+        .filter_map(|source| source.parent().map(Path::to_path_buf))
         .collect();
     if let Some(dir) = manifest_path.parent() {
         wanted.insert(dir.to_path_buf());

@@ -74,6 +74,21 @@ pub struct NodeSettings {
     pub events: EventSettings,
     /// The quota of every tenant that does not set its own (field by field).
     pub tenant_quota: QuotaSpec,
+    /// OCI registries components are pulled from (`source = "oci://HOST/..."`), by host:
+    /// credentials and transport. Unlisted registries use the docker config's
+    /// credentials, or none.
+    pub registries: BTreeMap<String, RegistrySpec>,
+}
+
+/// `[node.registries."HOST[:PORT]"]`: how to reach one OCI registry.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySpec {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Plain HTTP instead of HTTPS (loopback registries always are).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// `[node.events]`: durable events (JetStream with `nats_url`, else `DATA_DIR/events.db`).
@@ -128,6 +143,7 @@ impl Default for NodeSettings {
             max_memory: None,
             events: EventSettings::default(),
             tenant_quota: QuotaSpec::default(),
+            registries: BTreeMap::new(),
         }
     }
 }
@@ -304,6 +320,13 @@ impl QuotaSpec {
     }
 }
 
+/// The registry reference of a `source` that is one (`oci://...`), else `None` (a file).
+pub fn component_oci_reference(source: &std::path::Path) -> Option<&str> {
+    source
+        .to_str()
+        .filter(|text| crate::grammar::oci::is_oci(text))
+}
+
 /// One component's entry: in the manifest, or as JSON through the admin API (where
 /// `source` is absent: the code is uploaded instead).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -312,7 +335,8 @@ pub struct ComponentSpec {
     /// Tenant this component belongs to (default: `default`).
     #[serde(default = "default_tenant")]
     pub tenant: String,
-    /// Path of the `.wasm` component, relative to the manifest (required there).
+    /// Path of the `.wasm` component, relative to the manifest (required there), or a
+    /// registry reference: `oci://HOST/REPO:TAG` or `oci://HOST/REPO@sha256:DIGEST`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PathBuf>,
     /// Path prefixes this component serves within its tenant; the longest prefix wins.
@@ -573,7 +597,9 @@ fn absolutize(manifest: &mut Manifest, base: &Path) {
         *dir = abs(dir);
     }
     for component in manifest.components.values_mut() {
-        if let Some(source) = &mut component.source {
+        if let Some(source) = &mut component.source
+            && component_oci_reference(source).is_none()
+        {
             *source = abs(source);
         }
         if let Some(dir) = &mut component.migrations {
@@ -686,6 +712,13 @@ fn validate(manifest: &Manifest) -> Vec<Problem> {
                 at("source"),
                 "missing: the path of the component's .wasm file".into(),
             ),
+            Some(source) if component_oci_reference(source).is_some() => {
+                if let Err(reason) =
+                    crate::grammar::oci::parse(component_oci_reference(source).unwrap_or_default())
+                {
+                    problem(at("source"), format!("not an OCI reference: {reason}"));
+                }
+            }
             Some(source) if !source.is_file() => {
                 problem(at("source"), format!("no such file: {}", source.display()))
             }
