@@ -83,3 +83,97 @@ routes = ["/probe"]
         .collect();
     assert_eq!(guest_lines.len(), 2, "{guest_lines:#?}");
 }
+
+#[tokio::test]
+async fn a_wasip3_component_is_routed_limited_metered_and_called_like_a_p2_one() {
+    let node = TestNode::start(
+        r#"
+[components.p3]
+source = "{wasm:hello-p3}"
+routes = ["/p3"]
+outbound = ["p2.internal"]
+limits = { max_body = "16MiB", deadline = "20s" }
+
+[components.small]
+source = "{wasm:hello-p3}"
+routes = ["/small"]
+limits = { max_body = "64KiB" }
+
+[components.p2]
+source = "{wasm:probe}"
+routes = ["/p2"]
+outbound = ["p3.internal"]
+"#,
+    )
+    .await;
+    // Routed (positive control beside the p2 component on the same node).
+    let hello = node.get("/p3/hi?x=1").await;
+    assert_eq!(hello.status, 200, "{}\n{}", hello.body, node.log());
+    assert_eq!(hello.json()["service"], "hello-p3");
+    assert_eq!(hello.json()["path"], "/p3/hi?x=1");
+    assert_eq!(node.get("/p2").await.json()["probe"], "ok");
+
+    // A multi-megabyte body streams in and back out, byte-identical, in lockstep.
+    let total = 4 * 1024 * 1024;
+    let echoed = node.stream_echo("/p3/echo", total, 64 * 1024).await;
+    assert_eq!(echoed.status, 200, "{:?}", echoed.error);
+    assert!(echoed.error.is_none(), "{:?}", echoed.error);
+    assert!(echoed.echoes(total), "{} bytes back", echoed.received.len());
+
+    // max_body holds on a p3 guest's streamed body too.
+    let cut = node
+        .stream_echo("/small/echo", 1024 * 1024, 16 * 1024)
+        .await;
+    assert!(cut.error.is_some(), "a cut-off body must not end cleanly");
+    assert!(cut.received.len() <= 64 * 1024, "{}", cut.received.len());
+
+    // NAME.internal both ways: p2 calls p3, p3 calls p2.
+    let p2_to_p3 = node
+        .get("/p2/fetch?url=http://p3.internal/p3/from-p2")
+        .await;
+    assert_eq!(p2_to_p3.status, 200, "{}", p2_to_p3.body);
+    assert_eq!(p2_to_p3.json()["status"], 200, "{}", p2_to_p3.body);
+    assert!(
+        p2_to_p3.json()["body"]
+            .as_str()
+            .unwrap()
+            .contains("hello-p3"),
+        "{}",
+        p2_to_p3.body
+    );
+    let p3_to_p2 = node.get("/p3/call?url=http://p2.internal/p2/x").await;
+    assert_eq!(p3_to_p2.status, 200, "{}", p3_to_p2.body);
+    assert_eq!(p3_to_p2.json()["status"], 200, "{}", p3_to_p2.body);
+    assert!(
+        p3_to_p2.json()["body"]
+            .as_str()
+            .unwrap()
+            .contains("\"probe\":\"ok\""),
+        "{}",
+        p3_to_p2.body
+    );
+    // Denied like any guest's: p3 may not call what its outbound list does not name.
+    let denied = node.get("/p3/call?url=http://small.internal/small").await;
+    assert!(
+        denied.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HttpRequestDenied")),
+        "{}",
+        denied.body
+    );
+
+    // Metered like every component: each of those calls instantiated it once.
+    let metrics = node.metrics().await;
+    assert!(
+        metrics.contains(r#"trellis_requests_total{tenant="default",component="p3",status="200"}"#),
+        "{metrics}"
+    );
+    let instantiations = node
+        .metric(
+            "trellis_instantiation_duration_seconds_count",
+            "default",
+            "p3",
+        )
+        .await;
+    assert!(instantiations >= 4.0, "{instantiations}");
+}

@@ -225,9 +225,14 @@ impl OutboundPolicy {
                 .caller
                 .upgrade()
                 .ok_or(Error::DestinationUnavailable)?;
-            let response = caller
-                .call_component(internal.tenant.clone(), component.clone(), request)
+            let call = caller.call_component(internal.tenant.clone(), component.clone(), request);
+            // A WASIp3 caller awaits this inside its own store's event loop, where another
+            // store may not run: the callee gets a task of its own, aborted if the caller
+            // goes away.
+            let callee = AbortOnDrop(tokio::spawn(call));
+            let response = callee
                 .await
+                .map_err(|e| Error::InternalError(Some(format!("the component call failed: {e}"))))?
                 .ok_or_else(|| Error::DnsError {
                     rcode: Some(format!("no component {component:?} in this tenant")),
                     info_code: None,
@@ -241,6 +246,26 @@ impl OutboundPolicy {
                 Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

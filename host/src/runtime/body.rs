@@ -24,7 +24,7 @@ impl Overflow {
         self.0.load(Ordering::Acquire)
     }
 
-    fn mark(&self) {
+    pub fn mark(&self) {
         self.0.store(true, Ordering::Release);
     }
 }

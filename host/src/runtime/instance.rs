@@ -30,6 +30,9 @@ pub fn build_linker(
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    // WASIp3 (wasi:*@0.3.0): a p3 guest built with Rust std imports p2 interfaces too.
+    wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+    wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
     crate::capabilities::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
     crate::capabilities::sql::add_to_linker(&mut linker, InstanceState::sql)?;

@@ -21,14 +21,13 @@ use hyper::body::Body;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::runtime::body::{CutOnOverflow, Metered, Overflow};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
-use crate::runtime::version::{DeadlineExceeded, Version};
+use crate::runtime::version::{DeadlineExceeded, HttpPre, Version};
 use crate::telemetry::metrics::ComponentMetrics;
 use crate::tenancy::{Limit, Tenant, quota};
 
@@ -547,7 +546,7 @@ where
     let body = Metered::new(body, max_body, overflow.clone()).boxed_unsync();
     let request = Request::from_parts(parts, body);
 
-    let mut store = match FRESH.store(&version, deadline, &[]) {
+    let store = match FRESH.store(&version, deadline, &[]) {
         Ok(store) => store,
         Err(e) => {
             tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
@@ -555,69 +554,50 @@ where
             return (failure.response(name), Ending::Now(Some(failure)));
         }
     };
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let resources = {
-        let mut http = store.data_mut().http();
-        http.new_incoming_request(Scheme::Http, request)
-            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+    let Some(http) = version.http() else {
+        let failure = Failure::Internal("the component does not serve HTTP".into());
+        return (failure.response(name), Ending::Now(Some(failure)));
     };
-    let (guest_request, response_out) = match resources {
-        Ok(resources) => resources,
-        Err(e) => {
-            let response = error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("{e:#}"),
-                Some(name),
-            );
-            return (response, Ending::Now(None));
-        }
-    };
-
-    let instance = version.clone();
-    let instance_metrics = metrics.clone();
-    let mut run_instance: std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>> =
-        Box::pin(async move {
-            let _permit = permit;
-            let run = async {
-                let instantiating = Instant::now();
-                let Some(http) = instance.http() else {
-                    wasmtime::bail!("the component does not export wasi:http/incoming-handler");
-                };
-                let proxy = http.instantiate_async(&mut store).await?;
-                instance_metrics
-                    .instantiation_duration
-                    .observe(instantiating.elapsed().as_secs_f64());
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, guest_request, response_out)
-                    .await
-            };
-            let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
-                Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
-            };
-            // Recorded in the instance task, so it happens even when the head was already sent.
-            if let Err(failure) = &outcome {
-                failure.record(&instance, &instance_metrics);
+    // Set when the instance fails: a response body it was still writing is cut off.
+    let instance_failed = Overflow::default();
+    let (run_instance, head) = match http {
+        HttpPre::P2(_) => {
+            match p2_instance(
+                version.clone(),
+                metrics.clone(),
+                permit,
+                store,
+                deadline,
+                request,
+            ) {
+                Ok(started) => started,
+                Err(response) => return (response, Ending::Now(None)),
             }
-            retire(store);
-            outcome
-        });
+        }
+        HttpPre::P3(_) => p3_instance(
+            version.clone(),
+            metrics.clone(),
+            permit,
+            store,
+            deadline,
+            request,
+            instance_failed.clone(),
+        ),
+    };
+    let mut run_instance = run_instance;
+    let mut head = head;
 
     // Most guests answer and finish in one go, and a spawned task would cost a
     // cross-thread wakeup per request. Only a guest still running when its response head
     // is ready (streaming a body) moves to a task of its own, which keeps the permit.
-    let mut receiver = receiver;
     let first = tokio::select! {
         biased;
         outcome = &mut run_instance => First::Finished(outcome),
-        head = &mut receiver => First::Head(head),
+        head = &mut head => First::Head(head),
     };
     let (head, outcome, ending) = match first {
         First::Finished(outcome) => (
-            receiver.await,
+            head.await,
             Some(outcome.clone()),
             Ending::Now(outcome.err()),
         ),
@@ -636,11 +616,13 @@ where
         return (body_too_large(&version), ending);
     }
     let response = match head {
-        Ok(Ok(response)) => response
-            .map(|body| CutOnOverflow::new(body.map_err(BoxError::from), overflow).boxed_unsync()),
+        Ok(Ok(response)) => response.map(|body| {
+            let body = CutOnOverflow::new(body, overflow);
+            CutOnOverflow::new(body, instance_failed).boxed_unsync()
+        }),
         Ok(Err(code)) => {
-            tracing::warn!(component = name, error = ?code, "component answered with an error code");
-            Failure::GuestError(format!("{code:?}")).response(name)
+            tracing::warn!(component = name, error = %code, "component answered with an error code");
+            Failure::GuestError(code).response(name)
         }
         // The guest dropped the response outparam without setting it: find out why.
         Err(_) => match outcome {
@@ -656,15 +638,168 @@ where
     (response, ending)
 }
 
+/// A running instance: its outcome, known once it is gone.
+type InstanceRun = std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
+/// The response head an instance sends (or the error code it answers with); an error
+/// when it went away without one.
+type HeadResult =
+    Result<Result<Response<ResponseBody>, String>, tokio::sync::oneshot::error::RecvError>;
+type Head = std::pin::Pin<Box<dyn Future<Output = HeadResult> + Send>>;
+
+/// Starts a WASIp2 `wasi:http/incoming-handler` call; an answer at once if the request
+/// cannot be handed to the guest.
+fn p2_instance(
+    version: Arc<Version>,
+    metrics: Arc<ComponentMetrics>,
+    permit: Permit,
+    mut store: Store<InstanceState>,
+    deadline: Instant,
+    request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+) -> Result<(InstanceRun, Head), Response<ResponseBody>> {
+    let name = &*version.name;
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let resources = {
+        let mut http = store.data_mut().http();
+        http.new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+    };
+    let (guest_request, response_out) = resources.map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{e:#}"),
+            Some(name),
+        )
+    })?;
+    let instance = version.clone();
+    let run_instance: InstanceRun = Box::pin(async move {
+        let _permit = permit;
+        let run = async {
+            let instantiating = Instant::now();
+            let Some(HttpPre::P2(http)) = instance.http() else {
+                wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+            };
+            let proxy = http.instantiate_async(&mut store).await?;
+            metrics
+                .instantiation_duration
+                .observe(instantiating.elapsed().as_secs_f64());
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, guest_request, response_out)
+                .await
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
+            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
+        };
+        // Recorded in the instance task, so it happens even when the head was already sent.
+        if let Err(failure) = &outcome {
+            failure.record(&instance, &metrics);
+        }
+        retire(store);
+        outcome
+    });
+    let head: Head = Box::pin(async move {
+        receiver.await.map(|answer| {
+            answer
+                .map(|response| response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+                .map_err(|code| format!("{code:?}"))
+        })
+    });
+    Ok((run_instance, head))
+}
+
+/// Starts a WASIp3 `wasi:http/handler` call. The guest may keep writing its body (and
+/// run other tasks) after `handle` returns, so the store's event loop runs until every
+/// task of the instance has exited; `failed` is marked before the store goes, so that a
+/// body it was still writing ends in an error rather than a clean, truncated end.
+fn p3_instance(
+    version: Arc<Version>,
+    metrics: Arc<ComponentMetrics>,
+    permit: Permit,
+    mut store: Store<InstanceState>,
+    deadline: Instant,
+    request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+    failed: Overflow,
+) -> (InstanceRun, Head) {
+    use wasmtime::component::Accessor;
+    use wasmtime_wasi_http::p3;
+
+    // p3 takes the scheme and authority from the URI: make an origin-form URI absolute
+    // from the Host header, as p2 does for the guest.
+    let (mut parts, body) = request.into_parts();
+    if parts.uri.authority().is_none()
+        && let Some(authority) = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query
+            .get_or_insert(http::uri::PathAndQuery::from_static("/"));
+        if let Ok(uri) = http::Uri::from_parts(uri) {
+            parts.uri = uri;
+        }
+    }
+    let request = Request::from_parts(parts, body);
+    let (guest_request, request_io) =
+        p3::Request::from_http(store.data_mut().http().hooks, request);
+    let (head_sender, head_receiver) =
+        tokio::sync::oneshot::channel::<Result<Response<ResponseBody>, String>>();
+    let instance = version.clone();
+    let run_instance: InstanceRun = Box::pin(async move {
+        let _permit = permit;
+        let run = async {
+            let instantiating = Instant::now();
+            let Some(HttpPre::P3(pre)) = instance.http() else {
+                wasmtime::bail!("the component does not export wasi:http/handler@0.3");
+            };
+            let service = pre.instantiate_async(&mut store).await?;
+            metrics
+                .instantiation_duration
+                .observe(instantiating.elapsed().as_secs_f64());
+            store
+                .run_concurrent(async move |accessor: &Accessor<InstanceState>| {
+                    match service.handle(accessor, guest_request).await? {
+                        Ok(response) => {
+                            let response = accessor
+                                .with(|mut access| response.into_http(&mut access, request_io))?;
+                            let _ = head_sender
+                                .send(Ok(response
+                                    .map(|body| body.map_err(BoxError::from).boxed_unsync())));
+                        }
+                        Err(code) => {
+                            let _ = head_sender.send(Err(format!("{code:?}")));
+                        }
+                    }
+                    std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)).await;
+                    wasmtime::Result::<()>::Ok(())
+                })
+                .await?
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
+            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
+        };
+        if let Err(failure) = &outcome {
+            failed.mark();
+            failure.record(&instance, &metrics);
+        }
+        retire(store);
+        outcome
+    });
+    (run_instance, Box::pin(head_receiver))
+}
+
 /// Which came first: the instance finishing, or its response head.
 enum First {
     Finished(Result<(), Failure>),
-    Head(
-        Result<
-            Result<Response<HyperOutgoingBody>, ErrorCode>,
-            tokio::sync::oneshot::error::RecvError,
-        >,
-    ),
+    Head(HeadResult),
 }
 
 fn body_too_large(version: &Version) -> Response<ResponseBody> {

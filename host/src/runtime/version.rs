@@ -16,6 +16,14 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{CallHook, Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+
+/// How a component serves HTTP: a WASIp2 `wasi:http/incoming-handler@0.2.x` export or a
+/// WASIp3 `wasi:http/handler@0.3.x` service.
+pub enum HttpPre {
+    P2(ProxyPre<InstanceState>),
+    P3(ServicePre<InstanceState>),
+}
 
 use crate::bindings::handler::MessageHandlerPre;
 use crate::capabilities::keyvalue::KeyValueGrant;
@@ -115,8 +123,8 @@ pub struct Version {
     pub spec: Arc<ComponentSpec>,
     pub limits: Limits,
     instance_pre: InstancePre<InstanceState>,
-    /// Present when the component exports `wasi:http/incoming-handler`.
-    http: Option<ProxyPre<InstanceState>>,
+    /// Present when the component serves HTTP (WASIp2 or WASIp3).
+    http: Option<HttpPre>,
     /// Present when the component exports `wasmcloud:messaging/handler`.
     handler: Option<MessageHandlerPre<InstanceState>>,
     grants: Grants,
@@ -156,7 +164,11 @@ impl Version {
                     component: component_name.clone(),
                     reason: format!("{e:#}"),
                 })?;
-        let http = ProxyPre::new(instance_pre.clone()).ok();
+        // WASIp3 first, as `wasmtime serve` does: a p3 service may also carry p2 exports.
+        let http = match ServicePre::new(instance_pre.clone()) {
+            Ok(pre) => Some(HttpPre::P3(pre)),
+            Err(_) => ProxyPre::new(instance_pre.clone()).ok().map(HttpPre::P2),
+        };
         let handler = MessageHandlerPre::new(instance_pre.clone()).ok();
         let missing_export = |reason: String| LoadError::MissingExport {
             component: component_name.clone(),
@@ -164,7 +176,7 @@ impl Version {
         };
         if http.is_none() && !spec.routes.is_empty() {
             return Err(missing_export(
-                "it has routes but does not export wasi:http/incoming-handler@0.2.x".into(),
+                "it has routes but exports neither wasi:http/incoming-handler@0.2.x nor wasi:http/handler@0.3.x".into(),
             ));
         }
         if handler.is_none() && !spec.subscriptions.is_empty() {
@@ -174,7 +186,7 @@ impl Version {
         }
         if http.is_none() && handler.is_none() {
             return Err(missing_export(
-                "it exports neither wasi:http/incoming-handler@0.2.x nor wasmcloud:messaging/handler@0.2.0".into(),
+                "it exports none of wasi:http/incoming-handler@0.2.x, wasi:http/handler@0.3.x and wasmcloud:messaging/handler@0.2.0".into(),
             ));
         }
 
@@ -229,7 +241,7 @@ impl Version {
     }
 
     /// The HTTP pre-instance, when the component serves HTTP.
-    pub fn http(&self) -> Option<&ProxyPre<InstanceState>> {
+    pub fn http(&self) -> Option<&HttpPre> {
         self.http.as_ref()
     }
 
