@@ -121,11 +121,10 @@ async fn one_request(deployment: &Version) -> anyhow::Result<()> {
             http.new_response_outparam(sender)?,
         )
     };
-    let proxy = deployment
-        .http()
-        .expect("hello serves HTTP")
-        .instantiate_async(&mut store)
-        .await?;
+    let Some(trellis::runtime::version::HttpPre::P2(pre)) = deployment.http() else {
+        anyhow::bail!("hello serves WASIp2 HTTP");
+    };
+    let proxy = pre.instantiate_async(&mut store).await?;
     proxy
         .wasi_http_incoming_handler()
         .call_handle(&mut store, guest_request, out)

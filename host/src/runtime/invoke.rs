@@ -571,7 +571,7 @@ where
                 request,
             ) {
                 Ok(started) => started,
-                Err(response) => return (response, Ending::Now(None)),
+                Err(response) => return (*response, Ending::Now(None)),
             }
         }
         HttpPre::P3(_) => p3_instance(
@@ -655,7 +655,7 @@ fn p2_instance(
     mut store: Store<InstanceState>,
     deadline: Instant,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
-) -> Result<(InstanceRun, Head), Response<ResponseBody>> {
+) -> Result<(InstanceRun, Head), Box<Response<ResponseBody>>> {
     let name = &*version.name;
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let resources = {
@@ -664,12 +664,12 @@ fn p2_instance(
             .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
     };
     let (guest_request, response_out) = resources.map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             &format!("{e:#}"),
             Some(name),
-        )
+        ))
     })?;
     let instance = version.clone();
     let run_instance: InstanceRun = Box::pin(async move {
