@@ -177,3 +177,25 @@ outbound = ["p3.internal"]
         .await;
     assert!(instantiations >= 4.0, "{instantiations}");
 }
+
+#[tokio::test]
+async fn a_wasip3_release_candidate_component_built_for_spin_4_serves() {
+    // Built against wasi:http@0.3.0-rc-2026-03-15 (as Spin 4 serves), beside a 0.3.0 one.
+    let node = TestNode::start(
+        r#"
+[components.rc]
+source = "{wasm:hello-p3-rc}"
+routes = ["/rc"]
+
+[components.final]
+source = "{wasm:hello-p3}"
+routes = ["/final"]
+"#,
+    )
+    .await;
+    let rc = node.get("/rc/x").await;
+    assert_eq!(rc.status, 200, "{}\n{}", rc.body, node.log());
+    assert_eq!(rc.json()["service"], "hello-p3-rc");
+    assert_eq!(rc.json()["path"], "/rc/x");
+    assert_eq!(node.get("/final").await.json()["service"], "hello-p3");
+}

@@ -104,18 +104,24 @@ impl CodeStore {
             });
         }
         let engine = self.engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| LoadError::Compile {
-                component: component.to_string(),
-                source_name: source_name.to_string(),
-                reason: format!("the compile task failed: {e}"),
-            })?
-            .map_err(|e| LoadError::Compile {
-                component: component.to_string(),
-                source_name: source_name.to_string(),
-                reason: format!("{e:#}"),
-            })?;
+        let compiled = tokio::task::spawn_blocking(move || {
+            // The digest stays that of the bytes as uploaded.
+            match super::wasip3_rc::to_final(&bytes) {
+                Some(renamed) => Component::new(&engine, &renamed),
+                None => Component::new(&engine, &bytes),
+            }
+        })
+        .await
+        .map_err(|e| LoadError::Compile {
+            component: component.to_string(),
+            source_name: source_name.to_string(),
+            reason: format!("the compile task failed: {e}"),
+        })?
+        .map_err(|e| LoadError::Compile {
+            component: component.to_string(),
+            source_name: source_name.to_string(),
+            reason: format!("{e:#}"),
+        })?;
         self.compiled
             .lock()
             .expect("code lock")

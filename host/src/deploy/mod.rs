@@ -10,4 +10,5 @@ pub mod registry;
 pub mod slot;
 pub mod state;
 pub mod tenants;
+pub mod wasip3_rc;
 pub mod watch;
