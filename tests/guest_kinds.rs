@@ -199,3 +199,90 @@ routes = ["/final"]
     assert_eq!(rc.json()["path"], "/rc/x");
     assert_eq!(node.get("/final").await.json()["service"], "hello-p3");
 }
+
+#[tokio::test]
+async fn every_wasi_config_version_reads_the_same_values_and_wasi_logging_reaches_the_log() {
+    let node = TestNode::start(
+        r#"
+[tenants.shop]
+hosts = ["*"]
+config = { REGION = "eu" }
+
+[components.drafts]
+tenant = "shop"
+source = "{wasm:config-probe}"
+routes = ["/drafts"]
+config = { GREETING = "hej" }
+
+[components.runtime]
+tenant = "shop"
+source = "{wasm:config-runtime-probe}"
+routes = ["/runtime"]
+config = { GREETING = "hallo" }
+
+[components.rc1]
+tenant = "shop"
+source = "{wasm:probe}"
+routes = ["/rc1"]
+config = { GREETING = "hello" }
+"#,
+    )
+    .await;
+    // wasmCloud's 0.2.0-draft and Spin 4's 0.2.0-draft-2024-09-27, in one component.
+    let drafts = node.get("/drafts/config?key=GREETING").await;
+    assert_eq!(drafts.status, 200, "{}\n{}", drafts.body, node.log());
+    let all = serde_json::json!([["GREETING", "hej"], ["REGION", "eu"]]);
+    for version in ["draft", "spin"] {
+        assert_eq!(drafts.json()[version]["value"], "hej", "{}", drafts.body);
+        assert_eq!(drafts.json()[version]["all"], all, "{}", drafts.body);
+    }
+    let missing = node.get("/drafts/config?key=NOPE").await.json();
+    assert_eq!(missing["draft"]["value"], serde_json::Value::Null);
+    // wasmCloud's older `runtime` name for the same interface.
+    let runtime = node.get("/runtime/config?key=GREETING").await;
+    assert_eq!(runtime.status, 200, "{}", runtime.body);
+    assert_eq!(runtime.json()["value"], "hallo");
+    assert_eq!(
+        runtime.json()["all"],
+        serde_json::json!([["GREETING", "hallo"], ["REGION", "eu"]])
+    );
+    // Positive control: wasmtime's 0.2.0-rc.1 on the same node.
+    let rc1 = node.get("/rc1/config?key=GREETING").await;
+    assert_eq!(rc1.json()["value"], "hello", "{}", rc1.body);
+
+    // wasi:logging: one line per call, at the guest's level, with its context.
+    let logged = node
+        .get("/drafts/log?context=checkout&message=card-declined")
+        .await;
+    assert_eq!(logged.status, 200, "{}", logged.body);
+    let log = node.log();
+    let line = |level: &str, needle: &str| {
+        log.lines().find(|l| {
+            l.contains(level)
+                && l.contains(needle)
+                && l.contains("component=drafts")
+                && l.contains("tenant=shop")
+                && l.contains("context=checkout")
+        })
+    };
+    assert!(
+        line("DEBUG", "card-declined (Level::Debug)").is_some(),
+        "{log}"
+    );
+    assert!(
+        line("INFO", "card-declined (Level::Info)").is_some(),
+        "{log}"
+    );
+    assert!(
+        line("WARN", "card-declined (Level::Warn)").is_some(),
+        "{log}"
+    );
+    assert!(
+        line("ERROR", "card-declined (Level::Error)").is_some(),
+        "{log}"
+    );
+    let critical = line("ERROR", "card-declined (Level::Critical)").expect("the critical line");
+    assert!(critical.contains("critical=true"), "{critical}");
+    // The node's filter applies to guests too: trace is below it here.
+    assert!(!log.contains("card-declined (Level::Trace)"), "{log}");
+}

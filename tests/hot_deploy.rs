@@ -353,7 +353,7 @@ async fn bad_uploads_get_a_4xx_with_the_reason_and_the_old_version_keeps_serving
             vec![],
             422,
             "missing_export",
-            "does not export wasi:http",
+            "exports neither wasi:http/incoming-handler@0.2.x nor wasi:http/handler@0.3.x",
         ),
         (
             "an import the host lacks",

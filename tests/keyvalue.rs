@@ -1,5 +1,7 @@
-//! Key-value storage (`wasi:keyvalue@0.2.0-draft`) through the gateway, on SQLite and on a
-//! real PostgreSQL: the same suite runs against both backends.
+//! Key-value storage through the gateway, on SQLite and on a real PostgreSQL: the same
+//! suite runs against both backends, and through both interface versions a component may
+//! import: `wasi:keyvalue@0.2.0-draft` (`kv-probe`) and Spin 4's `@0.2.0-draft2`
+//! (`kv-probe-draft2`, the same guest source).
 
 mod common;
 use common::{NodeOptions, TestNode, on_both_backends};
@@ -36,7 +38,22 @@ routes = ["/nothing"]
 "#;
 
 on_both_backends!(crud_atomics_and_batch);
+on_both_backends!(crud_atomics_and_batch_through_draft2);
 on_both_backends!(components_and_tenants_cannot_see_each_others_keys);
+on_both_backends!(draft2_compare_and_swap_and_signed_counters);
+
+/// The manifest with every component built against `probe`'s key-value version.
+fn manifest(probe: &str) -> String {
+    MANIFEST.replace("{wasm:kv-probe}", &format!("{{wasm:{probe}}}"))
+}
+
+async fn crud_atomics_and_batch(options: NodeOptions) {
+    crud_atomics_and_batch_with(options, "kv-probe").await;
+}
+
+async fn crud_atomics_and_batch_through_draft2(options: NodeOptions) {
+    crud_atomics_and_batch_with(options, "kv-probe-draft2").await;
+}
 on_both_backends!(data_survives_a_node_restart);
 on_both_backends!(ungranted_buckets_are_access_denied);
 
@@ -53,8 +70,8 @@ async fn send(node: &TestNode, method: &str, path: &str, body: &str) -> serde_js
     response.json()
 }
 
-async fn crud_atomics_and_batch(options: NodeOptions) {
-    let node = TestNode::start_with(MANIFEST, &options).await;
+async fn crud_atomics_and_batch_with(options: NodeOptions, probe: &str) {
+    let node = TestNode::start_with(&manifest(probe), &options).await;
 
     assert_eq!(
         send(&node, "GET", "/cart/kv/default/apple", "").await["value"],
@@ -233,4 +250,42 @@ async fn ungranted_buckets_are_access_denied(options: NodeOptions) {
         )
         .await;
     assert_eq!(response.status, 403);
+}
+
+async fn draft2_compare_and_swap_and_signed_counters(options: NodeOptions) {
+    let node = TestNode::start_with(&manifest("kv-probe-draft2"), &options).await;
+    // Compare-and-swap: into an absent key, then from the value it holds.
+    let swapped = send(&node, "POST", "/cart/cas/default/lock", "mine").await;
+    assert_eq!(swapped["swapped"], true, "{swapped}");
+    let swapped = send(&node, "POST", "/cart/cas/default/lock?expect=mine", "yours").await;
+    assert_eq!(swapped["swapped"], true, "{swapped}");
+    assert_eq!(
+        send(&node, "GET", "/cart/kv/default/lock", "").await["value"],
+        "yours"
+    );
+    // A write between reading and swapping: the host refuses the swap (cas-failed)...
+    let refused = send(
+        &node,
+        "POST",
+        "/cart/cas/default/lock?expect=yours&interfere=theirs",
+        "mine-again",
+    )
+    .await;
+    assert_eq!(refused["swapped"], false, "{refused}");
+    assert_eq!(refused["reason"], "cas-failed", "{refused}");
+    // ...and the other writer's value stands.
+    assert_eq!(
+        send(&node, "GET", "/cart/kv/default/lock", "").await["value"],
+        "theirs"
+    );
+
+    // draft2's counters are signed.
+    assert_eq!(
+        send(&node, "POST", "/cart/incr/default/stock?by=2", "").await["value"],
+        2
+    );
+    assert_eq!(
+        send(&node, "POST", "/cart/incr/default/stock?by=-5", "").await["value"],
+        -3
+    );
 }

@@ -28,3 +28,30 @@ pub mod handler {
         },
     });
 }
+
+/// The interface versions other hosts serve (`wit/compat/world.wit`): Spin 4's key-value
+/// and config drafts, wasmCloud's config draft and logging. Implemented by the same
+/// capabilities as Trellis's own versions.
+pub mod compat {
+    wasmtime::component::bindgen!({
+        path: "../wit/compat",
+        world: "trellis:compat/compat",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:keyvalue/store.bucket": crate::capabilities::keyvalue::Bucket,
+            "wasi:keyvalue/atomics.cas": crate::capabilities::keyvalue_draft2::Cas,
+        },
+        trappable_error_type: {
+            "wasi:keyvalue/store.error" => crate::capabilities::keyvalue::KvError,
+        },
+    });
+}
+
+/// wasmCloud's older `wasi:config/runtime@0.2.0-draft` (`wit/compat-runtime`).
+pub mod compat_runtime {
+    wasmtime::component::bindgen!({
+        path: "../wit/compat-runtime",
+        world: "trellis:compat-runtime/compat-runtime",
+        imports: { default: trappable },
+    });
+}

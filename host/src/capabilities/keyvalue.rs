@@ -7,9 +7,9 @@
 //!   component never sees another's keys, whatever bucket name it passes.
 //! - Errors: a database failure is the guest's to handle (`error.other`); a host bug (a
 //!   dangling resource) traps. [`KvError`] carries which, and `convert_error` decides.
-//! - `atomics.increment` keeps counters as decimal text (as wasmtime's implementation does),
-//!   creating a missing key with the delta; a value that is not a number, or an overflow,
-//!   is `error.other`.
+//! - `atomics.increment` keeps counters as signed decimal text (as wasmtime's implementation
+//!   does, draft2's counters being signed), creating a missing key with the delta; a value
+//!   that is not a number, or an overflow, is `error.other`. Draft2 is [`super::keyvalue_draft2`].
 
 use std::sync::Arc;
 
@@ -70,8 +70,17 @@ pub trait KeyValueBackend: Send + Sync {
         &self,
         bucket: &str,
         key: &str,
-        delta: u64,
-    ) -> Result<Result<u64, String>, sqlx::Error>;
+        delta: i64,
+    ) -> Result<Result<i64, String>, sqlx::Error>;
+    /// Sets `key` to `value` only if it still holds `expected` (`None`: absent), in one
+    /// statement; whether it did.
+    async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, sqlx::Error>;
 }
 
 /// What a deployment grants: the bucket names, and the backend they live in.
@@ -147,7 +156,7 @@ pub fn add_to_linker<T: Send + 'static>(
 
 impl KeyValue<'_> {
     /// Whether a write may start under the tenant's storage quota.
-    fn may_write(&self) -> Result<(), KvError> {
+    pub(super) fn may_write(&self) -> Result<(), KvError> {
         match self.grant.and_then(|g| g.meter.as_ref()) {
             Some(meter) => meter.may_write().map_err(other),
             None => Ok(()),
@@ -155,12 +164,12 @@ impl KeyValue<'_> {
     }
 
     /// The meter to tell after a write (taken before the write: the view is not `Sync`).
-    fn meter(&self) -> Option<Arc<StorageMeter>> {
+    pub(super) fn meter(&self) -> Option<Arc<StorageMeter>> {
         self.grant.and_then(|g| g.meter.clone())
     }
 
     /// The bucket's name and the backend, for an open bucket handle.
-    fn bucket(
+    pub(super) fn bucket(
         &self,
         bucket: &Resource<Bucket>,
     ) -> Result<(String, Arc<dyn KeyValueBackend>), KvError> {
@@ -170,6 +179,21 @@ impl KeyValue<'_> {
             .grant
             .ok_or_else(|| KvError::Trap(wasmtime::format_err!("bucket without a grant")))?;
         Ok((name, grant.backend.clone()))
+    }
+
+    /// Adds `delta` to a counter (both key-value versions' `increment`).
+    pub(super) async fn add(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+        delta: i64,
+    ) -> Result<i64, KvError> {
+        let (name, backend) = self.bucket(bucket)?;
+        self.may_write()?;
+        let meter = self.meter();
+        let value = backend.increment(&name, key, delta).await?.map_err(other)?;
+        wrote(meter).await;
+        Ok(value)
     }
 }
 
@@ -253,15 +277,14 @@ impl atomics::Host for KeyValue<'_> {
         key: String,
         delta: u64,
     ) -> Result<u64, KvError> {
-        let (name, backend) = self.bucket(&bucket)?;
-        self.may_write()?;
-        let meter = self.meter();
-        let value = backend
-            .increment(&name, &key, delta)
-            .await?
-            .map_err(other)?;
-        wrote(meter).await;
-        Ok(value)
+        let delta =
+            i64::try_from(delta).map_err(|_| other("the delta is larger than a counter holds"))?;
+        let value = self.add(&bucket, &key, delta).await?;
+        u64::try_from(value).map_err(|_| {
+            other(
+                "the counter is negative (set through wasi:keyvalue@0.2.0-draft2, which reads it)",
+            )
+        })
     }
 }
 
@@ -309,24 +332,24 @@ impl batch::Host for KeyValue<'_> {
 }
 
 /// After a write: the database measured again.
-async fn wrote(meter: Option<Arc<StorageMeter>>) {
+pub(super) async fn wrote(meter: Option<Arc<StorageMeter>>) {
     if let Some(meter) = meter {
         meter.wrote().await;
     }
 }
 
-/// Parses a stored counter and adds `delta` to it.
-fn add_to_counter(current: Option<&[u8]>, delta: u64) -> Result<u64, String> {
+/// Parses a stored counter (signed decimal text) and adds `delta` to it.
+fn add_to_counter(current: Option<&[u8]>, delta: i64) -> Result<i64, String> {
     let current = match current {
         None => 0,
         Some(bytes) => std::str::from_utf8(bytes)
             .ok()
-            .and_then(|s| s.parse::<u64>().ok())
+            .and_then(|s| s.parse::<i64>().ok())
             .ok_or("the stored value is not a decimal counter")?,
     };
     current
         .checked_add(delta)
-        .ok_or_else(|| "the counter would overflow u64".to_string())
+        .ok_or_else(|| "the counter would overflow".to_string())
 }
 
 /// Implements [`KeyValueBackend`] for a backend type with `pool()` and `write_turn()`: the
@@ -398,9 +421,41 @@ macro_rules! sql_key_value_backend {
                 &self,
                 bucket: &str,
                 key: &str,
-                delta: u64,
-            ) -> Result<Result<u64, String>, sqlx::Error> {
+                delta: i64,
+            ) -> Result<Result<i64, String>, sqlx::Error> {
                 self.increment_counter(bucket, key, delta).await
+            }
+
+            async fn compare_and_swap(
+                &self,
+                bucket: &str,
+                key: &str,
+                expected: Option<&[u8]>,
+                value: &[u8],
+            ) -> Result<bool, sqlx::Error> {
+                let _turn = self.write_turn().await?;
+                let done = match expected {
+                    Some(expected) => sqlx::query(
+                        "UPDATE trellis_kv SET value = $4 WHERE bucket = $1 AND key = $2 AND value = $3",
+                    )
+                    .bind(bucket)
+                    .bind(key)
+                    .bind(expected)
+                    .bind(value)
+                    .execute(self.pool())
+                    .await?
+                    .rows_affected(),
+                    None => sqlx::query(
+                        "INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(bucket)
+                    .bind(key)
+                    .bind(value)
+                    .execute(self.pool())
+                    .await?
+                    .rows_affected(),
+                };
+                Ok(done == 1)
             }
         }
     };
@@ -448,8 +503,8 @@ impl SqliteKeyValue {
         &self,
         bucket: &str,
         key: &str,
-        delta: u64,
-    ) -> Result<Result<u64, String>, sqlx::Error> {
+        delta: i64,
+    ) -> Result<Result<i64, String>, sqlx::Error> {
         // IMMEDIATE takes the write lock up front, so concurrent increments serialize
         // instead of failing with SQLITE_BUSY when they upgrade a read.
         let _turn = self.write_turn().await?;
@@ -515,8 +570,8 @@ impl PostgresKeyValue {
         &self,
         bucket: &str,
         key: &str,
-        delta: u64,
-    ) -> Result<Result<u64, String>, sqlx::Error> {
+        delta: i64,
+    ) -> Result<Result<i64, String>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         // Make sure the row exists, then lock it: concurrent increments queue on the lock.
         sqlx::query("INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2, '0') ON CONFLICT DO NOTHING")
@@ -555,6 +610,7 @@ mod tests {
         assert_eq!(add_to_counter(None, 5), Ok(5));
         assert_eq!(add_to_counter(Some(b"41"), 1), Ok(42));
         assert!(add_to_counter(Some(b"forty"), 1).is_err());
-        assert!(add_to_counter(Some(u64::MAX.to_string().as_bytes()), 1).is_err());
+        assert!(add_to_counter(Some(i64::MAX.to_string().as_bytes()), 1).is_err());
+        assert_eq!(add_to_counter(Some(b"2"), -5), Ok(-3));
     }
 }

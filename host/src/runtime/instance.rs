@@ -34,7 +34,10 @@ pub fn build_linker(
     wasmtime_wasi::p3::add_to_linker(&mut linker)?;
     wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
+    crate::capabilities::config::add_to_linker(&mut linker, InstanceState::config_drafts)?;
+    crate::capabilities::logging::add_to_linker(&mut linker, InstanceState::logging)?;
     crate::capabilities::keyvalue::add_to_linker(&mut linker, InstanceState::keyvalue)?;
+    crate::capabilities::keyvalue_draft2::add_to_linker(&mut linker, InstanceState::keyvalue)?;
     crate::capabilities::sql::add_to_linker(&mut linker, InstanceState::sql)?;
     crate::capabilities::messaging::add_to_linker(&mut linker, InstanceState::messaging)?;
     Ok(linker)
@@ -50,6 +53,8 @@ pub struct Grants {
     /// The tenant the instances run for (its memory budget and CPU turns).
     pub owner: Arc<crate::tenancy::Tenant>,
     pub config: Arc<WasiConfigVariables>,
+    /// The config values again, for the other `wasi:config` versions.
+    pub config_values: crate::capabilities::config::ConfigValues,
     /// The config values again, as environment variables.
     pub env: Vec<(String, String)>,
     /// (host directory, guest path, writable)
@@ -69,6 +74,9 @@ pub struct InstanceState {
     http: WasiHttpCtx,
     table: ResourceTable,
     config: Arc<WasiConfigVariables>,
+    config_values: crate::capabilities::config::ConfigValues,
+    tenant: Arc<str>,
+    component: Arc<str>,
     outbound: OutboundPolicy,
     keyvalue: Option<Arc<KeyValueGrant>>,
     sql: Option<Arc<SqlGrant>>,
@@ -125,6 +133,9 @@ impl InstanceState {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             config: grants.config.clone(),
+            config_values: grants.config_values.clone(),
+            tenant: grants.tenant.clone(),
+            component: grants.component.clone(),
             outbound: grants.outbound.for_instance(),
             keyvalue: grants.keyvalue.clone(),
             sql: grants.sql.clone(),
@@ -145,6 +156,19 @@ impl InstanceState {
 
     pub fn config(&mut self) -> WasiConfig<'_> {
         WasiConfig::new(&self.config)
+    }
+
+    pub fn config_drafts(&mut self) -> crate::capabilities::config::Config<'_> {
+        crate::capabilities::config::Config {
+            values: &self.config_values,
+        }
+    }
+
+    pub fn logging(&mut self) -> crate::capabilities::logging::Logging<'_> {
+        crate::capabilities::logging::Logging {
+            tenant: &self.tenant,
+            component: &self.component,
+        }
     }
 
     pub fn messaging(&mut self) -> Messaging<'_> {

@@ -199,6 +199,7 @@ impl Version {
             memory_budget: services.memory_budget,
             owner: services.owner.clone(),
             config: Arc::new(spec.config.iter().collect::<WasiConfigVariables>()),
+            config_values: Arc::new(spec.config.clone()),
             env: spec
                 .config
                 .iter()
