@@ -340,6 +340,32 @@ async fn a_tenant_token_manages_only_its_tenant() {
         .await;
     expect(allowed, 200, "a public outbound host").await;
 
+    // Nor may it have the node pull code from the node's own machine or a private network.
+    let versions = format!("{hello_path}/versions?activate=true&source=");
+    for registry in ["127.0.0.1:5000", "10.0.0.7", "localhost:5000"] {
+        let refused = node
+            .admin_with(
+                "POST",
+                &format!("{versions}oci://{registry}/shop/hello:1"),
+                None,
+                &as_shop,
+            )
+            .await;
+        let refused = expect(refused, 403, &format!("pulling from {registry}")).await;
+        assert_eq!(refused["error"], "forbidden");
+    }
+    // Positive control: a public registry is tried (and, not existing, cannot be reached).
+    let tried = node
+        .admin_with(
+            "POST",
+            &format!("{versions}oci://registry.invalid/shop/hello:1"),
+            None,
+            &as_shop,
+        )
+        .await;
+    assert_eq!(tried.status, 502, "{}", tried.body);
+    assert_eq!(tried.json()["error"], "registry_unreachable", "{}", tried.body);
+
     // Anything else: 403.
     for (method, path, payload) in [
         ("GET", "/v1/tenants/blog", None),
