@@ -97,7 +97,7 @@ limits = { max_body = "16MiB", deadline = "20s" }
 [components.small]
 source = "{wasm:hello-p3}"
 routes = ["/small"]
-limits = { max_body = "64KiB" }
+limits = { max_body = "64KiB", deadline = "300ms" }
 
 [components.p2]
 source = "{wasm:probe}"
@@ -161,6 +161,17 @@ outbound = ["p3.internal"]
         "{}",
         denied.body
     );
+
+    // A trap is the component's 500, and the next request gets a fresh instance.
+    let trapped = node.get("/p3/trap").await;
+    assert_eq!(trapped.status, 500, "{}", trapped.body);
+    assert_eq!(trapped.json()["error"], "component_trap");
+    assert_eq!(node.get("/p3/after").await.json()["service"], "hello-p3");
+    // A runaway guest is stopped at its deadline.
+    let stopped = node.get("/small/loop").await;
+    assert_eq!(stopped.status, 504, "{}", stopped.body);
+    assert_eq!(stopped.json()["error"], "deadline_exceeded");
+    assert_eq!(node.get("/small/after").await.json()["service"], "hello-p3");
 
     // Metered like every component: each of those calls instantiated it once.
     let metrics = node.metrics().await;

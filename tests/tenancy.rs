@@ -364,7 +364,12 @@ async fn a_tenant_token_manages_only_its_tenant() {
         )
         .await;
     assert_eq!(tried.status, 502, "{}", tried.body);
-    assert_eq!(tried.json()["error"], "registry_unreachable", "{}", tried.body);
+    assert_eq!(
+        tried.json()["error"],
+        "registry_unreachable",
+        "{}",
+        tried.body
+    );
 
     // Anything else: 403.
     for (method, path, payload) in [
