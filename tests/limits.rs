@@ -193,6 +193,24 @@ async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not() 
 }
 
 #[tokio::test]
+async fn a_trap_while_streaming_a_body_cuts_it_off() {
+    let node = TestNode::start(MANIFEST).await;
+    let response = node
+        .try_request("GET", "/probe/stream-trap", None, &[])
+        .await;
+    // The head was sent; the body must end in an error, never as if it were whole.
+    assert!(
+        response.is_err(),
+        "a truncated body ended cleanly: {:?}",
+        response.map(|r| r.body)
+    );
+    // Positive control: a whole streamed body ends cleanly.
+    let whole = node.stream_echo("/echo/echo", 1024, 1024).await;
+    assert!(whole.error.is_none() && whole.echoes(1024), "{whole:?}");
+    assert_eq!(metric(&node, "trellis_traps_total", "probe").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_streamed_body_is_cut_off_where_it_passes_the_limit() {
     let node = TestNode::start(MANIFEST).await;
     // Positive control: under the limit, the echo comes back whole.

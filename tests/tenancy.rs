@@ -242,6 +242,14 @@ async fn tenants_are_created_changed_and_removed_at_runtime(options: NodeOptions
 }
 
 const TWO_TENANTS: &str = r#"
+# Registries tenant tokens may have the node pull from (neither exists: a pull is tried
+# and fails as unreachable, which is how the test tells "tried" from "refused").
+[node.registries."shop-registry.invalid"]
+tenants = ["shop"]
+
+[node.registries."blog-registry.invalid"]
+tenants = ["blog"]
+
 [tenants.shop]
 hosts = ["shop.test"]
 
@@ -340,9 +348,16 @@ async fn a_tenant_token_manages_only_its_tenant() {
         .await;
     expect(allowed, 200, "a public outbound host").await;
 
-    // Nor may it have the node pull code from the node's own machine or a private network.
+    // Nor may it have the node pull code from a registry the operator did not list for it:
+    // not the node's own machine, not a private network, not another tenant's registry.
     let versions = format!("{hello_path}/versions?activate=true&source=");
-    for registry in ["127.0.0.1:5000", "10.0.0.7", "localhost:5000"] {
+    for registry in [
+        "127.0.0.1:5000",
+        "10.0.0.7",
+        "localhost:5000",
+        "ghcr.io",
+        "blog-registry.invalid",
+    ] {
         let refused = node
             .admin_with(
                 "POST",
@@ -354,11 +369,11 @@ async fn a_tenant_token_manages_only_its_tenant() {
         let refused = expect(refused, 403, &format!("pulling from {registry}")).await;
         assert_eq!(refused["error"], "forbidden");
     }
-    // Positive control: a public registry is tried (and, not existing, cannot be reached).
+    // Positive control: its own registry is tried (and, not existing, cannot be reached).
     let tried = node
         .admin_with(
             "POST",
-            &format!("{versions}oci://registry.invalid/shop/hello:1"),
+            &format!("{versions}oci://shop-registry.invalid/shop/hello:1"),
             None,
             &as_shop,
         )

@@ -40,6 +40,7 @@ use serde::Deserialize;
 use crate::admin::Caller;
 use crate::capabilities::outbound::ResponseBody;
 use crate::deploy::canary::CanaryPolicy;
+use crate::deploy::oci::Puller;
 use crate::deploy::registry::{DeployError, Registry, UploadAction};
 use crate::deploy::tenants::TenantData;
 use crate::manifest::{ComponentSpec, TenantSpec};
@@ -280,26 +281,6 @@ fn is_private_host(host: &str) -> bool {
     }
 }
 
-/// A tenant token may have the node pull from a public registry, or from one the
-/// operator listed in `node.registries`; never from the node's own machine or private
-/// network otherwise (the node would be its proxy there).
-fn tenant_may_pull(registry: &Registry, reference: &str) -> Result<(), DeployError> {
-    let host = reference
-        .strip_prefix(crate::grammar::oci::SCHEME)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_default();
-    if is_private_host(host) && !registry.node().registries.contains_key(host) {
-        return Err(DeployError::new(
-            403,
-            "forbidden",
-            format!(
-                "registry {host:?} is the node's own machine or a private network: only the operator's token may pull from it (or list it in node.registries)"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 async fn component(
     registry: &Registry,
     caller: &Caller,
@@ -418,10 +399,11 @@ async fn upload(
         .map(str::to_string);
     // `?source=oci://...`: the node pulls the code from a registry; the body is empty.
     if let Some(reference) = param(&params, "source") {
-        if matches!(caller, Caller::Tenant(_)) {
-            tenant_may_pull(registry, reference)?;
-        }
-        let pulled = registry.pull(reference).await?;
+        let puller = match caller {
+            Caller::Tenant(tenant) => Puller::Tenant(tenant),
+            Caller::Operator => Puller::Operator,
+        };
+        let pulled = registry.pull(reference, puller).await?;
         let size = pulled.bytes.len();
         let uploaded = registry
             .upload(tenant, name, pulled.bytes, expected.as_deref(), action)

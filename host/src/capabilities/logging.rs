@@ -50,7 +50,12 @@ impl logging::Host for Logging<'_> {
         message: String,
     ) -> wasmtime::Result<()> {
         let (tenant, component) = (&**self.tenant, &**self.component);
-        let (context, message) = (clip(&context), clip(&message));
+        // One call is one log line: a newline may not start a line that looks like
+        // another's.
+        let (context, message) = (
+            clip(&context).replace('\n', "\\n"),
+            clip(&message).replace('\n', "\\n"),
+        );
         macro_rules! guest_log {
             ($level:ident $(, $extra:ident = $value:expr)?) => {
                 tracing::$level!(target: "trellis::guest", tenant = %tenant, component = %component, context = %context $(, $extra = $value)?, "{message}")

@@ -66,7 +66,10 @@ impl CodeStore {
             tokio::fs::create_dir_all(&self.dir)
                 .await
                 .with_context(|| format!("creating {}", self.dir.display()))?;
-            let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+            // Unique per write: two pulls of the same layer may write at once.
+            static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let temporary = path.with_extension(format!("tmp{}-{write}", std::process::id()));
             tokio::fs::write(&temporary, bytes)
                 .await
                 .with_context(|| format!("writing {}", temporary.display()))?;

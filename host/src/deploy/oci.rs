@@ -17,6 +17,10 @@
 //!   without the registry still serves).
 //! - Credentials: `[node.registries."HOST"]` in the manifest, else the docker-style config
 //!   file (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`), else anonymous.
+//! - A pull a tenant token asks for ([`Puller::Tenant`]) goes only to a registry the
+//!   operator listed for that tenant (`tenants` in `node.registries`), and never takes a
+//!   shortcut through what the node pulled before: the tenant's own access to the
+//!   manifest and the layer is what lets its code in.
 //!   Loopback registries (`localhost`, `127.*`, `[::1]`) and those marked `insecure` are
 //!   spoken to over plain HTTP, as Docker does for localhost.
 
@@ -66,6 +70,10 @@ pub enum OciError {
     DigestMismatch { reference: String, reason: String },
     #[error("{reference}: {reason}")]
     Other { reference: String, reason: String },
+    #[error(
+        "registry {registry} is not one this tenant may pull from: the operator lists those in node.registries (tenants = [...])"
+    )]
+    NotAllowed { registry: String },
 }
 
 impl OciError {
@@ -80,6 +88,7 @@ impl OciError {
             OciError::TooLarge { .. } => "too_large",
             OciError::DigestMismatch { .. } => "digest_mismatch",
             OciError::Other { .. } => "registry_error",
+            OciError::NotAllowed { .. } => "forbidden",
         }
     }
 
@@ -88,6 +97,7 @@ impl OciError {
         match self {
             OciError::BadReference { .. } | OciError::NotWasm { .. } => 422,
             OciError::NotFound { .. } => 404,
+            OciError::NotAllowed { .. } => 403,
             OciError::TooLarge { .. } => 413,
             OciError::Unreachable { .. }
             | OciError::Unauthorized { .. }
@@ -176,6 +186,29 @@ pub fn credentials(registry: &str, configured: Option<&RegistrySpec>) -> Registr
     RegistryAuth::Anonymous
 }
 
+/// On whose behalf a pull runs.
+#[derive(Clone, Copy)]
+pub enum Puller<'a> {
+    /// The operator (the manifest, the operator's token): the node's credentials and cache.
+    Operator,
+    /// A tenant token: only registries listed for the tenant, nothing from the cache.
+    Tenant(&'a str),
+}
+
+/// Bytes kept under `digest`, if they still are exactly that.
+async fn kept(code: &CodeStore, digest: &str) -> Option<Vec<u8>> {
+    let bytes = code.get(digest).await.ok()?;
+    if code::digest(&bytes) == digest {
+        Some(bytes)
+    } else {
+        tracing::warn!(version = %digest, "a kept version does not match its digest; pulling it again");
+        None
+    }
+}
+
+/// How long one pull may take in all.
+const PULL_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// What one reference resolved to, last time it was pulled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Resolved {
@@ -244,12 +277,30 @@ impl OciSource {
         reference: &str,
         code: &CodeStore,
         max_size: u64,
+        puller: Puller<'_>,
     ) -> Result<Pulled, OciError> {
         let parsed = parse(reference)?;
+        if let Puller::Tenant(tenant) = puller {
+            let registry = parsed.resolve_registry();
+            let allowed = self
+                .registries
+                .get(registry)
+                .is_some_and(|spec| spec.tenants.iter().any(|t| t == tenant || t == "*"));
+            if !allowed {
+                return Err(OciError::NotAllowed {
+                    registry: registry.to_string(),
+                });
+            }
+            let fetch = self.fetch(reference, &parsed, code, max_size, false);
+            return match tokio::time::timeout(PULL_TIMEOUT, fetch).await {
+                Ok(pulled) => pulled,
+                Err(_) => Err(timed_out(registry)),
+            };
+        }
         // A digest names the same bytes forever: the cache answers without the registry.
         if parsed.digest().is_some()
             && let Some(resolved) = self.cached(reference)
-            && let Ok(bytes) = code.get(&resolved.layer).await
+            && let Some(bytes) = kept(code, &resolved.layer).await
         {
             return Ok(Pulled {
                 bytes,
@@ -258,7 +309,12 @@ impl OciSource {
                 from_cache: true,
             });
         }
-        match self.fetch(reference, &parsed, code, max_size).await {
+        let fetch = self.fetch(reference, &parsed, code, max_size, true);
+        let fetched = match tokio::time::timeout(PULL_TIMEOUT, fetch).await {
+            Ok(fetched) => fetched,
+            Err(_) => Err(timed_out(parsed.resolve_registry())),
+        };
+        match fetched {
             Ok(pulled) => {
                 self.remember(reference, &pulled).await;
                 Ok(pulled)
@@ -267,7 +323,7 @@ impl OciSource {
                 let Some(resolved) = self.cached(reference) else {
                     return Err(error);
                 };
-                let Ok(bytes) = code.get(&resolved.layer).await else {
+                let Some(bytes) = kept(code, &resolved.layer).await else {
                     return Err(error);
                 };
                 tracing::warn!(%reference, version = %resolved.layer, %error, "registry unreachable; using the version this reference last resolved to");
@@ -288,6 +344,7 @@ impl OciSource {
         parsed: &Reference,
         code: &CodeStore,
         max_size: u64,
+        known_layers: bool,
     ) -> Result<Pulled, OciError> {
         let registry = parsed.resolve_registry().to_string();
         let client = self.client(&registry)?;
@@ -298,8 +355,9 @@ impl OciSource {
             .await
             .map_err(failed)?;
         let layer = check_manifest(reference, &manifest, max_size)?;
-        // The layer digest is the component's digest: known bytes are not fetched again.
-        if let Ok(bytes) = code.get(&layer.digest).await {
+        // The layer digest is the component's digest: known bytes are not fetched again
+        // (for the operator: a tenant's manifest could name code it may not read).
+        if known_layers && let Some(bytes) = kept(code, &layer.digest).await {
             return Ok(Pulled {
                 bytes,
                 digest: layer.digest.clone(),
@@ -417,6 +475,13 @@ fn check_manifest<'a>(
     Ok(layer)
 }
 
+fn timed_out(registry: &str) -> OciError {
+    OciError::Unreachable {
+        registry: registry.to_string(),
+        reason: format!("the pull took longer than {PULL_TIMEOUT:?}"),
+    }
+}
+
 fn classify(reference: &str, registry: &str, error: OciDistributionError) -> OciError {
     let reference_owned = reference.to_string();
     match error {
@@ -445,6 +510,16 @@ fn classify(reference: &str, registry: &str, error: OciDistributionError) -> Oci
         | OciDistributionError::ImageManifestNotFoundError(_) => OciError::NotFound {
             reference: reference_owned,
         },
+        // The registry is down or overloaded: as good as unreachable (a restart may serve
+        // what the reference last resolved to).
+        OciDistributionError::ServerError {
+            code: code @ (429 | 500..=599),
+            url,
+            ..
+        } => OciError::Unreachable {
+            registry: registry.to_string(),
+            reason: format!("{code} from {url}"),
+        },
         OciDistributionError::ServerError {
             code: code @ (401 | 403),
             url,
@@ -468,6 +543,11 @@ fn classify(reference: &str, registry: &str, error: OciDistributionError) -> Oci
                 reason: "access denied".into(),
             }
         }
+        // Its body is not passed on: a registry's error page is not the client's to read.
+        OciDistributionError::ServerError { code, url, .. } => OciError::Other {
+            reference: reference_owned,
+            reason: format!("the registry answered {code} for {url}"),
+        },
         OciDistributionError::DigestError(e) => OciError::DigestMismatch {
             reference: reference_owned,
             reason: e.to_string(),

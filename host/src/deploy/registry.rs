@@ -1407,7 +1407,7 @@ impl Registry {
             let max = self.config.node.max_component_size.as_u64();
             let pulled = self
                 .oci
-                .pull(reference, &self.code, max)
+                .pull(reference, &self.code, max, super::oci::Puller::Operator)
                 .await
                 .map_err(|e| read_error(e.to_string()))?;
             return Ok((pulled.bytes, pulled.digest));
@@ -1424,11 +1424,16 @@ impl Registry {
         Ok(fingerprint(spec, &digest))
     }
 
-    /// Pulls `reference` for an upload through the admin API (`?source=oci://...`).
-    pub async fn pull(&self, reference: &str) -> Result<super::oci::Pulled, DeployError> {
+    /// Pulls `reference` for an upload through the admin API (`?source=oci://...`), on
+    /// behalf of the operator or of a tenant token.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        puller: super::oci::Puller<'_>,
+    ) -> Result<super::oci::Pulled, DeployError> {
         let max = self.config.node.max_component_size.as_u64();
         self.oci
-            .pull(reference, &self.code, max)
+            .pull(reference, &self.code, max, puller)
             .await
             .map_err(|e| DeployError::new(e.status(), e.code(), e.to_string()))
     }

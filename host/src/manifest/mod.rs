@@ -89,6 +89,10 @@ pub struct RegistrySpec {
     /// Plain HTTP instead of HTTPS (loopback registries always are).
     #[serde(default)]
     pub insecure: bool,
+    /// Tenants whose tokens may have the node pull from this registry, with these
+    /// credentials (`"*"`: every tenant). A tenant token may pull from no other registry.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 /// `[node.events]`: durable events (JetStream with `nats_url`, else `DATA_DIR/events.db`).

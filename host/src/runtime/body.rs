@@ -4,8 +4,11 @@
 //! the response head before it writes its body, or read the answer while still writing).
 //!
 //! Passing the limit fails the guest's next read with `HTTP-request-body-size` and marks
-//! the call ([`Overflow`]): an answer not yet sent becomes 413, and a response already
+//! the call ([`RequestBody`]): an answer not yet sent becomes 413, and a response already
 //! streaming is cut off (the client sees a reset, never a body that looks complete).
+//! Whether the guest was waiting for the client's bytes is tracked too: a body too large
+//! or too slow is the client's doing, not a failure of the component (no trap or deadline
+//! kill is counted against it, and a canary is not judged by it).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,17 +18,41 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-/// Whether a call's request body passed its limit; shared by the request and response side.
+/// A flag one side of a call raises and the other reads (request and response side, or
+/// the instance and its response body).
 #[derive(Clone, Default)]
-pub struct Overflow(Arc<AtomicBool>);
+pub struct Flag(Arc<AtomicBool>);
 
-impl Overflow {
-    pub fn happened(&self) -> bool {
+impl Flag {
+    pub fn raised(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
 
-    pub fn mark(&self) {
+    pub fn raise(&self) {
         self.0.store(true, Ordering::Release);
+    }
+
+    fn set(&self, value: bool) {
+        self.0.store(value, Ordering::Release);
+    }
+}
+
+/// What the metering saw of one call's request body.
+#[derive(Clone, Default)]
+pub struct RequestBody {
+    /// It passed `max_body`.
+    pub overflow: Flag,
+    /// The guest is waiting for bytes the client has not sent yet.
+    waiting: Flag,
+}
+
+impl RequestBody {
+    /// Whether `failure` is the client's doing: its body was too large, or the guest was
+    /// still waiting for it when the deadline came.
+    pub fn clients_fault(&self, failure: &crate::runtime::invoke::Failure) -> bool {
+        self.overflow.raised()
+            || (matches!(failure, crate::runtime::invoke::Failure::Deadline(_))
+                && self.waiting.raised())
     }
 }
 
@@ -34,16 +61,16 @@ pub struct Metered<B> {
     inner: B,
     max: u64,
     seen: u64,
-    overflow: Overflow,
+    state: RequestBody,
 }
 
 impl<B> Metered<B> {
-    pub fn new(inner: B, max: u64, overflow: Overflow) -> Self {
+    pub fn new(inner: B, max: u64, state: RequestBody) -> Self {
         Self {
             inner,
             max,
             seen: 0,
-            overflow,
+            state,
         }
     }
 }
@@ -64,12 +91,14 @@ where
         if this.seen > this.max {
             return Poll::Ready(Some(Err(too_large(this.max))));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.state.waiting.set(polled.is_pending());
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.max {
-                        this.overflow.mark();
+                        this.state.overflow.raise();
                         return Poll::Ready(Some(Err(too_large(this.max))));
                     }
                 }
@@ -94,26 +123,27 @@ fn too_large(max: u64) -> wasmtime_wasi_http::Error {
     wasmtime_wasi_http::Error::HttpRequestBodySize(Some(max))
 }
 
-/// A response body that ends in an error, instead of its end, when the request body of
-/// the same call passed its limit: the guest's answer to a truncated request must not
-/// reach the client as if it were whole.
-pub struct CutOnOverflow<B> {
+/// A response body that ends in an error, instead of its end, once `flag` is raised: the
+/// request body passed its limit, or the instance writing the body failed. Either way
+/// what the client got must not look whole.
+pub struct CutOff<B> {
     inner: B,
-    overflow: Overflow,
+    flag: Flag,
+    why: &'static str,
 }
 
-impl<B> CutOnOverflow<B> {
-    pub fn new(inner: B, overflow: Overflow) -> Self {
-        Self { inner, overflow }
+impl<B> CutOff<B> {
+    pub fn new(inner: B, flag: Flag, why: &'static str) -> Self {
+        Self { inner, flag, why }
     }
 }
 
 /// The error a cut-off response ends with.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body passed the component's max_body; the response was cut off")]
-pub struct BodyCutOff;
+#[error("the response was cut off: {0}")]
+pub struct BodyCutOff(&'static str);
 
-impl<B> Body for CutOnOverflow<B>
+impl<B> Body for CutOff<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<crate::capabilities::outbound::BoxError>,
@@ -126,13 +156,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if this.overflow.happened() {
-            return Poll::Ready(Some(Err(Box::new(BodyCutOff))));
+        if this.flag.raised() {
+            return Poll::Ready(Some(Err(Box::new(BodyCutOff(this.why)))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) if this.overflow.happened() => {
-                Poll::Ready(Some(Err(Box::new(BodyCutOff))))
+            Poll::Ready(None) if this.flag.raised() => {
+                Poll::Ready(Some(Err(Box::new(BodyCutOff(this.why)))))
             }
             other => other.map_err(Into::into),
         }
@@ -159,21 +189,21 @@ mod tests {
 
     #[tokio::test]
     async fn counts_bytes_and_fails_past_the_limit() {
-        let overflow = Overflow::default();
+        let state = RequestBody::default();
         let small = Metered::new(
             Full::new(Bytes::from_static(b"12345")).map_err(never),
             5,
-            overflow.clone(),
+            state.clone(),
         );
         assert_eq!(small.collect().await.unwrap().to_bytes().len(), 5);
-        assert!(!overflow.happened());
+        assert!(!state.overflow.raised());
 
         let large = Metered::new(
             Full::new(Bytes::from_static(b"123456")).map_err(never),
             5,
-            overflow.clone(),
+            state.clone(),
         );
         assert!(large.collect().await.is_err());
-        assert!(overflow.happened());
+        assert!(state.overflow.raised());
     }
 }

@@ -346,13 +346,20 @@ struct LineBuffer {
 }
 
 impl LineBuffer {
-    fn write(&mut self, bytes: &[u8]) {
-        self.pending.extend_from_slice(bytes);
-        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
-            self.emit(newline + 1);
-        }
-        if self.pending.len() >= MAX_LOG_LINE {
-            self.emit(self.pending.len());
+    /// Takes the guest's bytes a line (or 8 KiB) at a time, so the partial line never
+    /// holds more than [`MAX_LOG_LINE`] however much one write carries.
+    fn write(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = MAX_LOG_LINE - self.pending.len();
+            let take = match bytes.iter().take(room).position(|&b| b == b'\n') {
+                Some(newline) => newline + 1,
+                None => bytes.len().min(room),
+            };
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.last() == Some(&b'\n') || self.pending.len() >= MAX_LOG_LINE {
+                self.emit(self.pending.len());
+            }
         }
     }
 

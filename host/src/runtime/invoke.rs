@@ -25,7 +25,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
-use crate::runtime::body::{CutOnOverflow, Metered, Overflow};
+use crate::runtime::body::{CutOff, Flag, Metered, RequestBody};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
 use crate::runtime::version::{DeadlineExceeded, HttpPre, Version};
 use crate::telemetry::metrics::ComponentMetrics;
@@ -540,10 +540,10 @@ where
         );
     }
     // The body streams into the guest as it arrives, counted against `max_body`.
-    let overflow = Overflow::default();
+    let flags = CallFlags::default();
     let body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error> =
         body.map_err(Into::into).boxed_unsync();
-    let body = Metered::new(body, max_body, overflow.clone()).boxed_unsync();
+    let body = Metered::new(body, max_body, flags.body.clone()).boxed_unsync();
     let request = Request::from_parts(parts, body);
 
     let store = match FRESH.store(&version, deadline, &[]) {
@@ -558,8 +558,6 @@ where
         let failure = Failure::Internal("the component does not serve HTTP".into());
         return (failure.response(name), Ending::Now(Some(failure)));
     };
-    // Set when the instance fails: a response body it was still writing is cut off.
-    let instance_failed = Overflow::default();
     let (run_instance, head) = match http {
         HttpPre::P2(_) => {
             match p2_instance(
@@ -569,6 +567,7 @@ where
                 store,
                 deadline,
                 request,
+                flags.clone(),
             ) {
                 Ok(started) => started,
                 Err(response) => return (*response, Ending::Now(None)),
@@ -581,7 +580,7 @@ where
             store,
             deadline,
             request,
-            instance_failed.clone(),
+            flags.clone(),
         ),
     };
     let mut run_instance = run_instance;
@@ -612,13 +611,31 @@ where
         }
     };
 
-    if overflow.happened() {
+    // A failure the client caused (a body too large or too slow) is not the component's.
+    let ending = match ending {
+        Ending::Now(Some(failure)) if flags.body.clients_fault(&failure) => Ending::Now(None),
+        Ending::Later(run) => {
+            let body = flags.body.clone();
+            Ending::Later(Box::pin(async move {
+                match run.await {
+                    Err(failure) if body.clients_fault(&failure) => Ok(()),
+                    other => other,
+                }
+            }))
+        }
+        ending => ending,
+    };
+    if flags.body.overflow.raised() {
         return (body_too_large(&version), ending);
     }
     let response = match head {
         Ok(Ok(response)) => response.map(|body| {
-            let body = CutOnOverflow::new(body, overflow);
-            CutOnOverflow::new(body, instance_failed).boxed_unsync()
+            let body = CutOff::new(
+                body,
+                flags.body.overflow.clone(),
+                "the request body passed max_body",
+            );
+            CutOff::new(body, flags.failed, "the component failed while writing it").boxed_unsync()
         }),
         Ok(Err(code)) => {
             tracing::warn!(component = name, error = %code, "component answered with an error code");
@@ -638,6 +655,26 @@ where
     (response, ending)
 }
 
+/// What the two sides of one HTTP call tell each other.
+#[derive(Clone, Default)]
+struct CallFlags {
+    /// What the metering saw of the request body.
+    body: RequestBody,
+    /// Raised when the instance fails: a response body it was still writing is cut off
+    /// (dropping the store would otherwise end it cleanly).
+    failed: Flag,
+}
+
+impl CallFlags {
+    /// Marks and records a failed instance, unless the client caused the failure.
+    fn failed(&self, failure: &Failure, version: &Version, metrics: &ComponentMetrics) {
+        self.failed.raise();
+        if !self.body.clients_fault(failure) {
+            failure.record(version, metrics);
+        }
+    }
+}
+
 /// A running instance: its outcome, known once it is gone.
 type InstanceRun = std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
 /// The response head an instance sends (or the error code it answers with); an error
@@ -655,6 +692,7 @@ fn p2_instance(
     mut store: Store<InstanceState>,
     deadline: Instant,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+    flags: CallFlags,
 ) -> Result<(InstanceRun, Head), Box<Response<ResponseBody>>> {
     let name = &*version.name;
     let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -695,7 +733,7 @@ fn p2_instance(
         };
         // Recorded in the instance task, so it happens even when the head was already sent.
         if let Err(failure) = &outcome {
-            failure.record(&instance, &metrics);
+            flags.failed(failure, &instance, &metrics);
         }
         retire(store);
         outcome
@@ -712,7 +750,7 @@ fn p2_instance(
 
 /// Starts a WASIp3 `wasi:http/handler` call. The guest may keep writing its body (and
 /// run other tasks) after `handle` returns, so the store's event loop runs until every
-/// task of the instance has exited; `failed` is marked before the store goes, so that a
+/// task of the instance has exited; a failure is flagged before the store goes, so that a
 /// body it was still writing ends in an error rather than a clean, truncated end.
 fn p3_instance(
     version: Arc<Version>,
@@ -721,7 +759,7 @@ fn p3_instance(
     mut store: Store<InstanceState>,
     deadline: Instant,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
-    failed: Overflow,
+    flags: CallFlags,
 ) -> (InstanceRun, Head) {
     use wasmtime::component::Accessor;
     use wasmtime_wasi_http::p3;
@@ -787,8 +825,7 @@ fn p3_instance(
             Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
         };
         if let Err(failure) = &outcome {
-            failed.mark();
-            failure.record(&instance, &metrics);
+            flags.failed(failure, &instance, &metrics);
         }
         retire(store);
         outcome
