@@ -398,32 +398,56 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     // `?source=oci://...`: the node pulls the code from a registry; the body is empty.
-    if let Some(reference) = param(&params, "source") {
-        let puller = match caller {
-            Caller::Tenant(tenant) => Puller::Tenant(tenant),
-            Caller::Operator => Puller::Operator,
-        };
-        let pulled = registry.pull(reference, puller).await?;
-        let size = pulled.bytes.len();
-        let uploaded = registry
-            .upload(tenant, name, pulled.bytes, expected.as_deref(), action)
-            .await?;
-        let mut answer = serde_json::json!({
-            "tenant": tenant,
-            "component": name,
-            "version": uploaded.digest,
-            "size": size,
-            "state": uploaded.state,
-            "source": reference,
-            "manifest": pulled.manifest,
-            "from_cache": pulled.from_cache,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-        });
-        if let Some(seq) = uploaded.seq {
-            answer["seq"] = seq.into();
+    let (bytes, pulled) = match param(&params, "source") {
+        Some(reference) => {
+            let puller = match caller {
+                Caller::Tenant(tenant) => Puller::Tenant(tenant),
+                Caller::Operator => Puller::Operator,
+            };
+            let pulled = registry.pull(reference, puller).await?;
+            let origin = serde_json::json!({
+                "source": reference,
+                "manifest": pulled.manifest,
+                "from_cache": pulled.from_cache,
+            });
+            (pulled.bytes, Some(origin))
         }
-        return Ok(json(StatusCode::CREATED, answer));
+        None => (read_upload(registry, request).await?, None),
+    };
+    let size = bytes.len();
+    let uploaded = registry
+        .upload(tenant, name, bytes, expected.as_deref(), action)
+        .await?;
+    let mut answer = serde_json::json!({
+        "tenant": tenant,
+        "component": name,
+        "version": uploaded.digest,
+        "size": size,
+        "state": uploaded.state,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    });
+    if let Some(seq) = uploaded.seq {
+        answer["seq"] = seq.into();
     }
+    if let (Some(answer), Some(serde_json::Value::Object(origin))) =
+        (answer.as_object_mut(), pulled)
+    {
+        answer.extend(origin);
+    }
+    let mut response = json(StatusCode::CREATED, answer);
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/v1/tenants/{tenant}/components/{name}"))
+            .expect("names are header-safe"),
+    );
+    Ok(response)
+}
+
+/// An upload's body: the component's bytes, up to `node.max_component_size`.
+async fn read_upload(
+    registry: &Registry,
+    request: Request<Incoming>,
+) -> Result<Vec<u8>, DeployError> {
     let limit = registry.node().max_component_size.as_u64() as usize;
     let declared = request
         .headers()
@@ -452,28 +476,7 @@ async fn upload(
             "the body must be the component's .wasm bytes",
         ));
     }
-    let size = bytes.len();
-    let uploaded = registry
-        .upload(tenant, name, bytes.to_vec(), expected.as_deref(), action)
-        .await?;
-    let mut answer = serde_json::json!({
-        "tenant": tenant,
-        "component": name,
-        "version": uploaded.digest,
-        "size": size,
-        "state": uploaded.state,
-        "elapsed_ms": started.elapsed().as_millis() as u64,
-    });
-    if let Some(seq) = uploaded.seq {
-        answer["seq"] = seq.into();
-    }
-    let mut response = json(StatusCode::CREATED, answer);
-    response.headers_mut().insert(
-        header::LOCATION,
-        HeaderValue::from_str(&format!("/v1/tenants/{tenant}/components/{name}"))
-            .expect("names are header-safe"),
-    );
-    Ok(response)
+    Ok(bytes.to_vec())
 }
 
 fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
