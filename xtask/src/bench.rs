@@ -37,8 +37,9 @@ struct Measured {
 }
 
 /// The sections of the report, in order; `cargo xtask bench SECTION...` runs only those.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "gateway",
+    "wasip3",
     "capabilities",
     "events",
     "hot-deploy",
@@ -70,6 +71,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut report = String::new();
     if runs("gateway") {
         report.push_str(&gateway(root, &release, &out_dir)?);
+    }
+    if runs("wasip3") {
+        report.push_str(&wasip3(root, &release, &out_dir)?);
     }
     if runs("capabilities") {
         report.push_str(&capabilities(&release, &out_dir)?);
@@ -166,7 +170,82 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     Ok(render(&results, &cost, &metrics))
 }
 
+/// The same WASIp3 hello (`components/fixtures/hello-p3`) through `wasmtime serve` (which
+/// reuses a p3 instance for up to 128 requests, 16 at once) and through Trellis (a fresh
+/// instance per request), beside native hyper; interleaved rounds as in `gateway`.
+fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let wasmtime = ensure_wasmtime_cli()?;
+    let hello = root.join("target/wasm/hello-p3.wasm");
+    let port = free_port()?;
+    let native = Server::start(
+        "native hyper (baseline)",
+        Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
+        port,
+        "/hello/ready",
+    )?;
+    let port = free_port()?;
+    let serve = Server::start(
+        "wasmtime serve 48, WASIp3 (default flags: instance reuse)",
+        Command::new(&wasmtime)
+            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
+            .arg(&hello),
+        port,
+        "/hello/ready",
+    )?;
+    let port = free_port()?;
+    let dir = out_dir.join("wasip3");
+    std::fs::create_dir_all(&dir)?;
+    let manifest = dir.join("trellis.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
+             [components.hello]\nsource = \"{hello}\"\nroutes = [\"/\"]\n\
+             limits = {{ max_concurrent = 256 }}\n",
+            data = dir.join("data").display(),
+            hello = hello.display()
+        ),
+    )?;
+    let trellis = start_trellis(
+        "trellis, WASIp3 (fresh instance per request)",
+        release,
+        &manifest,
+        port,
+    )?;
+    let servers = [&native, &serve, &trellis];
+    let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
+    for round in 1..=ROUNDS {
+        for (server, measured) in servers.iter().zip(rounds.iter_mut()) {
+            eprintln!("== wasip3 round {round}/{ROUNDS}: {}", server.name);
+            measured.push(measure(server)?);
+        }
+    }
+    let metrics = trellis.metrics()?;
+    drop((native, serve, trellis));
+    let results: Vec<(Measured, Vec<f64>)> = rounds
+        .into_iter()
+        .map(|mut runs| {
+            let all: Vec<f64> = runs.iter().map(|m| m.requests_per_sec).collect();
+            runs.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
+            (runs.swap_remove(runs.len() / 2), all)
+        })
+        .collect();
+    let mut out = String::from("### WASIp3 hello\n\n");
+    out.push_str(&table(&results, &metrics));
+    Ok(out)
+}
+
 fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String {
+    let mut out = table(results, metrics);
+    out.push_str(&format!(
+        "In-process, one thread, no HTTP (new Store + instantiate + call + read response): {cost}\n"
+    ));
+    out
+}
+
+/// The servers' table (the first is the baseline, the second `wasmtime serve`) and what
+/// Trellis's metrics said about the run.
+fn table(results: &[(Measured, Vec<f64>)], metrics: &str) -> String {
     let baseline = results[0].0.requests_per_sec;
     let serve = results[1].0.requests_per_sec;
     let mut out = format!(
@@ -205,9 +284,6 @@ fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String
         "\nDuring the trellis run, from its /metrics: mean instantiation {:.1} µs, mean gateway time to response head {:.1} µs.\n",
         mean("trellis_instantiation_duration_seconds").unwrap_or(f64::NAN),
         mean("trellis_request_duration_seconds").unwrap_or(f64::NAN)
-    ));
-    out.push_str(&format!(
-        "In-process, one thread, no HTTP (new Store + instantiate + call + read response): {cost}\n"
     ));
     out
 }
