@@ -1222,7 +1222,7 @@ routes = ["/cached"]
     );
     assert_eq!(code, 0, "{out}");
     let wstd_bytes = std::fs::read(&wstd).unwrap();
-    let blob = registry.blob_path(&sha256_hex(&wstd_bytes));
+    let blob = registry.blob_path(&trellis::deploy::code::digest(&wstd_bytes));
     let mut corrupted = wstd_bytes.clone();
     let middle = corrupted.len() / 2;
     corrupted[middle] ^= 0xff;
@@ -1272,12 +1272,4 @@ routes = ["/cached"]
     assert_eq!(service(&node.get("/cached").await), "hello");
     let serving = node.get("/svc").await;
     assert_eq!(serving.json()["probe"], "ok", "{}", serving.body);
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }

@@ -138,24 +138,9 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         ),
     )?;
     let trellis = start_trellis("trellis gateway", release, &manifest, port)?;
-    let servers = [&native, &serve, &trellis];
-    let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
-    for round in 1..=ROUNDS {
-        for (server, measured) in servers.iter().zip(rounds.iter_mut()) {
-            eprintln!("== round {round}/{ROUNDS}: {}", server.name);
-            measured.push(measure(server)?);
-        }
-    }
+    let results = interleaved_rounds("gateway", &[&native, &serve, &trellis])?;
     let metrics = trellis.metrics()?;
     drop((native, serve, trellis));
-    let results: Vec<(Measured, Vec<f64>)> = rounds
-        .into_iter()
-        .map(|mut runs| {
-            let all: Vec<f64> = runs.iter().map(|m| m.requests_per_sec).collect();
-            runs.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
-            (runs.swap_remove(runs.len() / 2), all)
-        })
-        .collect();
 
     let cost = Command::new(release.join("examples/instantiate_cost"))
         .env_remove("RUST_BACKTRACE")
@@ -212,27 +197,33 @@ fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         &manifest,
         port,
     )?;
-    let servers = [&native, &serve, &trellis];
+    let results = interleaved_rounds("wasip3", &[&native, &serve, &trellis])?;
+    let metrics = trellis.metrics()?;
+    drop((native, serve, trellis));
+    let mut out = String::from("### WASIp3 hello\n\n");
+    out.push_str(&table(&results, &metrics));
+    Ok(out)
+}
+
+/// `ROUNDS` rounds over `servers`, one after another within a round (so that drift in the
+/// machine's speed hits every server alike): each server's median round, and all of its
+/// rounds' requests/s.
+fn interleaved_rounds(section: &str, servers: &[&Server]) -> Result<Vec<(Measured, Vec<f64>)>> {
     let mut rounds: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
     for round in 1..=ROUNDS {
         for (server, measured) in servers.iter().zip(rounds.iter_mut()) {
-            eprintln!("== wasip3 round {round}/{ROUNDS}: {}", server.name);
+            eprintln!("== {section} round {round}/{ROUNDS}: {}", server.name);
             measured.push(measure(server)?);
         }
     }
-    let metrics = trellis.metrics()?;
-    drop((native, serve, trellis));
-    let results: Vec<(Measured, Vec<f64>)> = rounds
+    Ok(rounds
         .into_iter()
         .map(|mut runs| {
             let all: Vec<f64> = runs.iter().map(|m| m.requests_per_sec).collect();
             runs.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
             (runs.swap_remove(runs.len() / 2), all)
         })
-        .collect();
-    let mut out = String::from("### WASIp3 hello\n\n");
-    out.push_str(&table(&results, &metrics));
-    Ok(out)
+        .collect())
 }
 
 fn render(results: &[(Measured, Vec<f64>)], cost: &str, metrics: &str) -> String {
