@@ -1,5 +1,6 @@
 //! Limits: a trap, a runaway loop, a memory hog, a flood and an oversized body each get
-//! the documented answer, and the node keeps serving through all of them.
+//! the documented answer, and the node keeps serving through all of them; with a fresh
+//! instance per call and with warm instances reused alike.
 
 mod common;
 use std::io::{Read, Write};
@@ -33,14 +34,58 @@ routes = ["/echo"]
 limits = { max_body = "256KiB" }
 "#;
 
+/// Each test on [`MANIFEST`], once as it is (a fresh instance per call) and once with
+/// every component reusing warm instances: the limits hold the same either way.
+macro_rules! fresh_and_reused {
+    ($($name:ident),* $(,)?) => {
+        mod fresh {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::MANIFEST).await
+            })*
+        }
+        mod reused {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(&super::with_reuse(super::MANIFEST)).await
+            })*
+        }
+    };
+}
+
+fresh_and_reused!(
+    a_trap_answers_500_naming_the_component_and_the_next_request_succeeds,
+    an_infinite_loop_gets_504_at_its_deadline_while_other_components_keep_answering,
+    a_guest_growing_memory_is_stopped_at_its_cap_and_the_node_stays_up,
+    saturation_answers_503_promptly_instead_of_queueing,
+    a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not,
+    a_trap_while_streaming_a_body_cuts_it_off,
+    a_streamed_body_is_cut_off_where_it_passes_the_limit,
+);
+
+/// `manifest` with `reuse` turned on for every component.
+fn with_reuse(manifest: &str) -> String {
+    manifest
+        .lines()
+        .flat_map(|line| {
+            let table = line.starts_with("[components.");
+            [
+                Some(line.to_string()),
+                table.then(|| r#"reuse = { idle = "30s" }"#.to_string()),
+            ]
+        })
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The value of `series` for `component` (of the default tenant) in the node's metrics.
 async fn metric(node: &TestNode, series: &str, component: &str) -> f64 {
     node.metric(series, "default", component).await
 }
 
-#[tokio::test]
-async fn a_trap_answers_500_naming_the_component_and_the_next_request_succeeds() {
-    let node = TestNode::start(MANIFEST).await;
+async fn a_trap_answers_500_naming_the_component_and_the_next_request_succeeds(manifest: &str) {
+    let node = TestNode::start(manifest).await;
 
     let trapped = node.get("/probe/trap").await;
     assert_eq!(trapped.status, 500);
@@ -67,9 +112,10 @@ async fn a_trap_answers_500_naming_the_component_and_the_next_request_succeeds()
     assert_eq!(metric(&node, "trellis_traps_total", "probe").await, 1.0);
 }
 
-#[tokio::test]
-async fn an_infinite_loop_gets_504_at_its_deadline_while_other_components_keep_answering() {
-    let node = std::sync::Arc::new(TestNode::start(MANIFEST).await);
+async fn an_infinite_loop_gets_504_at_its_deadline_while_other_components_keep_answering(
+    manifest: &str,
+) {
+    let node = std::sync::Arc::new(TestNode::start(manifest).await);
 
     let looping = tokio::spawn({
         let node = node.clone();
@@ -105,9 +151,8 @@ async fn an_infinite_loop_gets_504_at_its_deadline_while_other_components_keep_a
     );
 }
 
-#[tokio::test]
-async fn a_guest_growing_memory_is_stopped_at_its_cap_and_the_node_stays_up() {
-    let mut node = TestNode::start(MANIFEST).await;
+async fn a_guest_growing_memory_is_stopped_at_its_cap_and_the_node_stays_up(manifest: &str) {
+    let mut node = TestNode::start(manifest).await;
 
     let grown = node.get("/probe/grow").await;
     assert_eq!(grown.status, 500, "{}", grown.body);
@@ -128,9 +173,8 @@ async fn a_guest_growing_memory_is_stopped_at_its_cap_and_the_node_stays_up() {
     );
 }
 
-#[tokio::test]
-async fn saturation_answers_503_promptly_instead_of_queueing() {
-    let node = std::sync::Arc::new(TestNode::start(MANIFEST).await);
+async fn saturation_answers_503_promptly_instead_of_queueing(manifest: &str) {
+    let node = std::sync::Arc::new(TestNode::start(manifest).await);
 
     // `lonely` admits one instance at a time; occupy it.
     let sleeper = tokio::spawn({
@@ -168,9 +212,8 @@ async fn saturation_answers_503_promptly_instead_of_queueing() {
     );
 }
 
-#[tokio::test]
-async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not() {
-    let node = TestNode::start(MANIFEST).await;
+async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not(manifest: &str) {
+    let node = TestNode::start(manifest).await;
 
     // Declared with content-length: refused before anything runs.
     let declared = node.post("/reader", vec![b'x'; 2000]).await;
@@ -192,9 +235,8 @@ async fn a_body_over_the_limit_gets_413_whether_its_length_is_declared_or_not() 
     assert_eq!(declared.json()["body_bytes"], 1000);
 }
 
-#[tokio::test]
-async fn a_trap_while_streaming_a_body_cuts_it_off() {
-    let node = TestNode::start(MANIFEST).await;
+async fn a_trap_while_streaming_a_body_cuts_it_off(manifest: &str) {
+    let node = TestNode::start(manifest).await;
     let response = node
         .try_request("GET", "/probe/stream-trap", None, &[])
         .await;
@@ -210,9 +252,8 @@ async fn a_trap_while_streaming_a_body_cuts_it_off() {
     assert_eq!(metric(&node, "trellis_traps_total", "probe").await, 1.0);
 }
 
-#[tokio::test]
-async fn a_streamed_body_is_cut_off_where_it_passes_the_limit() {
-    let node = TestNode::start(MANIFEST).await;
+async fn a_streamed_body_is_cut_off_where_it_passes_the_limit(manifest: &str) {
+    let node = TestNode::start(manifest).await;
     // Positive control: under the limit, the echo comes back whole.
     let whole = node.stream_echo("/echo/echo", 200 * 1024, 16 * 1024).await;
     assert_eq!(whole.status, 200, "{whole:?}");

@@ -142,18 +142,40 @@ impl Slot {
         self.versions.load().active.clone()
     }
 
-    /// Replaces the set of versions; calls already running keep theirs.
+    /// Replaces the set of versions; calls already running keep theirs. A version that
+    /// stops serving has its warm instances thrown away.
     pub fn swap(&self, versions: Versions) {
-        self.versions.store(Arc::new(versions));
+        let old = self.versions.swap(Arc::new(versions));
+        self.retire_warm(&old);
         self.fit_admission();
     }
 
     /// Changes the set of versions from whatever it is at that moment (a canary may have
     /// been rolled back or promoted by the node meanwhile); returns the new set.
     pub fn update(&self, change: impl Fn(&Versions) -> Versions) -> Arc<Versions> {
-        self.versions.rcu(|current| Arc::new(change(current)));
+        let old = self.versions.rcu(|current| Arc::new(change(current)));
+        self.retire_warm(&old);
         self.fit_admission();
         self.versions()
+    }
+
+    /// Throws away the warm instances of the versions in `old` that no longer serve.
+    fn retire_warm(&self, old: &Versions) {
+        let now = self.versions.load();
+        let serving = |version: &Arc<Version>| {
+            Arc::ptr_eq(version, &now.active)
+                || now
+                    .canary
+                    .as_ref()
+                    .is_some_and(|c| Arc::ptr_eq(version, &c.version))
+        };
+        let was_serving =
+            std::iter::once(&old.active).chain(old.canary.as_ref().map(|c| &c.version));
+        for version in was_serving {
+            if !serving(version) {
+                version.retire_warm();
+            }
+        }
     }
 
     /// The admission limit of the version active now.

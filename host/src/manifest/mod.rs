@@ -378,7 +378,46 @@ pub struct ComponentSpec {
     /// Subjects (NATS wildcards allowed) it may publish and send requests on.
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Warm instance reuse (absent: a fresh instance for every call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse: Option<Reuse>,
 }
+
+/// Opt-in warm instance reuse: an instance that finished a call cleanly serves the next
+/// call of the same kind (HTTP or message) of the same version, one call at a time.
+/// State a call leaves in the instance (globals, its heap, open resources) is seen by later
+/// calls: only for components that tolerate that. Instances are never shared across
+/// components, tenants or versions.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reuse {
+    /// Calls one instance serves before it is thrown away.
+    pub max_requests: u32,
+    /// How long an unused warm instance is kept.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// An instance whose linear memory grew past this is thrown away after its call
+    /// (absent: `limits.memory`, which kills the call itself).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exact_bytes_opt"
+    )]
+    pub max_memory: Option<ByteSize>,
+}
+
+impl Default for Reuse {
+    fn default() -> Self {
+        Self {
+            max_requests: 1000,
+            idle: Duration::from_secs(1),
+            max_memory: None,
+        }
+    }
+}
+
+/// The longest a warm instance may wait for its next call.
+pub const MAX_REUSE_IDLE: Duration = Duration::from_secs(60 * 60);
 
 /// Sizes are written as exact byte counts: bytesize's own text rounds ("976.6 KiB"), and an
 /// entry that is stored and read back must mean the same limits.
@@ -862,6 +901,25 @@ pub fn component_problems(
     }
     if limits.max_concurrent == 0 {
         problem(at("limits.max_concurrent"), "must be at least 1".into());
+    }
+    if let Some(reuse) = &component.reuse {
+        if reuse.max_requests == 0 {
+            problem(at("reuse.max_requests"), "must be at least 1".into());
+        }
+        if reuse.idle.is_zero() || reuse.idle > MAX_REUSE_IDLE {
+            problem(
+                at("reuse.idle"),
+                format!("{:?} is outside 1ms..{MAX_REUSE_IDLE:?}", reuse.idle),
+            );
+        }
+        if let Some(max) = reuse.max_memory
+            && max > limits.memory
+        {
+            problem(
+                at("reuse.max_memory"),
+                format!("{max} is above limits.memory ({})", limits.memory),
+            );
+        }
     }
     for (i, host) in component.outbound.iter().enumerate() {
         if let Some(reason) = outbound_pattern_problem(host) {

@@ -10,6 +10,7 @@
 //! or too slow is the client's doing, not a failure of the component (no trap or deadline
 //! kill is counted against it, and a canary is not judged by it).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,6 +171,135 @@ where
 
     fn is_end_stream(&self) -> bool {
         // Never claim the end early: the overflow may still be reported.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that ends only once the instance writing it has ended, and ends in an
+/// error instead if the instance failed (at any point: `failed` is raised as it fails, the
+/// outcome on `ended` covers a failure after the last byte). So a client that has the
+/// whole body knows the call is over: its instance is back in its warm pool or gone.
+///
+/// With a declared length the client is done at the last byte, not at the body's end:
+/// the frame that completes the length is held back (and the inner body still drained,
+/// trailers and all, so the guest can finish) until the instance's outcome is known.
+pub struct EndsWithInstance<B> {
+    inner: B,
+    inner_done: bool,
+    failed: Flag,
+    /// The instance's outcome (true: clean); `None` once it ended cleanly.
+    ended: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// Bytes of the declared `content-length` still to come.
+    remaining: Option<u64>,
+    /// Frames held back until the outcome is known.
+    held: std::collections::VecDeque<Frame<Bytes>>,
+    holding: bool,
+}
+
+impl<B> EndsWithInstance<B> {
+    pub fn new(
+        inner: B,
+        declared_length: Option<u64>,
+        failed: Flag,
+        ended: tokio::sync::oneshot::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner,
+            inner_done: false,
+            failed,
+            ended: Some(ended),
+            remaining: declared_length,
+            held: Default::default(),
+            holding: false,
+        }
+    }
+}
+
+const INSTANCE_FAILED: &str = "the component failed while writing it";
+
+fn instance_failed<T>() -> Poll<Option<Result<T, crate::capabilities::outbound::BoxError>>> {
+    Poll::Ready(Some(Err(Box::new(BodyCutOff(INSTANCE_FAILED)))))
+}
+
+impl<B> Body for EndsWithInstance<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::capabilities::outbound::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::capabilities::outbound::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.failed.raised() {
+            return instance_failed();
+        }
+        loop {
+            let Some(ended) = this.ended.as_mut() else {
+                // The instance ended cleanly: what was held, then the rest.
+                if let Some(frame) = this.held.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if this.inner_done {
+                    return Poll::Ready(None);
+                }
+                return Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into);
+            };
+            if !this.holding {
+                match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => {
+                        this.inner_done = true;
+                        this.holding = true;
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let completes = match (frame.data_ref(), this.remaining.as_mut()) {
+                            (Some(data), Some(remaining)) => {
+                                *remaining = remaining.saturating_sub(data.len() as u64);
+                                *remaining == 0
+                            }
+                            _ => false,
+                        };
+                        if !completes {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        this.held.push_back(frame);
+                        this.holding = true;
+                    }
+                }
+                continue;
+            }
+            // Holding: keep draining the inner body (the guest may be writing trailers)
+            // while waiting for the outcome.
+            if !this.inner_done {
+                match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        this.held.push_back(frame);
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => this.inner_done = true,
+                    Poll::Pending => {}
+                }
+            }
+            match Pin::new(ended).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(true)) => this.ended = None,
+                // Failed, or went away without saying.
+                Poll::Ready(_) => return instance_failed(),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
         false
     }
 

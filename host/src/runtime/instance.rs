@@ -85,6 +85,8 @@ pub struct InstanceState {
     /// The tenant's CPU turn this instance holds, if it ran past an epoch tick (see
     /// `Version::new_store`).
     pub cpu_turn: Arc<CpuTurn>,
+    /// When the current call must end; set for every call (a warm instance serves many).
+    pub deadline: std::time::Instant,
 }
 
 /// A tenant CPU turn an instance may hold: taken at an epoch tick, given back at the next
@@ -151,6 +153,7 @@ impl InstanceState {
                 tenant_refused: false,
             },
             cpu_turn: Arc::default(),
+            deadline: std::time::Instant::now(),
         })
     }
 
@@ -254,13 +257,19 @@ impl ResourceLimiter for MemoryLimiter {
             return Ok(false);
         }
         let growth = desired.saturating_sub(current) as u64;
-        if !self.tenant.memory.try_reserve(growth) {
+        // Idle warm instances are a cache: they make room before a growth is refused.
+        let room = |budget: &crate::runtime::memory::MemoryBudget| {
+            budget.try_reserve(growth)
+                || (crate::runtime::reuse::evict_idle_everywhere() > 0
+                    && budget.try_reserve(growth))
+        };
+        if !room(&*self.tenant.memory) {
             self.tenant_refused = true;
             self.tenant
                 .breach(crate::tenancy::quota::MEMORY, "a memory growth was refused");
             return Ok(false);
         }
-        if !self.budget.try_reserve(growth) {
+        if !room(&*self.budget) {
             self.tenant.memory.release(growth);
             self.node_refused = true;
             return Ok(false);

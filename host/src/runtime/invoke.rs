@@ -3,8 +3,10 @@
 //! admit (a permit of the component's slot, taken before anything is instantiated) →
 //! store → instantiate → call → classify the outcome ([`Failure`]) → record it.
 //!
-//! How an instance is obtained is behind [`InstanceSource`]: today every call gets a
-//! fresh `Store` and instance ([`FreshInstances`]); warm instance reuse plugs in there.
+//! How an instance is obtained is the version's business ([`Version::lease`]): a fresh
+//! `Store` and instance per call, or a warm instance when the component opts into reuse
+//! (`crate::runtime::reuse`). Either way the call runs under its own deadline and the
+//! instance's memory limit, and only an instance whose call ended cleanly is kept.
 //!
 //! Every failure the client of an HTTP call sees is JSON:
 //! `{"error": CODE, "message": ..., "component": ...}`.
@@ -19,44 +21,17 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use tokio::sync::OwnedSemaphorePermit;
-use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
-use crate::runtime::body::{CutOff, Flag, Metered, RequestBody};
+use crate::runtime::body::{CutOff, EndsWithInstance, Flag, Metered, RequestBody};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
-use crate::runtime::version::{DeadlineExceeded, HttpPre, Version};
+use crate::runtime::reuse::{Exports, Lease};
+use crate::runtime::version::{CallKind, DeadlineExceeded, HttpPre, Version};
 use crate::telemetry::metrics::ComponentMetrics;
 use crate::tenancy::{Limit, Tenant, quota};
-
-/// How an invocation gets a store to instantiate in. The seam for instance reuse.
-pub trait InstanceSource: Send + Sync {
-    /// A store for one call; `env` adds per-call environment variables (an event's id).
-    fn store(
-        &self,
-        version: &Version,
-        deadline: Instant,
-        env: &[(String, String)],
-    ) -> wasmtime::Result<Store<InstanceState>>;
-}
-
-/// A fresh `Store` (and so a fresh instance) for every call: nothing survives a call.
-pub struct FreshInstances;
-
-impl InstanceSource for FreshInstances {
-    fn store(
-        &self,
-        version: &Version,
-        deadline: Instant,
-        env: &[(String, String)],
-    ) -> wasmtime::Result<Store<InstanceState>> {
-        version.new_store(deadline, env)
-    }
-}
-
-static FRESH: FreshInstances = FreshInstances;
 
 /// A component's admission control: at most `max_concurrent` instances of the component
 /// at once, and at most its tenant's `quota.max_instances` across the tenant. It belongs
@@ -351,8 +326,8 @@ impl std::fmt::Display for Failure {
 /// limits before it is activated (or before the node calls itself ready).
 pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
     let deadline = Instant::now() + version.limits.deadline;
-    let mut store = FRESH
-        .store(version, deadline, &[])
+    let mut store = version
+        .new_store(deadline, &[])
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     match version.instance_pre().instantiate_async(&mut store).await {
         Ok(_) => Ok(()),
@@ -374,75 +349,55 @@ pub async fn message(
         ));
     };
     let deadline = Instant::now() + version.limits.deadline;
-    let mut store = FRESH
-        .store(version, deadline, env)
+    let mut lease = version
+        .lease(CallKind::Message, deadline, env)
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let warm = lease.is_warm();
     let run = async {
-        let instantiating = Instant::now();
-        let instance = handler.instantiate_async(&mut store).await?;
-        metrics
-            .instantiation_duration
-            .observe(instantiating.elapsed().as_secs_f64());
+        if lease.exports.is_none() {
+            let instantiating = Instant::now();
+            let instance = match handler.instantiate_async(&mut lease.store).await {
+                Err(e) if made_room(&e) => handler.instantiate_async(&mut lease.store).await,
+                other => other,
+            }?;
+            metrics
+                .instantiation_duration
+                .observe(instantiating.elapsed().as_secs_f64());
+            lease.exports = Some(Exports::Handler(instance));
+        }
+        let Some(Exports::Handler(instance)) = &lease.exports else {
+            wasmtime::bail!("a warm instance of another kind");
+        };
         instance
             .wasmcloud_messaging_handler()
-            .call_handle_message(&mut store, message)
+            .call_handle_message(&mut lease.store, message)
             .await
     };
     let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(guest_error))) => Err(Failure::GuestError(guest_error)),
-        Ok(Err(e)) => Err(Failure::classify(e, version, &store.data().limiter)),
+        Ok(Err(e)) => Err(Failure::classify(e, version, &lease.store.data().limiter)),
         Err(_) => Err(Failure::Deadline(version.limits.deadline)),
     };
+    if warm {
+        metrics.instances_reused.inc();
+    }
     if let Err(failure) = &outcome {
         failure.record(version, metrics);
     }
-    retire(store);
+    // A handler that returned its own error ran to the end: its instance is sound.
+    let clean = matches!(outcome, Ok(()) | Err(Failure::GuestError(_)));
+    version.give_back(CallKind::Message, lease, clean);
     outcome
 }
 
-/// Linear memory past which an instance is torn down by the reaper thread.
-const LARGE_INSTANCE: u64 = 16 << 20;
-
-/// Ends an instance. Giving a large one's memory back to the system (madvise over tens of
-/// MiB) takes milliseconds in the kernel: done on an async worker it would hold up every
-/// task queued there, another tenant's requests among them, so it goes to a thread of
-/// its own at the lowest CPU priority (its memory stays counted in the budgets until
-/// then). Small instances (the common case) end in place: a thread hop would cost more
-/// than their teardown.
-fn retire(store: Store<InstanceState>) {
-    // The guest is done: its tenant's CPU turn is free now, not when the store goes.
-    store.data().cpu_turn.give_back();
-    if store.data().limiter.reserved() < LARGE_INSTANCE {
-        return;
-    }
-    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Store<InstanceState>>>> =
-        std::sync::OnceLock::new();
-    let reaper = REAPER.get_or_init(|| {
-        let (sender, stores) = std::sync::mpsc::channel::<Store<InstanceState>>();
-        std::thread::Builder::new()
-            .name("trellis-reaper".into())
-            .spawn(move || {
-                // SAFETY: setpriority on the calling thread (who = 0) only.
-                #[cfg(target_os = "linux")]
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-                }
-                for store in stores {
-                    drop(store);
-                }
-            })
-            .ok()
-            .map(|_| sender)
-    });
-    match reaper {
-        Some(sender) => {
-            if let Err(std::sync::mpsc::SendError(store)) = sender.send(store) {
-                drop(store);
-            }
-        }
-        None => drop(store),
-    }
+/// Whether an instantiation failed because the node's instance pool was full and idle
+/// warm instances (of any component) were thrown away to make room: worth one more try.
+fn made_room(error: &wasmtime::Error) -> bool {
+    error
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+        && crate::runtime::reuse::evict_idle_everywhere() > 0
 }
 
 /// Serves one HTTP request with `version`: checks the declared body size (413), takes a
@@ -541,13 +496,14 @@ where
     }
     // The body streams into the guest as it arrives, counted against `max_body`.
     let flags = CallFlags::default();
+    let (ended_sender, ended) = tokio::sync::oneshot::channel();
     let body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error> =
         body.map_err(Into::into).boxed_unsync();
     let body = Metered::new(body, max_body, flags.body.clone()).boxed_unsync();
     let request = Request::from_parts(parts, body);
 
-    let store = match FRESH.store(&version, deadline, &[]) {
-        Ok(store) => store,
+    let lease = match version.lease(CallKind::Http, deadline, &[]) {
+        Ok(lease) => lease,
         Err(e) => {
             tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
             let failure = Failure::Internal("could not prepare the component".into());
@@ -564,10 +520,11 @@ where
                 version.clone(),
                 metrics.clone(),
                 permit,
-                store,
+                lease,
                 deadline,
                 request,
                 flags.clone(),
+                ended_sender,
             ) {
                 Ok(started) => started,
                 Err(response) => return (*response, Ending::Now(None)),
@@ -577,10 +534,11 @@ where
             version.clone(),
             metrics.clone(),
             permit,
-            store,
+            lease,
             deadline,
             request,
             flags.clone(),
+            ended_sender,
         ),
     };
     let mut run_instance = run_instance;
@@ -629,14 +587,21 @@ where
         return (body_too_large(&version), ending);
     }
     let response = match head {
-        Ok(Ok(response)) => response.map(|body| {
-            let body = CutOff::new(
-                body,
-                flags.body.overflow.clone(),
-                "the request body passed max_body",
-            );
-            CutOff::new(body, flags.failed, "the component failed while writing it").boxed_unsync()
-        }),
+        Ok(Ok(response)) => {
+            let declared_length = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            response.map(|body| {
+                let body = CutOff::new(
+                    body,
+                    flags.body.overflow.clone(),
+                    "the request body passed max_body",
+                );
+                EndsWithInstance::new(body, declared_length, flags.failed, ended).boxed_unsync()
+            })
+        }
         Ok(Err(code)) => {
             tracing::warn!(component = name, error = %code, "component answered with an error code");
             Failure::GuestError(code).response(name)
@@ -689,53 +654,72 @@ fn p2_instance(
     version: Arc<Version>,
     metrics: Arc<ComponentMetrics>,
     permit: Permit,
-    mut store: Store<InstanceState>,
+    mut lease: Lease,
     deadline: Instant,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
     flags: CallFlags,
+    ended: tokio::sync::oneshot::Sender<bool>,
 ) -> Result<(InstanceRun, Head), Box<Response<ResponseBody>>> {
     let name = &*version.name;
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let resources = {
-        let mut http = store.data_mut().http();
+        let mut http = lease.store.data_mut().http();
         http.new_incoming_request(Scheme::Http, request)
             .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
     };
-    let (guest_request, response_out) = resources.map_err(|e| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("{e:#}"),
-            Some(name),
-        ))
-    })?;
+    let (guest_request, response_out) = match resources {
+        Ok(resources) => resources,
+        Err(e) => {
+            version.give_back(CallKind::Http, lease, false);
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("{e:#}"),
+                Some(name),
+            )));
+        }
+    };
     let instance = version.clone();
     let run_instance: InstanceRun = Box::pin(async move {
         let _permit = permit;
+        let warm = lease.is_warm();
         let run = async {
-            let instantiating = Instant::now();
-            let Some(HttpPre::P2(http)) = instance.http() else {
-                wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+            if lease.exports.is_none() {
+                let instantiating = Instant::now();
+                let Some(HttpPre::P2(http)) = instance.http() else {
+                    wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+                };
+                let proxy = match http.instantiate_async(&mut lease.store).await {
+                    Err(e) if made_room(&e) => http.instantiate_async(&mut lease.store).await,
+                    other => other,
+                }?;
+                metrics
+                    .instantiation_duration
+                    .observe(instantiating.elapsed().as_secs_f64());
+                lease.exports = Some(Exports::HttpP2(proxy));
+            }
+            let Some(Exports::HttpP2(proxy)) = &lease.exports else {
+                wasmtime::bail!("a warm instance of another kind");
             };
-            let proxy = http.instantiate_async(&mut store).await?;
-            metrics
-                .instantiation_duration
-                .observe(instantiating.elapsed().as_secs_f64());
             proxy
                 .wasi_http_incoming_handler()
-                .call_handle(&mut store, guest_request, response_out)
+                .call_handle(&mut lease.store, guest_request, response_out)
                 .await
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
+            Ok(Err(e)) => Err(Failure::classify(e, &instance, &lease.store.data().limiter)),
             Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
         };
+        if warm {
+            metrics.instances_reused.inc();
+        }
         // Recorded in the instance task, so it happens even when the head was already sent.
         if let Err(failure) = &outcome {
             flags.failed(failure, &instance, &metrics);
         }
-        retire(store);
+        instance.give_back(CallKind::Http, lease, outcome.is_ok());
+        let _ = ended.send(outcome.is_ok());
         outcome
     });
     let head: Head = Box::pin(async move {
@@ -751,15 +735,17 @@ fn p2_instance(
 /// Starts a WASIp3 `wasi:http/handler` call. The guest may keep writing its body (and
 /// run other tasks) after `handle` returns, so the store's event loop runs until every
 /// task of the instance has exited; a failure is flagged before the store goes, so that a
-/// body it was still writing ends in an error rather than a clean, truncated end.
+/// body it was still writing ends in an error rather than a clean, truncated end. Only
+/// then, with nothing of the call left running, may a warm instance serve another call.
 fn p3_instance(
     version: Arc<Version>,
     metrics: Arc<ComponentMetrics>,
     permit: Permit,
-    mut store: Store<InstanceState>,
+    mut lease: Lease,
     deadline: Instant,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
     flags: CallFlags,
+    ended: tokio::sync::oneshot::Sender<bool>,
 ) -> (InstanceRun, Head) {
     use wasmtime::component::Accessor;
     use wasmtime_wasi_http::p3;
@@ -785,22 +771,33 @@ fn p3_instance(
     }
     let request = Request::from_parts(parts, body);
     let (guest_request, request_io) =
-        p3::Request::from_http(store.data_mut().http().hooks, request);
+        p3::Request::from_http(lease.store.data_mut().http().hooks, request);
     let (head_sender, head_receiver) =
         tokio::sync::oneshot::channel::<Result<Response<ResponseBody>, String>>();
     let instance = version.clone();
     let run_instance: InstanceRun = Box::pin(async move {
         let _permit = permit;
+        let warm = lease.is_warm();
         let run = async {
-            let instantiating = Instant::now();
-            let Some(HttpPre::P3(pre)) = instance.http() else {
-                wasmtime::bail!("the component does not export wasi:http/handler@0.3");
+            if lease.exports.is_none() {
+                let instantiating = Instant::now();
+                let Some(HttpPre::P3(pre)) = instance.http() else {
+                    wasmtime::bail!("the component does not export wasi:http/handler@0.3");
+                };
+                let service = match pre.instantiate_async(&mut lease.store).await {
+                    Err(e) if made_room(&e) => pre.instantiate_async(&mut lease.store).await,
+                    other => other,
+                }?;
+                metrics
+                    .instantiation_duration
+                    .observe(instantiating.elapsed().as_secs_f64());
+                lease.exports = Some(Exports::HttpP3(service));
+            }
+            let Some(Exports::HttpP3(service)) = &lease.exports else {
+                wasmtime::bail!("a warm instance of another kind");
             };
-            let service = pre.instantiate_async(&mut store).await?;
-            metrics
-                .instantiation_duration
-                .observe(instantiating.elapsed().as_secs_f64());
-            store
+            lease
+                .store
                 .run_concurrent(async move |accessor: &Accessor<InstanceState>| {
                     match service.handle(accessor, guest_request).await? {
                         Ok(response) => {
@@ -821,13 +818,17 @@ fn p3_instance(
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::classify(e, &instance, &store.data().limiter)),
+            Ok(Err(e)) => Err(Failure::classify(e, &instance, &lease.store.data().limiter)),
             Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
         };
+        if warm {
+            metrics.instances_reused.inc();
+        }
         if let Err(failure) = &outcome {
             flags.failed(failure, &instance, &metrics);
         }
-        retire(store);
+        instance.give_back(CallKind::Http, lease, outcome.is_ok());
+        let _ = ended.send(outcome.is_ok());
         outcome
     });
     (run_instance, Box::pin(head_receiver))

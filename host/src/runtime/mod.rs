@@ -1,6 +1,7 @@
 //! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
 //! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
-//! the one path every call takes through it ([`invoke`]), request bodies metered as they
+//! the one path every call takes through it ([`invoke`]), where a call's instance comes
+//! from, fresh or warm ([`reuse`]), request bodies metered as they
 //! stream ([`body`]), and the node's memory budget ([`memory`]).
 
 pub mod body;
@@ -8,4 +9,5 @@ pub mod engine;
 pub mod instance;
 pub mod invoke;
 pub mod memory;
+pub mod reuse;
 pub mod version;

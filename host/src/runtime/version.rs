@@ -32,6 +32,7 @@ use crate::capabilities::outbound::{InternalCalls, OutboundPolicy};
 use crate::capabilities::sql::SqlGrant;
 use crate::manifest::{ComponentSpec, Limits};
 use crate::runtime::instance::{Grants, InstanceState};
+use crate::runtime::reuse::{self, Lease, WarmPool};
 
 /// Why a component (or a new version of one) cannot be deployed. Each names the component.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,22 @@ pub struct Version {
     /// Present when the component exports `wasmcloud:messaging/handler`.
     handler: Option<MessageHandlerPre<InstanceState>>,
     grants: Grants,
+    /// Warm instances, when the entry opts into reuse.
+    warm: Option<WarmPools>,
+}
+
+/// A version's warm instances: HTTP calls and message deliveries apart, so an instance is
+/// only ever called through the export it was instantiated for.
+struct WarmPools {
+    http: Arc<WarmPool>,
+    messages: Arc<WarmPool>,
+}
+
+/// Which export a call goes to (and so which warm pool serves it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    Http,
+    Message,
 }
 
 /// Who a version belongs to and what it is built from.
@@ -233,6 +250,62 @@ impl Version {
             http,
             handler,
             grants,
+            warm: spec.reuse.as_ref().map(|policy| WarmPools {
+                http: WarmPool::new(policy),
+                messages: WarmPool::new(policy),
+            }),
+        })
+    }
+
+    fn pool(&self, kind: CallKind) -> Option<&WarmPool> {
+        self.warm.as_ref().map(|warm| match kind {
+            CallKind::Http => &*warm.http,
+            CallKind::Message => &*warm.messages,
+        })
+    }
+
+    /// The store for one call: a warm instance when the entry opts into reuse and one is
+    /// idle (never for a call with its own environment), else a fresh store. Either way
+    /// the call's deadline is set.
+    pub fn lease(
+        &self,
+        kind: CallKind,
+        deadline: Instant,
+        env: &[(String, String)],
+    ) -> wasmtime::Result<Lease> {
+        let pool = self.pool(kind);
+        if env.is_empty()
+            && let Some(mut lease) = pool.and_then(WarmPool::take)
+        {
+            lease.store.data_mut().deadline = deadline;
+            lease.store.set_epoch_deadline(1);
+            return Ok(lease);
+        }
+        Ok(Lease::fresh(self.new_store(deadline, env)?, pool))
+    }
+
+    /// Ends a call's use of its instance: a clean one goes back to the warm pool (when
+    /// reuse is on and it is within its limits), any other is thrown away.
+    pub fn give_back(&self, kind: CallKind, lease: Lease, clean: bool) {
+        match self.pool(kind) {
+            Some(pool) if clean && lease.exports.is_some() => pool.give_back(lease),
+            _ => reuse::discard(lease.store),
+        }
+    }
+
+    /// Throws away this version's warm instances, idle ones now and busy ones when their
+    /// call ends: it no longer serves.
+    pub fn retire_warm(&self) {
+        if let Some(warm) = &self.warm {
+            warm.http.retire_all();
+            warm.messages.retire_all();
+        }
+    }
+
+    /// Idle warm instances of this version (HTTP, messages).
+    pub fn warm_idle(&self) -> (usize, usize) {
+        self.warm.as_ref().map_or((0, 0), |warm| {
+            (warm.http.idle_count(), warm.messages.idle_count())
         })
     }
 
@@ -264,15 +337,16 @@ impl Version {
         deadline: Instant,
         env: &[(String, String)],
     ) -> wasmtime::Result<Store<InstanceState>> {
-        let mut store = Store::new(
-            self.instance_pre.engine(),
-            InstanceState::new(&self.grants, env)?,
-        );
+        let mut state = InstanceState::new(&self.grants, env)?;
+        state.deadline = deadline;
+        let mut store = Store::new(self.instance_pre.engine(), state);
         store.limiter(|state| &mut state.limiter);
         // At least one tick, so that even instantiation runs under the deadline.
         store.set_epoch_deadline(1);
         let cpu = self.grants.owner.cpu.semaphore();
         store.epoch_deadline_callback(move |store| {
+            // Read at every tick: a warm instance gets a new deadline for every call.
+            let deadline = store.data().deadline;
             if Instant::now() >= deadline {
                 return Err(DeadlineExceeded.into());
             }

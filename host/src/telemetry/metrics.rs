@@ -59,6 +59,7 @@ pub struct Metrics {
     events_acked: Family<ComponentLabels, Counter>,
     activations: Family<ComponentLabels, Counter>,
     canary_rollbacks: Family<ComponentLabels, Counter>,
+    instances_reused: Family<ComponentLabels, Counter>,
     unrouted: Counter,
     tenant_rejections: Family<QuotaLabels, Counter>,
     tenant_quota: Family<QuotaLabels, Gauge>,
@@ -138,6 +139,12 @@ impl Default for Metrics {
         );
         let activations = Family::<ComponentLabels, Counter>::default();
         let canary_rollbacks = Family::<ComponentLabels, Counter>::default();
+        let instances_reused = Family::<ComponentLabels, Counter>::default();
+        registry.register(
+            "instances_reused",
+            "Calls served by a warm instance that served an earlier call (reuse on)",
+            instances_reused.clone(),
+        );
         registry.register(
             "activations",
             "Versions made active (deploys, rollbacks, canary promotions)",
@@ -241,6 +248,7 @@ impl Default for Metrics {
             events_acked,
             activations,
             canary_rollbacks,
+            instances_reused,
             unrouted,
             tenant_rejections,
             tenant_quota,
@@ -276,6 +284,7 @@ impl Metrics {
             events_acked: self.events_acked.get_or_create(&labels).clone(),
             activations: self.activations.get_or_create(&labels).clone(),
             canary_rollbacks: self.canary_rollbacks.get_or_create(&labels).clone(),
+            instances_reused: self.instances_reused.get_or_create(&labels).clone(),
             requests: self.requests.clone(),
             labels,
         }
@@ -334,6 +343,7 @@ impl Metrics {
             &self.events_acked,
             &self.activations,
             &self.canary_rollbacks,
+            &self.instances_reused,
         ] {
             family.remove(&labels);
         }
@@ -496,6 +506,7 @@ pub struct ComponentMetrics {
     pub events_acked: Counter,
     pub activations: Counter,
     pub canary_rollbacks: Counter,
+    pub instances_reused: Counter,
     requests: Family<RequestLabels, Counter>,
 }
 

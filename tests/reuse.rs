@@ -1,0 +1,395 @@
+//! Warm instance reuse (`reuse = { ... }` in a component's entry), through the real binary
+//! and real guests: state one call leaves in an instance is seen by the next only when
+//! reuse is on; a trap, deadline kill or memory kill, `max_requests`, `max_memory`, `idle`
+//! and a swap each retire the instance; tenants with the same bytes never share one;
+//! message deliveries and WASIp3 handlers are reused alike; idle warm instances give way
+//! when the node's memory budget is short. The limits tests run with reuse on as well
+//! (`tests/limits.rs`).
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::TestNode;
+
+const MANIFEST: &str = r#"
+[components.warm]
+source = "{wasm:probe}"
+routes = ["/warm"]
+limits = { memory = "16MiB", deadline = "1s" }
+reuse = { max_requests = 1000, idle = "30s" }
+
+[components.cold]
+source = "{wasm:probe}"
+routes = ["/cold"]
+
+[components.short]
+source = "{wasm:probe}"
+routes = ["/short"]
+reuse = { max_requests = 3, idle = "30s" }
+
+[components.holder]
+source = "{wasm:probe}"
+routes = ["/holder"]
+limits = { memory = "32MiB" }
+reuse = { idle = "30s", max_memory = "4MiB" }
+
+[components.brief]
+source = "{wasm:probe}"
+routes = ["/brief"]
+reuse = { idle = "300ms" }
+
+[components.p3]
+source = "{wasm:hello-p3}"
+routes = ["/p3"]
+limits = { deadline = "1s" }
+reuse = { idle = "30s" }
+
+[components.caller]
+source = "{wasm:probe}"
+routes = ["/caller"]
+outbound = ["warm.internal", "cold.internal"]
+"#;
+
+/// The `count` a probe answered: calls its instance has served.
+async fn count(node: &TestNode, path: &str) -> u64 {
+    let response = node.get(path).await;
+    assert_eq!(response.status, 200, "{path}: {}", response.body);
+    response.json()["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path}: no count in {}", response.body))
+}
+
+async fn counts(node: &TestNode, path: &str, n: usize) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        seen.push(count(node, path).await);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn state_left_by_a_call_is_seen_by_the_next_only_with_reuse_on() {
+    let node = TestNode::start(MANIFEST).await;
+    assert_eq!(counts(&node, "/warm/count", 4).await, [1, 2, 3, 4]);
+    assert_eq!(
+        counts(&node, "/cold/count", 4).await,
+        [1, 1, 1, 1],
+        "without reuse every call gets a fresh instance"
+    );
+    assert_eq!(
+        node.metric("trellis_instances_reused_total", "default", "warm")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        node.metric("trellis_instances_reused_total", "default", "cold")
+            .await,
+        0.0
+    );
+    // NAME.internal calls take the same path: the caller reaches the same warm instance.
+    assert_eq!(
+        internal_count(&node, "http://warm.internal/warm/count").await,
+        5,
+        "an internal call is served warm"
+    );
+    assert_eq!(
+        internal_count(&node, "http://cold.internal/cold/count").await,
+        1
+    );
+}
+
+/// The `count` a probe answered to a `NAME.internal` call made by `caller`.
+async fn internal_count(node: &TestNode, url: &str) -> u64 {
+    let reply = node.get(&format!("/caller/fetch?url={url}")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = reply.json();
+    assert_eq!(reply["status"], 200, "{reply}");
+    let body: serde_json::Value =
+        serde_json::from_str(reply["body"].as_str().unwrap().trim()).unwrap();
+    body["count"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_trap_a_deadline_kill_or_a_memory_kill_retires_the_instance() {
+    let node = TestNode::start(MANIFEST).await;
+    assert_eq!(counts(&node, "/warm/count", 2).await, [1, 2]);
+
+    let trapped = node.get("/warm/trap").await;
+    assert_eq!(trapped.status, 500, "{}", trapped.body);
+    assert_eq!(trapped.json()["error"], "component_trap");
+    assert_eq!(
+        counts(&node, "/warm/count", 2).await,
+        [1, 2],
+        "after a trap the next call gets a fresh instance, which is then reused"
+    );
+
+    let looped = node.get("/warm/loop").await;
+    assert_eq!(looped.status, 504, "{}", looped.body);
+    assert_eq!(looped.json()["error"], "deadline_exceeded");
+    assert_eq!(counts(&node, "/warm/count", 2).await, [1, 2]);
+
+    let grown = node.get("/warm/grow").await;
+    assert_eq!(grown.status, 500, "{}", grown.body);
+    assert_eq!(grown.json()["error"], "memory_limit");
+    assert_eq!(counts(&node, "/warm/count", 2).await, [1, 2]);
+
+    // A warm instance runs under each call's own deadline, not the first call's.
+    let slept = node.get("/warm/sleep?ms=600").await;
+    assert_eq!(slept.status, 200, "{}", slept.body);
+    let slept = node.get("/warm/sleep?ms=600").await;
+    assert_eq!(slept.status, 200, "the second call has its own second");
+    assert_eq!(
+        count(&node, "/warm/count").await,
+        3,
+        "the same instance served both sleeps"
+    );
+}
+
+#[tokio::test]
+async fn max_requests_max_memory_and_idle_retire_an_instance() {
+    let node = TestNode::start(MANIFEST).await;
+    assert_eq!(
+        counts(&node, "/short/count", 7).await,
+        [1, 2, 3, 1, 2, 3, 1],
+        "max_requests = 3"
+    );
+
+    assert_eq!(counts(&node, "/holder/count", 2).await, [1, 2]);
+    let held = node.get("/holder/hold?mb=8").await;
+    assert_eq!(held.status, 200, "{}", held.body);
+    assert_eq!(held.json()["count"], 3, "served warm");
+    assert_eq!(
+        count(&node, "/holder/count").await,
+        1,
+        "an instance grown past max_memory is not kept"
+    );
+
+    assert_eq!(counts(&node, "/brief/count", 2).await, [1, 2]);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        count(&node, "/brief/count").await,
+        1,
+        "an instance idle past `idle` is dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_swap_retires_warm_instances_even_of_a_version_that_comes_back() {
+    let node = TestNode::start(MANIFEST).await;
+    const WARM: &str = "/v1/tenants/default/components/warm";
+    assert_eq!(counts(&node, "/warm/count", 3).await, [1, 2, 3]);
+
+    let hello = std::fs::read(common::wasm("hello")).unwrap();
+    let uploaded = node
+        .admin(
+            "POST",
+            &format!("{WARM}/versions?activate=true"),
+            Some(hello.into()),
+        )
+        .await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.body);
+    let swapped = node.get("/warm/count").await;
+    assert_eq!(swapped.status, 200);
+    assert!(swapped.json()["count"].is_null(), "hello serves now");
+
+    // Back to the probe: the very version that served before, with none of its state.
+    let rolled_back = node.admin("POST", &format!("{WARM}/rollback"), None).await;
+    assert_eq!(rolled_back.status, 200, "{}", rolled_back.body);
+    assert_eq!(counts(&node, "/warm/count", 2).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn two_tenants_with_the_same_bytes_never_share_an_instance() {
+    let node = TestNode::start(
+        r#"
+[tenants.shop]
+hosts = ["shop.test"]
+
+[tenants.blog]
+hosts = ["blog.test"]
+
+[components.counter]
+tenant = "shop"
+source = "{wasm:probe}"
+routes = ["/counter"]
+reuse = { idle = "30s" }
+
+[components.counter-too]
+tenant = "blog"
+source = "{wasm:probe}"
+routes = ["/counter"]
+reuse = { idle = "30s" }
+"#,
+    )
+    .await;
+    let count_at = |host: &'static str| {
+        let node = &node;
+        async move {
+            let response = node.get_host(host, "/counter/count").await;
+            assert_eq!(response.status, 200, "{host}: {}", response.body);
+            response.json()["count"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(count_at("shop.test").await, 1);
+    assert_eq!(
+        count_at("shop.test").await,
+        2,
+        "reuse is on (positive control)"
+    );
+    assert_eq!(
+        count_at("blog.test").await,
+        1,
+        "the other tenant's own instance"
+    );
+    assert_eq!(count_at("blog.test").await, 2);
+    assert_eq!(count_at("shop.test").await, 3);
+}
+
+#[tokio::test]
+async fn a_wasip3_handler_is_reused_and_retired_after_a_trap() {
+    let node = TestNode::start(MANIFEST).await;
+    assert_eq!(counts(&node, "/p3/count", 3).await, [1, 2, 3]);
+    let trapped = node.get("/p3/trap").await;
+    assert_eq!(trapped.status, 500, "{}", trapped.body);
+    assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
+    let looped = node.get("/p3/loop").await;
+    assert_eq!(looped.status, 504, "{}", looped.body);
+    assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
+    // A streamed body still arrives whole from a warm instance.
+    let streamed = node.stream_echo("/p3/echo", 256 << 10, 16 << 10).await;
+    assert!(streamed.echoes(256 << 10), "{streamed:?}");
+    assert_eq!(count(&node, "/p3/count").await, 3);
+}
+
+#[tokio::test]
+async fn message_deliveries_reuse_instances_and_durable_events_keep_their_ids() {
+    let node = TestNode::start(
+        r#"
+[components.orders]
+source = "{wasm:msg-probe}"
+routes = ["/orders"]
+keyvalue = ["default"]
+publish = ["tick.*", "order.*"]
+
+[components.warm]
+source = "{wasm:msg-probe}"
+routes = ["/warm"]
+keyvalue = ["default"]
+subscriptions = ["tick.*", "order.*"]
+ephemeral = ["tick.*"]
+limits = { max_concurrent = 1 }
+reuse = { idle = "30s" }
+
+[components.cold]
+source = "{wasm:msg-probe}"
+routes = ["/cold"]
+keyvalue = ["default"]
+subscriptions = ["tick.*"]
+ephemeral = ["tick.*"]
+limits = { max_concurrent = 1 }
+"#,
+    )
+    .await;
+    for i in 0..3 {
+        let published = node
+            .post(&format!("/orders/publish/tick.{i}"), format!("t-{i}"))
+            .await;
+        assert_eq!(published.status, 200, "{}", published.body);
+    }
+    let published = node.post("/orders/publish/order.created", "o-1").await;
+    assert_eq!(published.status, 200, "{}", published.body);
+
+    let details = |path: &'static str, n: usize| {
+        let node = &node;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let details = node.get(path).await.json()["details"].clone();
+                if details.as_array().is_some_and(|d| d.len() >= n) {
+                    return details;
+                }
+                assert!(Instant::now() < deadline, "{path}: {details}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let warm = details("/warm/details", 4).await;
+    let in_instance = |details: &serde_json::Value, prefix: &str| -> Vec<u64> {
+        details
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["subject"].as_str().unwrap().starts_with(prefix))
+            .map(|d| d["in_instance"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        in_instance(&warm, "tick."),
+        [1, 2, 3],
+        "one at a time through one warm instance: {warm}"
+    );
+    // A durable event brings its own id in the environment, which a guest reads once:
+    // it gets a fresh instance, and the right id.
+    let event: Vec<&serde_json::Value> = warm
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["subject"] == "order.created")
+        .collect();
+    assert_eq!(event.len(), 1, "{warm}");
+    assert_eq!(event[0]["in_instance"], 1, "{warm}");
+    assert!(
+        event[0]["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{warm}"
+    );
+    let cold = details("/cold/details", 3).await;
+    assert_eq!(in_instance(&cold, "tick."), [1, 1, 1], "{cold}");
+}
+
+#[tokio::test]
+async fn idle_warm_instances_give_way_when_the_memory_budget_is_short() {
+    let node = TestNode::start(
+        r#"
+[node]
+max_memory = "48MiB"
+
+[components.holder]
+source = "{wasm:probe}"
+routes = ["/holder"]
+limits = { memory = "40MiB" }
+reuse = { idle = "60s" }
+
+[components.other]
+source = "{wasm:probe}"
+routes = ["/other"]
+limits = { memory = "40MiB" }
+"#,
+    )
+    .await;
+    let held = node.get("/holder/hold?mb=28").await;
+    assert_eq!(held.status, 200, "{}", held.body);
+    assert_eq!(
+        count(&node, "/holder/count").await,
+        2,
+        "kept warm, holding ~29 MiB"
+    );
+    let reserved = node.metrics().await;
+    let reserved: f64 = reserved
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_node_memory_reserved_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        reserved > 28.0 * 1048576.0,
+        "the warm instance holds its memory: {reserved}"
+    );
+
+    // 28 MiB more does not fit beside it; the idle warm instance is dropped to make room.
+    let other = node.get("/other/hold?mb=28").await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert_eq!(
+        count(&node, "/holder/count").await,
+        1,
+        "the holder's warm instance was evicted"
+    );
+}
