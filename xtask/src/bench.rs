@@ -101,46 +101,113 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Hello through native hyper, `wasmtime serve` and Trellis, then the in-process
-/// instantiate+call cost.
-fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
-    let wasmtime = ensure_wasmtime_cli()?;
-    let hello = root.join("target/wasm/hello.wasm");
+/// Flags that make `wasmtime serve`'s pooling allocator fastest on this kind of machine:
+/// the settings Trellis's own engine uses (`host/src/runtime/engine.rs`): pooling, no
+/// copy-on-write memory images (their page faults and madvise cost more than copying a
+/// small image), memory, tables and stacks kept resident between instances, decommits
+/// unbatched, and a bounded set of warm slots.
+const SERVE_TUNED_POOLING: &str = "pooling-allocator=y,memory-init-cow=n,\
+     pooling-memory-keep-resident=4194304,pooling-table-keep-resident=65536,\
+     pooling-async-stack-keep-resident=65536,pooling-decommit-batch-size=1,\
+     pooling-pagemap-scan=auto,pooling-max-unused-warm-slots=32,pooling-total-memories=2000,\
+     pooling-total-tables=4000,pooling-total-core-instances=4000,\
+     pooling-total-component-instances=1000,pooling-total-stacks=1000";
 
-    // All three run at once (an idle server costs nothing) so that the rounds can be
-    // interleaved: drift in the machine's speed then hits every server alike.
+/// Warm instance reuse as the benchmarks turn it on for a Trellis component.
+const TRELLIS_REUSE: &str = r#"reuse = { max_requests = 1000, idle = "10s" }"#;
+
+/// A Trellis node serving `wasm` at `/`, fresh per request or with `reuse`.
+fn trellis_hello(
+    name: &'static str,
+    release: &Path,
+    dir: &Path,
+    wasm: &Path,
+    reuse: Option<&str>,
+) -> Result<Server> {
     let port = free_port()?;
-    let native = Server::start(
-        "native hyper (baseline)",
-        Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
-        port,
-        "/hello/ready",
-    )?;
-    let port = free_port()?;
-    let serve = Server::start(
-        "wasmtime serve 48 (default flags)",
-        Command::new(&wasmtime)
-            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
-            .arg(&hello),
-        port,
-        "/hello/ready",
-    )?;
-    let port = free_port()?;
-    let manifest = out_dir.join("trellis.toml");
+    std::fs::create_dir_all(dir)?;
+    let manifest = dir.join("trellis.toml");
     std::fs::write(
         &manifest,
         format!(
             "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
-             [components.hello]\nsource = \"{hello}\"\nroutes = [\"/\"]\n\
-             limits = {{ max_concurrent = 256 }}\n",
-            data = out_dir.join("data").display(),
-            hello = hello.display()
+             [components.hello]\nsource = \"{wasm}\"\nroutes = [\"/\"]\n\
+             limits = {{ max_concurrent = 256 }}\n{reuse}\n",
+            data = dir.join("data").display(),
+            wasm = wasm.display(),
+            reuse = reuse.unwrap_or_default(),
         ),
     )?;
-    let trellis = start_trellis("trellis gateway", release, &manifest, port)?;
-    let results = interleaved_rounds("gateway", &[&native, &serve, &trellis])?;
+    start_trellis(name, release, &manifest, port)
+}
+
+/// `wasmtime serve` on `wasm` with `args` before it.
+fn wasmtime_serve(name: &'static str, wasmtime: &Path, args: &[&str], wasm: &Path) -> Result<Server> {
+    let port = free_port()?;
+    Server::start(
+        name,
+        Command::new(wasmtime)
+            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .arg(wasm),
+        port,
+        "/hello/ready",
+    )
+}
+
+fn native_hello(release: &Path) -> Result<Server> {
+    let port = free_port()?;
+    Server::start(
+        "native hyper (baseline)",
+        Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
+        port,
+        "/hello/ready",
+    )
+}
+
+/// Hello through native hyper, `wasmtime serve` (default flags, tuned pooling flags, and
+/// reusing instances) and Trellis (fresh instance per request, and reusing warm ones),
+/// then the in-process instantiate+call cost.
+fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    let wasmtime = ensure_wasmtime_cli()?;
+    let hello = root.join("target/wasm/hello.wasm");
+
+    // All run at once (an idle server costs nothing) so that the rounds can be
+    // interleaved: drift in the machine's speed then hits every server alike.
+    let native = native_hello(release)?;
+    let serve = wasmtime_serve("wasmtime serve 48 (default flags)", &wasmtime, &[], &hello)?;
+    let tuned = wasmtime_serve(
+        "wasmtime serve 48, tuned pooling flags (below)",
+        &wasmtime,
+        &["-O", SERVE_TUNED_POOLING],
+        &hello,
+    )?;
+    let serve_reuse = wasmtime_serve(
+        "wasmtime serve 48, tuned pooling, --max-instance-reuse-count 1000",
+        &wasmtime,
+        &["-O", SERVE_TUNED_POOLING, "--max-instance-reuse-count", "1000"],
+        &hello,
+    )?;
+    let trellis = trellis_hello(
+        "trellis gateway (fresh instance per request)",
+        release,
+        &out_dir.join("gateway-fresh"),
+        &hello,
+        None,
+    )?;
+    let trellis_reuse = trellis_hello(
+        "trellis gateway, reuse = { max_requests = 1000 }",
+        release,
+        &out_dir.join("gateway-reuse"),
+        &hello,
+        Some(TRELLIS_REUSE),
+    )?;
+    let results = interleaved_rounds(
+        "gateway",
+        &[&native, &serve, &tuned, &serve_reuse, &trellis, &trellis_reuse],
+    )?;
     let metrics = trellis.metrics()?;
-    drop((native, serve, trellis));
+    drop((native, serve, tuned, serve_reuse, trellis, trellis_reuse));
 
     let cost = Command::new(release.join("examples/instantiate_cost"))
         .env_remove("RUST_BACKTRACE")
@@ -152,56 +219,69 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         .context("running the instantiate_cost example")?;
     let cost = String::from_utf8_lossy(&cost.stdout).trim().to_string();
 
-    Ok(render(&results, &cost, &metrics))
+    let mut out = render(&results, &cost, &metrics);
+    out.push_str(&format!(
+        "\nTuned pooling flags given to wasmtime serve: `-O {SERVE_TUNED_POOLING}`\n"
+    ));
+    out.push_str(&ratio_lines(&results, &[
+        ("trellis fresh vs wasmtime serve default", 4, 1, 2.5),
+        ("trellis fresh vs wasmtime serve tuned pooling", 4, 2, 1.3),
+        ("trellis reuse vs native hyper", 5, 0, 0.35),
+        ("trellis reuse vs wasmtime serve reusing instances", 5, 3, 1.0),
+    ]));
+    Ok(out)
+}
+
+/// One line per aim: the ratio of two servers' median rounds (indices into `results`)
+/// against the aim.
+fn ratio_lines(results: &[(Measured, Vec<f64>)], aims: &[(&str, usize, usize, f64)]) -> String {
+    let mut out = String::from("\n| aim | ratio | target | met |\n|---|---|---|---|\n");
+    for (what, a, b, target) in aims {
+        let ratio = results[*a].0.requests_per_sec / results[*b].0.requests_per_sec;
+        out.push_str(&format!(
+            "| {what} | {ratio:.2}x | {target:.2}x | {} |\n",
+            if ratio >= *target { "yes" } else { "no" }
+        ));
+    }
+    out
 }
 
 /// The same WASIp3 hello (`components/fixtures/hello-p3`) through `wasmtime serve` (which
 /// reuses a p3 instance for up to 128 requests, 16 at once) and through Trellis (a fresh
-/// instance per request), beside native hyper; interleaved rounds as in `gateway`.
+/// instance per request, and reusing warm instances), beside native hyper; interleaved
+/// rounds as in `gateway`.
 fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     let wasmtime = ensure_wasmtime_cli()?;
     let hello = root.join("target/wasm/hello-p3.wasm");
-    let port = free_port()?;
-    let native = Server::start(
-        "native hyper (baseline)",
-        Command::new(release.join("examples/native_hello")).arg(format!("127.0.0.1:{port}")),
-        port,
-        "/hello/ready",
-    )?;
-    let port = free_port()?;
-    let serve = Server::start(
+    let native = native_hello(release)?;
+    let serve = wasmtime_serve(
         "wasmtime serve 48, WASIp3 (default flags: instance reuse)",
-        Command::new(&wasmtime)
-            .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
-            .arg(&hello),
-        port,
-        "/hello/ready",
+        &wasmtime,
+        &[],
+        &hello,
     )?;
-    let port = free_port()?;
-    let dir = out_dir.join("wasip3");
-    std::fs::create_dir_all(&dir)?;
-    let manifest = dir.join("trellis.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
-             [components.hello]\nsource = \"{hello}\"\nroutes = [\"/\"]\n\
-             limits = {{ max_concurrent = 256 }}\n",
-            data = dir.join("data").display(),
-            hello = hello.display()
-        ),
-    )?;
-    let trellis = start_trellis(
+    let trellis = trellis_hello(
         "trellis, WASIp3 (fresh instance per request)",
         release,
-        &manifest,
-        port,
+        &out_dir.join("wasip3-fresh"),
+        &hello,
+        None,
     )?;
-    let results = interleaved_rounds("wasip3", &[&native, &serve, &trellis])?;
-    let metrics = trellis.metrics()?;
-    drop((native, serve, trellis));
+    let trellis_reuse = trellis_hello(
+        "trellis, WASIp3, reuse = { max_requests = 1000 }",
+        release,
+        &out_dir.join("wasip3-reuse"),
+        &hello,
+        Some(TRELLIS_REUSE),
+    )?;
+    let results = interleaved_rounds("wasip3", &[&native, &serve, &trellis, &trellis_reuse])?;
+    let metrics = trellis_reuse.metrics()?;
+    drop((native, serve, trellis, trellis_reuse));
     let mut out = String::from("### WASIp3 hello\n\n");
     out.push_str(&table(&results, &metrics));
+    out.push_str(&ratio_lines(&results, &[
+        ("trellis p3 reuse vs wasmtime serve p3 (its default reuse)", 3, 1, 1.0),
+    ]));
     Ok(out)
 }
 
@@ -360,8 +440,10 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
             "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nnats_url = \"{nats_url}\"\n\
              [node.events]\ndurable = false\n\n\
              [components.producer]\nsource = \"{msg}\"\nroutes = [\"/producer\"]\nkeyvalue = [\"default\"]\npublish = [\"bench.>\"]\n\n\
-             [components.sink]\nsource = \"{msg}\"\nroutes = [\"/sink\"]\nkeyvalue = [\"default\"]\nsubscriptions = [\"bench.>\"]\n\
+             [components.sink]\nsource = \"{msg}\"\nroutes = [\"/sink\"]\nkeyvalue = [\"default\"]\nsubscriptions = [\"bench.fresh.>\"]\n\
              limits = {{ max_concurrent = 64 }}\n\n\
+             [components.sink-warm]\nsource = \"{msg}\"\nroutes = [\"/sink-warm\"]\nkeyvalue = [\"default\"]\nsubscriptions = [\"bench.warm.>\"]\n\
+             limits = {{ max_concurrent = 64 }}\n{TRELLIS_REUSE}\n\n\
              [components.kv]\nsource = \"{kv}\"\nroutes = [\"/store\"]\nkeyvalue = [\"default\"]\nlimits = {{ deadline = \"60s\" }}\n\n\
              [components.sql]\nsource = \"{sql}\"\nroutes = [\"/sql\"]\nsql = true\nlimits = {{ deadline = \"60s\", max_body = \"16MiB\" }}\n",
             data = data.display(),
@@ -372,15 +454,20 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     )?;
     let node = start_trellis("trellis capabilities", release, &manifest, port)?;
 
-    // Messages: one guest publishes them all; count what the sink's handler accepted.
-    let started = Instant::now();
-    http_post(
-        port,
-        &format!("/producer/publish-many/bench.load?n={MESSAGES}"),
-        "",
-    )?;
-    wait_until_handled(&node, "sink", MESSAGES, started, Duration::from_secs(120))?;
-    let messages_per_sec = MESSAGES as f64 / started.elapsed().as_secs_f64();
+    // Messages: one guest publishes them all; count what the sink's handler accepted. A
+    // fresh instance per message, then the same through warm instances.
+    let mut message_rates = Vec::new();
+    for (subject, sink) in [("bench.fresh.load", "sink"), ("bench.warm.load", "sink-warm")] {
+        let started = Instant::now();
+        http_post(
+            port,
+            &format!("/producer/publish-many/{subject}?n={MESSAGES}"),
+            "",
+        )?;
+        wait_until_handled(&node, sink, MESSAGES, started, Duration::from_secs(120))?;
+        message_rates.push(MESSAGES as f64 / started.elapsed().as_secs_f64());
+    }
+    let (messages_per_sec, warm_messages_per_sec) = (message_rates[0], message_rates[1]);
 
     let started = Instant::now();
     http_post(port, &format!("/store/bench/default?n={STORAGE_OPS}"), "")?;
@@ -420,6 +507,12 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
             "async-nats queue subscriber",
         ),
         (
+            "the same into a handler reusing warm instances (`reuse`)",
+            warm_messages_per_sec,
+            native(&native_nats, "messages_per_sec"),
+            "async-nats queue subscriber",
+        ),
+        (
             "key-value set/get from inside a component (SQLite)",
             kv_per_sec,
             native(&native_storage, "kv_ops_per_sec"),
@@ -434,7 +527,7 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     ];
     let mut out = format!(
         "\nCapabilities: {MESSAGES} messages published by one guest into NATS and handled by another \
-         (a fresh instance each); {STORAGE_OPS} sets + {STORAGE_OPS} gets, and {STORAGE_OPS} inserts + \
+         (a fresh instance each, then warm instances); {STORAGE_OPS} sets + {STORAGE_OPS} gets, and {STORAGE_OPS} inserts + \
          {STORAGE_OPS} selects, each a host call from one guest request\n\n\
          | load | trellis ops/s | native ops/s | trellis vs native | native baseline |\n|---|---|---|---|---|\n"
     );
