@@ -125,6 +125,43 @@ outbound = ["*"]
 }
 
 #[test]
+fn reuse_settings_are_checked() {
+    check_fails_with(
+        r#"
+[components.hello]
+source = "{wasm:hello}"
+routes = ["/hello"]
+limits = { memory = "16MiB" }
+reuse = { max_requests = 0, idle = "0s", max_memory = "32MiB" }
+"#,
+        &[
+            "components.hello.reuse.max_requests: must be at least 1",
+            "components.hello.reuse.idle",
+            "components.hello.reuse.max_memory: 32.0 MiB is above limits.memory (16.0 MiB)",
+        ],
+    );
+    check_fails_with(
+        r#"
+[components.hello]
+source = "{wasm:hello}"
+reuse = { max_request = 10 }
+"#,
+        &["components.hello.reuse", "unknown field `max_request`"],
+    );
+    // Positive control: good settings pass.
+    let (_dir, path) = write_manifest(
+        r#"
+[components.hello]
+source = "{wasm:hello}"
+routes = ["/hello"]
+reuse = { max_requests = 10, idle = "250ms", max_memory = "8MiB" }
+"#,
+    );
+    let (code, stdout, stderr) = run_trellis(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+#[test]
 fn a_file_that_is_not_a_component_is_refused() {
     let (dir, _) = write_manifest("");
     std::fs::write(dir.path().join("junk.wasm"), b"definitely not wasm").unwrap();
