@@ -142,7 +142,12 @@ fn trellis_hello(
 }
 
 /// `wasmtime serve` on `wasm` with `args` before it.
-fn wasmtime_serve(name: &'static str, wasmtime: &Path, args: &[&str], wasm: &Path) -> Result<Server> {
+fn wasmtime_serve(
+    name: &'static str,
+    wasmtime: &Path,
+    args: &[&str],
+    wasm: &Path,
+) -> Result<Server> {
     let port = free_port()?;
     Server::start(
         name,
@@ -185,7 +190,12 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     let serve_reuse = wasmtime_serve(
         "wasmtime serve 48, tuned pooling, --max-instance-reuse-count 1000",
         &wasmtime,
-        &["-O", SERVE_TUNED_POOLING, "--max-instance-reuse-count", "1000"],
+        &[
+            "-O",
+            SERVE_TUNED_POOLING,
+            "--max-instance-reuse-count",
+            "1000",
+        ],
         &hello,
     )?;
     let trellis = trellis_hello(
@@ -204,7 +214,14 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     )?;
     let results = interleaved_rounds(
         "gateway",
-        &[&native, &serve, &tuned, &serve_reuse, &trellis, &trellis_reuse],
+        &[
+            &native,
+            &serve,
+            &tuned,
+            &serve_reuse,
+            &trellis,
+            &trellis_reuse,
+        ],
     )?;
     let metrics = trellis.metrics()?;
     drop((native, serve, tuned, serve_reuse, trellis, trellis_reuse));
@@ -223,12 +240,20 @@ fn gateway(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     out.push_str(&format!(
         "\nTuned pooling flags given to wasmtime serve: `-O {SERVE_TUNED_POOLING}`\n"
     ));
-    out.push_str(&ratio_lines(&results, &[
-        ("trellis fresh vs wasmtime serve default", 4, 1, 2.5),
-        ("trellis fresh vs wasmtime serve tuned pooling", 4, 2, 1.3),
-        ("trellis reuse vs native hyper", 5, 0, 0.35),
-        ("trellis reuse vs wasmtime serve reusing instances", 5, 3, 1.0),
-    ]));
+    out.push_str(&ratio_lines(
+        &results,
+        &[
+            ("trellis fresh vs wasmtime serve default", 4, 1, 2.5),
+            ("trellis fresh vs wasmtime serve tuned pooling", 4, 2, 1.3),
+            ("trellis reuse vs native hyper", 5, 0, 0.35),
+            (
+                "trellis reuse vs wasmtime serve reusing instances",
+                5,
+                3,
+                1.0,
+            ),
+        ],
+    ));
     Ok(out)
 }
 
@@ -279,9 +304,15 @@ fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     drop((native, serve, trellis, trellis_reuse));
     let mut out = String::from("### WASIp3 hello\n\n");
     out.push_str(&table(&results, &metrics));
-    out.push_str(&ratio_lines(&results, &[
-        ("trellis p3 reuse vs wasmtime serve p3 (its default reuse)", 3, 1, 1.0),
-    ]));
+    out.push_str(&ratio_lines(
+        &results,
+        &[(
+            "trellis p3 reuse vs wasmtime serve p3 (its default reuse)",
+            3,
+            1,
+            1.0,
+        )],
+    ));
     Ok(out)
 }
 
@@ -457,7 +488,10 @@ fn capability_runs(release: &Path, out_dir: &Path, nats_url: &str) -> Result<Str
     // Messages: one guest publishes them all; count what the sink's handler accepted. A
     // fresh instance per message, then the same through warm instances.
     let mut message_rates = Vec::new();
-    for (subject, sink) in [("bench.fresh.load", "sink"), ("bench.warm.load", "sink-warm")] {
+    for (subject, sink) in [
+        ("bench.fresh.load", "sink"),
+        ("bench.warm.load", "sink-warm"),
+    ] {
         let started = Instant::now();
         http_post(
             port,

@@ -73,8 +73,13 @@ pub struct InstanceState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
+    /// What `wasi:config` answers for the current call: the grants' values, plus the
+    /// call's own (an event's id) when it has any.
     config: Arc<WasiConfigVariables>,
     config_values: crate::capabilities::config::ConfigValues,
+    /// The grants' values alone, for calls without values of their own.
+    base_config: Arc<WasiConfigVariables>,
+    base_config_values: crate::capabilities::config::ConfigValues,
     tenant: Arc<str>,
     component: Arc<str>,
     outbound: OutboundPolicy,
@@ -136,6 +141,8 @@ impl InstanceState {
             table: ResourceTable::new(),
             config: grants.config.clone(),
             config_values: grants.config_values.clone(),
+            base_config: grants.config.clone(),
+            base_config_values: grants.config_values.clone(),
             tenant: grants.tenant.clone(),
             component: grants.component.clone(),
             outbound: grants.outbound.for_instance(),
@@ -155,6 +162,23 @@ impl InstanceState {
             cpu_turn: Arc::default(),
             deadline: std::time::Instant::now(),
         })
+    }
+
+    /// Makes `values` (a delivery's event id and attempt) readable through `wasi:config`
+    /// for this call, over the grants' values; none: the grants' values alone. A warm
+    /// instance gets them this way only, since a guest reads its environment once.
+    pub fn set_call_values(&mut self, values: &[(String, String)]) {
+        if values.is_empty() {
+            if !Arc::ptr_eq(&self.config_values, &self.base_config_values) {
+                self.config = self.base_config.clone();
+                self.config_values = self.base_config_values.clone();
+            }
+            return;
+        }
+        let mut merged = (*self.base_config_values).clone();
+        merged.extend(values.iter().cloned());
+        self.config = Arc::new(merged.iter().collect::<WasiConfigVariables>());
+        self.config_values = Arc::new(merged);
     }
 
     pub fn config(&mut self) -> WasiConfig<'_> {

@@ -14,9 +14,10 @@
 //! full ([`evict_idle_everywhere`]): warm instances are a cache, never a reason to refuse.
 //!
 //! The per-call parts of a store are set on every lease: the deadline the epoch callback
-//! checks and a fresh epoch deadline. Calls that bring their own environment variables
-//! (durable event deliveries: `TRELLIS_EVENT_ID`) always get a fresh instance, because a
-//! guest reads its environment once, at its first use.
+//! checks, a fresh epoch deadline, and the call's own values (a durable delivery's
+//! `TRELLIS_EVENT_ID` and attempt), which a reused instance reads through `wasi:config`
+//! only: a guest reads its environment once, so a warm instance would keep the first
+//! call's values there.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};

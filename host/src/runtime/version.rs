@@ -265,23 +265,32 @@ impl Version {
     }
 
     /// The store for one call: a warm instance when the entry opts into reuse and one is
-    /// idle (never for a call with its own environment), else a fresh store. Either way
-    /// the call's deadline is set.
+    /// idle, else a fresh store. Either way the call's deadline and its own values (`env`:
+    /// a delivery's event id) are set.
     pub fn lease(
         &self,
         kind: CallKind,
         deadline: Instant,
         env: &[(String, String)],
     ) -> wasmtime::Result<Lease> {
-        let pool = self.pool(kind);
-        if env.is_empty()
-            && let Some(mut lease) = pool.and_then(WarmPool::take)
-        {
-            lease.store.data_mut().deadline = deadline;
-            lease.store.set_epoch_deadline(1);
-            return Ok(lease);
-        }
-        Ok(Lease::fresh(self.new_store(deadline, env)?, pool))
+        let Some(pool) = self.pool(kind) else {
+            // Fresh per call: the call's values are in its environment and its config.
+            let mut store = self.new_store(deadline, env)?;
+            store.data_mut().set_call_values(env);
+            return Ok(Lease::fresh(store, None));
+        };
+        // Reused: the call's values only through `wasi:config`, set for every call, and
+        // never in the environment, which a guest reads once and a warm instance keeps.
+        let mut lease = match pool.take() {
+            Some(mut lease) => {
+                lease.store.data_mut().deadline = deadline;
+                lease.store.set_epoch_deadline(1);
+                lease
+            }
+            None => Lease::fresh(self.new_store(deadline, &[])?, Some(pool)),
+        };
+        lease.store.data_mut().set_call_values(env);
+        Ok(lease)
     }
 
     /// Ends a call's use of its instance: a clean one goes back to the warm pool (when
