@@ -1,7 +1,8 @@
 //! Native baseline for the order-placement benchmark in BENCHMARKS.md: the storage work
 //! of one shop order, done by native Rust on the same five SQLite databases, opened and
-//! migrated exactly as Trellis opens and migrates the shop components' (same pool, same
-//! pragmas, same migration files, writers taking turns the same way), with no HTTP, no
+//! migrated exactly as Trellis opens and migrates the shop components' (same connections,
+//! same pragmas, same migration files, statements run on the caller's thread as a guest's
+//! are, writers taking turns the same way), with no HTTP, no
 //! WebAssembly, no JSON and no messaging. It is the floor under what the shop can do.
 //!
 //! Per order, as the services do it: the user's row is read; the stock is reserved in
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sqlx::Row;
 use trellis::storage::{ComponentDatabase, SqliteDatabase, Storage};
 
 struct Shop {
@@ -109,68 +109,115 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+type Params = Vec<rusqlite::types::Value>;
+
+fn text(s: impl Into<String>) -> rusqlite::types::Value {
+    rusqlite::types::Value::Text(s.into())
+}
+
+fn int(i: i64) -> rusqlite::types::Value {
+    rusqlite::types::Value::Integer(i)
+}
+
+/// Runs one statement outside a transaction as Trellis runs a guest's (on the caller's
+/// thread, under the statement budget); the rows it returned.
+async fn statement(database: &SqliteDatabase, sql: &'static str, params: Params) -> Result<usize> {
+    let connection = database.connections.get()?;
+    Ok(connection
+        .run(move |c| {
+            let mut statement = c.prepare_cached(sql)?;
+            let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+            let mut n = 0;
+            while rows.next()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await?)
+}
+
+/// Runs `work` in one IMMEDIATE transaction under the write turn, as a guest's
+/// transaction runs (its statements one after another on the caller's thread).
+async fn transaction<R>(
+    database: &SqliteDatabase,
+    work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R>,
+) -> Result<R> {
+    let _turn = database.write_turn().await;
+    let connection = database.connections.get()?;
+    let c = connection.connection();
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    let result = work(c)?;
+    c.execute_batch("COMMIT")?;
+    Ok(result)
+}
+
+/// One statement of a transaction; the first column of its first row, if any.
+fn first(c: &rusqlite::Connection, sql: &str, params: Params) -> rusqlite::Result<Option<i64>> {
+    let mut statement = c.prepare_cached(sql)?;
+    let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+    Ok(match rows.next()? {
+        Some(row) => row.get::<_, i64>(0).ok(),
+        None => None,
+    })
+}
+
 /// What the client waits for: user check, stock reservation, the order stored.
 async fn place(shop: &Shop, order_id: &str) -> Result<()> {
-    sqlx::query("SELECT id, email, name, role, created_at, updated_at FROM users WHERE id = $1")
-        .bind("usr_bench")
-        .fetch_one(&shop.user.pool)
-        .await?;
-
-    let turn = shop.product.write_turn().await;
-    let mut tx = shop.product.pool.begin_with("BEGIN IMMEDIATE").await?;
-    let product = sqlx::query(
-        "UPDATE products SET stock = stock - $1, updated_at = $3 \
-         WHERE id = $2 AND stock >= $1 RETURNING name, price_cents, currency",
+    statement(
+        &shop.user,
+        "SELECT id, email, name, role, created_at, updated_at FROM users WHERE id = $1",
+        vec![text("usr_bench")],
     )
-    .bind(1i64)
-    .bind("prd_bench")
-    .bind("now")
-    .fetch_one(&mut *tx)
+    .await?;
+
+    let price = transaction(&shop.product, |c| {
+        let price = first(
+            c,
+            "UPDATE products SET stock = stock - $1, updated_at = $3 \
+             WHERE id = $2 AND stock >= $1 RETURNING price_cents, name, currency",
+            vec![int(1), text("prd_bench"), text("now")],
+        )?;
+        first(
+            c,
+            "INSERT INTO reservations (order_id, product_id, quantity, unit_price_cents, status, created_at) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5)",
+            vec![
+                text(order_id),
+                text("prd_bench"),
+                int(1),
+                int(price.unwrap_or(0)),
+                text("now"),
+            ],
+        )?;
+        Ok(price)
+    })
     .await
-    .context("reserving")?;
-    let price: i64 = product.get(1);
-    sqlx::query(
-        "INSERT INTO reservations (order_id, product_id, quantity, unit_price_cents, status, created_at) \
-         VALUES ($1, $2, $3, $4, 'reserved', $5)",
-    )
-    .bind(order_id)
-    .bind("prd_bench")
-    .bind(1i64)
-    .bind(price)
-    .bind("now")
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    drop(turn);
+    .context("reserving")?
+    .context("the product ran out")?;
 
-    let turn = shop.order.write_turn().await;
-    let mut tx = shop.order.pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query(
-        "INSERT INTO orders (id, user_id, email, status, total_cents, currency, payment_token, created_at, updated_at) \
-         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $7)",
-    )
-    .bind(order_id)
-    .bind("usr_bench")
-    .bind("bench@example.com")
-    .bind(price)
-    .bind("USD")
-    .bind("tok_visa")
-    .bind("now")
-    .execute(&mut *tx)
+    transaction(&shop.order, |c| {
+        first(
+            c,
+            "INSERT INTO orders (id, user_id, email, status, total_cents, currency, payment_token, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $7)",
+            vec![
+                text(order_id),
+                text("usr_bench"),
+                text("bench@example.com"),
+                int(price),
+                text("USD"),
+                text("tok_visa"),
+                text("now"),
+            ],
+        )?;
+        first(
+            c,
+            "INSERT INTO order_items (order_id, product_id, name, quantity, unit_price_cents) \
+             VALUES ($1, $2, $3, $4, $5)",
+            vec![text(order_id), text("prd_bench"), text("B"), int(1), int(price)],
+        )
+    })
     .await?;
-    sqlx::query(
-        "INSERT INTO order_items (order_id, product_id, name, quantity, unit_price_cents) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(order_id)
-    .bind("prd_bench")
-    .bind("B")
-    .bind(1i64)
-    .bind(price)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    drop(turn);
     Ok(())
 }
 
@@ -178,39 +225,40 @@ async fn place(shop: &Shop, order_id: &str) -> Result<()> {
 async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
     {
         let _turn = shop.payment.write_turn().await;
-        sqlx::query(
+        statement(
+            &shop.payment,
             "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            vec![
+                text(format!("pay_{order_id}")),
+                text(order_id),
+                text("usr_bench"),
+                text("bench@example.com"),
+                int(100),
+                text("USD"),
+                text("succeeded"),
+                rusqlite::types::Value::Null,
+                text("now"),
+            ],
         )
-        .bind(format!("pay_{order_id}"))
-        .bind(order_id)
-        .bind("usr_bench")
-        .bind("bench@example.com")
-        .bind(100i64)
-        .bind("USD")
-        .bind("succeeded")
-        .bind(None::<String>)
-        .bind("now")
-        .execute(&shop.payment.pool)
         .await?;
     }
     {
         let _turn = shop.order.write_turn().await;
-        sqlx::query(
+        statement(
+            &shop.order,
             "UPDATE orders SET status = 'confirmed', updated_at = $2 WHERE id = $1 AND status = 'pending' \
              RETURNING id, user_id, email, status, total_cents, currency, cancel_reason, created_at, updated_at",
+            vec![text(order_id), text("now")],
         )
-        .bind(order_id)
-        .bind("now")
-        .fetch_optional(&shop.order.pool)
         .await?;
     }
-    sqlx::query(
+    statement(
+        &shop.order,
         "SELECT order_id, product_id, name, quantity, unit_price_cents FROM order_items \
          WHERE order_id = $1 ORDER BY product_id",
+        vec![text(order_id)],
     )
-    .bind(order_id)
-    .fetch_all(&shop.order.pool)
     .await?;
     for event in ["order.created", "order.confirmed"] {
         notify(&shop.notification, event, order_id).await?;
@@ -219,30 +267,33 @@ async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
 }
 
 async fn notify(database: &SqliteDatabase, event: &str, order_id: &str) -> Result<()> {
-    let pool = &database.pool;
     let key = format!("{event}:{order_id}");
-    let seen = sqlx::query("SELECT id FROM notifications WHERE event_key = $1")
-        .bind(&key)
-        .fetch_optional(pool)
-        .await?;
-    if seen.is_some() {
+    let seen = statement(
+        database,
+        "SELECT id FROM notifications WHERE event_key = $1",
+        vec![text(&key)],
+    )
+    .await?;
+    if seen > 0 {
         return Ok(());
     }
     let _turn = database.write_turn().await;
-    sqlx::query(
+    statement(
+        database,
         "INSERT INTO notifications (id, user_id, recipient, channel, template, subject, body, event, status, error, created_at, event_key) \
          VALUES ($1, $2, $3, 'log', $4, $5, $6, $7, 'delivered', NULL, $8, $9)",
+        vec![
+            text(format!("ntf_{key}")),
+            text("usr_bench"),
+            text("bench@example.com"),
+            text(event.replace('.', "_")),
+            text("subject"),
+            text("body"),
+            text(event),
+            text("now"),
+            text(&key),
+        ],
     )
-    .bind(format!("ntf_{key}"))
-    .bind("usr_bench")
-    .bind("bench@example.com")
-    .bind(event.replace('.', "_"))
-    .bind("subject")
-    .bind("body")
-    .bind(event)
-    .bind("now")
-    .bind(&key)
-    .execute(pool)
     .await?;
     Ok(())
 }

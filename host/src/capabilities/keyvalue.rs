@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::{Row, SqlitePool};
+use rusqlite::OptionalExtension;
+use sqlx::Row;
 use tokio::sync::OwnedMutexGuard;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
@@ -464,71 +465,179 @@ macro_rules! sql_key_value_backend {
 const UPSERT: &str = "INSERT INTO trellis_kv (bucket, key, value) VALUES ($1, $2, $3)
      ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value";
 
+/// Key-value on a component's SQLite database, through its rusqlite connections on the
+/// caller's thread (`crate::storage::sqlite`); writes take the database's write turn.
 struct SqliteKeyValue {
     database: SqliteDatabase,
 }
 
-sql_key_value_backend!(SqliteKeyValue);
+/// A rusqlite failure, as the backend trait's error.
+fn sqlite_failure(e: rusqlite::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(e.to_string())
+}
 
 impl SqliteKeyValue {
-    fn pool(&self) -> &SqlitePool {
-        &self.database.pool
-    }
-
-    async fn write_turn(&self) -> Result<Option<OwnedMutexGuard<()>>, sqlx::Error> {
-        match self.database.write_turn().await {
-            Some(turn) => Ok(Some(turn)),
-            None => Err(sqlx::Error::Io(std::io::Error::new(
+    async fn write_turn(&self) -> Result<OwnedMutexGuard<()>, sqlx::Error> {
+        self.database.write_turn().await.ok_or_else(|| {
+            sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "database is busy: another writer held it too long",
-            ))),
-        }
+            ))
+        })
+    }
+
+    /// Runs `work` (one statement, or a transaction it opens and ends) on a connection.
+    async fn run<R: Send + 'static>(
+        &self,
+        work: impl Fn(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, sqlx::Error> {
+        let connection = self.database.connections.get().map_err(sqlite_failure)?;
+        connection.run(work).await.map_err(sqlite_failure)
     }
 
     async fn new(database: SqliteDatabase) -> Result<Self, sqlx::Error> {
-        let pool = &database.pool;
+        let store = Self { database };
         // DDL is a write: it takes its turn like any other writer.
-        let _turn = database.write_turn().await;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS trellis_kv (
-                bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
-                PRIMARY KEY (bucket, key)) WITHOUT ROWID",
-        )
-        .execute(pool)
-        .await?;
-        Ok(Self { database })
+        let _turn = store.write_turn().await?;
+        store
+            .run(|c| {
+                c.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS trellis_kv (
+                        bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                        PRIMARY KEY (bucket, key)) WITHOUT ROWID",
+                )
+            })
+            .await?;
+        Ok(store)
+    }
+}
+
+#[async_trait]
+impl KeyValueBackend for SqliteKeyValue {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.run(move |c| {
+            c.prepare_cached("SELECT value FROM trellis_kv WHERE bucket = ?1 AND key = ?2")?
+                .query_row((&bucket, &key), |row| row.get::<_, Vec<u8>>(0))
+                .optional()
+        })
+        .await
     }
 
-    async fn increment_counter(
+    async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), sqlx::Error> {
+        let _turn = self.write_turn().await?;
+        let (bucket, key, value) = (bucket.to_string(), key.to_string(), value.to_vec());
+        self.run(move |c| {
+            c.prepare_cached(UPSERT)?.execute((&bucket, &key, &value))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), sqlx::Error> {
+        let _turn = self.write_turn().await?;
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.run(move |c| {
+            c.prepare_cached("DELETE FROM trellis_kv WHERE bucket = ?1 AND key = ?2")?
+                .execute((&bucket, &key))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn exists(&self, bucket: &str, key: &str) -> Result<bool, sqlx::Error> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.run(move |c| {
+            c.prepare_cached("SELECT 1 FROM trellis_kv WHERE bucket = ?1 AND key = ?2")?
+                .exists((&bucket, &key))
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        bucket: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let bucket = bucket.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT key FROM trellis_kv WHERE bucket = ?1 ORDER BY key LIMIT ?2 OFFSET ?3",
+            )?
+            .query_map((&bucket, limit, offset), |row| row.get::<_, String>(0))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn increment(
         &self,
         bucket: &str,
         key: &str,
         delta: i64,
     ) -> Result<Result<i64, String>, sqlx::Error> {
-        // IMMEDIATE takes the write lock up front, so concurrent increments serialize
-        // instead of failing with SQLITE_BUSY when they upgrade a read.
+        // Read and write in one IMMEDIATE transaction, under the write turn.
         let _turn = self.write_turn().await?;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let current: Option<Vec<u8>> =
-            sqlx::query("SELECT value FROM trellis_kv WHERE bucket = $1 AND key = $2")
-                .bind(bucket)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get(0))
-                .transpose()?;
-        let next = match add_to_counter(current.as_deref(), delta) {
-            Ok(next) => next,
-            Err(reason) => return Ok(Err(reason)),
-        };
-        sqlx::query(UPSERT)
-            .bind(bucket)
-            .bind(key)
-            .bind(next.to_string().into_bytes())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Ok(next))
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.run(move |c| {
+            c.execute_batch("BEGIN IMMEDIATE")?;
+            let result = (|| -> rusqlite::Result<Result<i64, String>> {
+                let current: Option<Vec<u8>> = c
+                    .prepare_cached("SELECT value FROM trellis_kv WHERE bucket = ?1 AND key = ?2")?
+                    .query_row((&bucket, &key), |row| row.get(0))
+                    .optional()?;
+                let next = match add_to_counter(current.as_deref(), delta) {
+                    Ok(next) => next,
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                c.prepare_cached(UPSERT)?.execute((
+                    &bucket,
+                    &key,
+                    next.to_string().into_bytes(),
+                ))?;
+                Ok(Ok(next))
+            })();
+            match &result {
+                Ok(Ok(_)) => c.execute_batch("COMMIT")?,
+                // An interrupted statement may have rolled it back already.
+                _ => {
+                    let _ = c.execute_batch("ROLLBACK");
+                }
+            }
+            result
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, sqlx::Error> {
+        let _turn = self.write_turn().await?;
+        let (bucket, key, value) = (bucket.to_string(), key.to_string(), value.to_vec());
+        let expected = expected.map(<[u8]>::to_vec);
+        self.run(move |c| {
+            let done = match &expected {
+                Some(expected) => c
+                    .prepare_cached(
+                        "UPDATE trellis_kv SET value = ?4 WHERE bucket = ?1 AND key = ?2 AND value = ?3",
+                    )?
+                    .execute((&bucket, &key, expected, &value))?,
+                None => c
+                    .prepare_cached(
+                        "INSERT INTO trellis_kv (bucket, key, value) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    )?
+                    .execute((&bucket, &key, &value))?,
+            };
+            Ok(done == 1)
+        })
+        .await
     }
 }
 

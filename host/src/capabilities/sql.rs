@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use sqlx::error::ErrorKind;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo, Postgres};
-use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteRow};
 use sqlx::{Arguments, AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 use tokio::sync::OwnedMutexGuard;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
@@ -24,14 +23,37 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTabl
 use crate::bindings::trellis::platform::sql::{
     self as wit, ConstraintKind, ConstraintViolation, RowSet, Value,
 };
+use crate::storage::sqlite::Pooled;
 use crate::storage::{ComponentDatabase, SqliteDatabase, StorageMeter};
 
 /// An open transaction, held in the instance's resource table.
 pub enum Transaction {
-    /// With the component's write turn, held until the transaction ends (fields drop in
-    /// order: the transaction first).
-    Sqlite(sqlx::Transaction<'static, Sqlite>, OwnedMutexGuard<()>),
+    Sqlite(SqliteTransaction),
     Postgres(sqlx::Transaction<'static, Postgres>),
+}
+
+/// A SQLite transaction: its connection, in `BEGIN IMMEDIATE`, and the component's write
+/// turn, held until it ends. Dropped without a commit, it rolls back (then the turn goes).
+pub struct SqliteTransaction {
+    connection: Pooled,
+    _turn: OwnedMutexGuard<()>,
+}
+
+impl SqliteTransaction {
+    fn end(&self, how: &str) -> Result<(), SqlError> {
+        self.connection
+            .connection()
+            .execute_batch(how)
+            .map_err(SqlError::from)
+    }
+}
+
+impl Drop for SqliteTransaction {
+    fn drop(&mut self) {
+        if !self.connection.connection().is_autocommit() {
+            let _ = self.connection.connection().execute_batch("ROLLBACK");
+        }
+    }
 }
 
 /// The error of every SQL host function: what the guest sees, or a trap.
@@ -49,6 +71,12 @@ impl From<ResourceTableError> for SqlError {
 impl From<sqlx::Error> for SqlError {
     fn from(e: sqlx::Error) -> Self {
         SqlError::Guest(guest_error(e))
+    }
+}
+
+impl From<rusqlite::Error> for SqlError {
+    fn from(e: rusqlite::Error) -> Self {
+        SqlError::Guest(sqlite::guest_error(e))
     }
 }
 
@@ -176,9 +204,9 @@ impl wit::Host for Sql<'_> {
             // write turn too. Plain reads never wait (WAL readers do not block writers).
             ComponentDatabase::Sqlite(db) if !read_only => {
                 let _turn = write_turn(&db).await?;
-                sqlite::query(&db.pool, statement, &params).await
+                sqlite::query(&db, statement, params).await
             }
-            ComponentDatabase::Sqlite(db) => sqlite::query(&db.pool, statement, &params).await,
+            ComponentDatabase::Sqlite(db) => sqlite::query(&db, statement, params).await,
             ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
         }?;
         if !read_only {
@@ -194,7 +222,7 @@ impl wit::Host for Sql<'_> {
             // `execute` is how guests write; it waits for the write turn like a transaction.
             ComponentDatabase::Sqlite(db) => {
                 let _turn = write_turn(&db).await?;
-                sqlite::execute(&db.pool, statement, &params).await
+                sqlite::execute(&db, statement, params).await
             }
             ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
         }?;
@@ -208,7 +236,12 @@ impl wit::Host for Sql<'_> {
             // writes later can fail at once with SQLITE_BUSY under WAL.
             ComponentDatabase::Sqlite(db) => {
                 let turn = write_turn(&db).await?;
-                Transaction::Sqlite(db.pool.begin_with("BEGIN IMMEDIATE").await?, turn)
+                let connection = db.connections.get()?;
+                connection.connection().execute_batch("BEGIN IMMEDIATE")?;
+                Transaction::Sqlite(SqliteTransaction {
+                    connection,
+                    _turn: turn,
+                })
             }
             ComponentDatabase::Postgres(pool) => Transaction::Postgres(pool.begin().await?),
         };
@@ -256,7 +289,11 @@ impl wit::HostTransaction for Sql<'_> {
     ) -> Result<RowSet, SqlError> {
         self.may_run(&statement)?;
         match self.table.get_mut(&this)? {
-            Transaction::Sqlite(tx, _) => sqlite::query(&mut **tx, statement, &params).await,
+            Transaction::Sqlite(tx) => Ok(sqlite::query_rows(
+                tx.connection.connection(),
+                &statement,
+                &params,
+            )?),
             Transaction::Postgres(tx) => postgres::query(&mut **tx, statement, &params).await,
         }
     }
@@ -270,7 +307,11 @@ impl wit::HostTransaction for Sql<'_> {
         self.may_run(&statement)?;
         let meter = self.meter();
         let changed = match self.table.get_mut(&this)? {
-            Transaction::Sqlite(tx, _) => sqlite::execute(&mut **tx, statement, &params).await,
+            Transaction::Sqlite(tx) => Ok(sqlite::execute_statement(
+                tx.connection.connection(),
+                &statement,
+                &params,
+            )?),
             Transaction::Postgres(tx) => postgres::execute(&mut **tx, statement, &params).await,
         }?;
         // Measured as it goes (what a transaction spilled to disk), not only at commit.
@@ -281,7 +322,7 @@ impl wit::HostTransaction for Sql<'_> {
     async fn commit(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
         let meter = self.meter();
         match self.table.delete(this)? {
-            Transaction::Sqlite(tx, _turn) => tx.commit().await?,
+            Transaction::Sqlite(tx) => tx.end("COMMIT")?,
             Transaction::Postgres(tx) => tx.commit().await?,
         }
         wrote(meter).await;
@@ -290,14 +331,14 @@ impl wit::HostTransaction for Sql<'_> {
 
     async fn rollback(&mut self, this: Resource<Transaction>) -> Result<(), SqlError> {
         match self.table.delete(this)? {
-            Transaction::Sqlite(tx, _turn) => tx.rollback().await?,
+            Transaction::Sqlite(tx) => tx.end("ROLLBACK")?,
             Transaction::Postgres(tx) => tx.rollback().await?,
         }
         Ok(())
     }
 
     async fn drop(&mut self, this: Resource<Transaction>) -> wasmtime::Result<()> {
-        // Dropping an sqlx transaction that was not committed rolls it back.
+        // Dropping a transaction that was not committed rolls it back.
         self.table.delete(this)?;
         Ok(())
     }
@@ -356,43 +397,153 @@ macro_rules! statements {
     };
 }
 
+/// SQLite through rusqlite, on the caller's thread (`crate::storage::sqlite`): outside a
+/// transaction under the statement budget, inside one as it comes.
 mod sqlite {
+    use rusqlite::types::{Value as SqliteValue, ValueRef as SqliteValueRef};
+    use rusqlite::{Connection, ErrorCode, ffi};
+
     use super::*;
 
-    fn arguments(params: &[Value]) -> Result<SqliteArguments, SqlError> {
-        let mut args = SqliteArguments::default();
-        for param in params {
-            let added = match param {
-                Value::Null => args.add(None::<i64>),
-                Value::Boolean(b) => args.add(*b),
-                Value::Integer(i) => args.add(*i),
-                Value::Real(f) => args.add(*f),
-                Value::Text(s) => args.add(s.clone()),
-                Value::Blob(b) => args.add(b.clone()),
+    pub async fn query(
+        db: &SqliteDatabase,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<RowSet, SqlError> {
+        let connection = db.connections.get()?;
+        Ok(connection
+            .run(move |c| query_rows(c, &statement, &params))
+            .await?)
+    }
+
+    pub async fn execute(
+        db: &SqliteDatabase,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<u64, SqlError> {
+        let connection = db.connections.get()?;
+        Ok(connection
+            .run(move |c| execute_statement(c, &statement, &params))
+            .await?)
+    }
+
+    fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Result<()> {
+        let expected = statement.parameter_count();
+        if expected != params.len() {
+            return Err(rusqlite::Error::InvalidParameterCount(
+                params.len(),
+                expected,
+            ));
+        }
+        for (i, param) in params.iter().enumerate() {
+            let value = match param {
+                Value::Null => SqliteValue::Null,
+                Value::Boolean(b) => SqliteValue::Integer(i64::from(*b)),
+                Value::Integer(i) => SqliteValue::Integer(*i),
+                Value::Real(f) => SqliteValue::Real(*f),
+                Value::Text(s) => SqliteValue::Text(s.clone()),
+                Value::Blob(b) => SqliteValue::Blob(b.clone()),
             };
-            added.map_err(|e| invalid(format!("parameter: {e}")))?;
+            statement.raw_bind_parameter(i + 1, value)?;
         }
-        Ok(args)
+        Ok(())
     }
 
-    fn decode(row: &SqliteRow, i: usize) -> Result<Value, SqlError> {
-        let raw = row.try_get_raw(i)?;
-        // A NULL reports its column's declared type, so look at NULL first.
-        if raw.is_null() {
-            return Ok(Value::Null);
+    /// Rows of one statement, with its column names when there are any rows.
+    pub fn query_rows(
+        connection: &Connection,
+        statement: &str,
+        params: &[Value],
+    ) -> rusqlite::Result<RowSet> {
+        let mut prepared = connection.prepare_cached(statement)?;
+        bind(&mut prepared, params)?;
+        let width = prepared.column_count();
+        let names: Vec<String> = prepared
+            .column_names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let mut rows = Vec::new();
+        let mut cursor = prepared.raw_query();
+        while let Some(row) = cursor.next()? {
+            let mut values = Vec::with_capacity(width);
+            for i in 0..width {
+                values.push(match row.get_ref(i)? {
+                    SqliteValueRef::Null => Value::Null,
+                    SqliteValueRef::Integer(i) => Value::Integer(i),
+                    SqliteValueRef::Real(f) => Value::Real(f),
+                    SqliteValueRef::Text(t) => {
+                        Value::Text(String::from_utf8(t.to_vec()).map_err(|e| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                i,
+                                rusqlite::types::Type::Text,
+                                Box::new(e),
+                            )
+                        })?)
+                    }
+                    SqliteValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                });
+            }
+            rows.push(values);
         }
-        let storage_class = raw.type_info().name().to_string();
-        Ok(match storage_class.as_str() {
-            "INTEGER" | "BOOLEAN" => Value::Integer(row.try_get(i)?),
-            "REAL" => Value::Real(row.try_get(i)?),
-            "BLOB" => Value::Blob(row.try_get(i)?),
-            _ => Value::Text(row.try_get(i)?),
-        })
+        let columns = if rows.is_empty() { Vec::new() } else { names };
+        Ok(RowSet { columns, rows })
     }
 
-    // SQLite re-prepares a cached statement by itself when the schema changes, so its
-    // statements are cached per connection: parsing was a visible part of every call.
-    statements!(Sqlite, true);
+    /// Runs one statement (or, without parameters, several) to its end; rows it changed.
+    pub fn execute_statement(
+        connection: &Connection,
+        statement: &str,
+        params: &[Value],
+    ) -> rusqlite::Result<u64> {
+        let mut prepared = match connection.prepare_cached(statement) {
+            Err(rusqlite::Error::MultipleStatement) if params.is_empty() => {
+                let before = connection.total_changes();
+                connection.execute_batch(statement)?;
+                return Ok(connection.total_changes() - before);
+            }
+            other => other?,
+        };
+        bind(&mut prepared, params)?;
+        let read_only = prepared.readonly();
+        let mut cursor = prepared.raw_query();
+        while cursor.next()?.is_some() {}
+        drop(cursor);
+        Ok(if read_only { 0 } else { connection.changes() })
+    }
+
+    /// Sorts a SQLite error into what the guest can act on, as for sqlx's.
+    pub fn guest_error(e: rusqlite::Error) -> wit::Error {
+        match e {
+            rusqlite::Error::SqliteFailure(failure, message) => {
+                let message = message.unwrap_or_else(|| failure.to_string());
+                let kind = match failure.extended_code {
+                    ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                        Some(ConstraintKind::Unique)
+                    }
+                    ffi::SQLITE_CONSTRAINT_FOREIGNKEY => Some(ConstraintKind::ForeignKey),
+                    ffi::SQLITE_CONSTRAINT_NOTNULL => Some(ConstraintKind::NotNull),
+                    ffi::SQLITE_CONSTRAINT_CHECK => Some(ConstraintKind::Check),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    return wit::Error::Constraint(ConstraintViolation { kind, message });
+                }
+                match failure.code {
+                    ErrorCode::Unknown => wit::Error::InvalidStatement(message),
+                    _ => wit::Error::Other(message),
+                }
+            }
+            e @ (rusqlite::Error::MultipleStatement
+            | rusqlite::Error::InvalidParameterCount(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidParameterName(..)) => {
+                wit::Error::InvalidStatement(e.to_string())
+            }
+            e => wit::Error::Other(e.to_string()),
+        }
+    }
 }
 
 mod postgres {

@@ -287,13 +287,13 @@ impl ResourceLimiter for MemoryLimiter {
                 || (crate::runtime::reuse::evict_idle_everywhere() > 0
                     && budget.try_reserve(growth))
         };
-        if !room(&*self.tenant.memory) {
+        if !room(&self.tenant.memory) {
             self.tenant_refused = true;
             self.tenant
                 .breach(crate::tenancy::quota::MEMORY, "a memory growth was refused");
             return Ok(false);
         }
-        if !room(&*self.budget) {
+        if !room(&self.budget) {
             self.tenant.memory.release(growth);
             self.node_refused = true;
             return Ok(false);

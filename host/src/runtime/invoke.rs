@@ -514,32 +514,23 @@ where
         let failure = Failure::Internal("the component does not serve HTTP".into());
         return (failure.response(name), Ending::Now(Some(failure)));
     };
+    let call = Call {
+        version: version.clone(),
+        metrics: metrics.clone(),
+        permit,
+        lease,
+        deadline,
+        flags: flags.clone(),
+        ended: ended_sender,
+    };
     let (run_instance, head) = match http {
         HttpPre::P2(_) => {
-            match p2_instance(
-                version.clone(),
-                metrics.clone(),
-                permit,
-                lease,
-                deadline,
-                request,
-                flags.clone(),
-                ended_sender,
-            ) {
+            match p2_instance(call, request) {
                 Ok(started) => started,
                 Err(response) => return (*response, Ending::Now(None)),
             }
         }
-        HttpPre::P3(_) => p3_instance(
-            version.clone(),
-            metrics.clone(),
-            permit,
-            lease,
-            deadline,
-            request,
-            flags.clone(),
-            ended_sender,
-        ),
+        HttpPre::P3(_) => p3_instance(call, request),
     };
     let mut run_instance = run_instance;
     let mut head = head;
@@ -620,6 +611,18 @@ where
     (response, ending)
 }
 
+/// One HTTP call, admitted and given its instance, ready to run.
+struct Call {
+    version: Arc<Version>,
+    metrics: Arc<ComponentMetrics>,
+    permit: Permit,
+    lease: Lease,
+    deadline: Instant,
+    flags: CallFlags,
+    /// Told the instance's outcome once it is gone (true: clean), for the response body.
+    ended: tokio::sync::oneshot::Sender<bool>,
+}
+
 /// What the two sides of one HTTP call tell each other.
 #[derive(Clone, Default)]
 struct CallFlags {
@@ -651,15 +654,18 @@ type Head = std::pin::Pin<Box<dyn Future<Output = HeadResult> + Send>>;
 /// Starts a WASIp2 `wasi:http/incoming-handler` call; an answer at once if the request
 /// cannot be handed to the guest.
 fn p2_instance(
-    version: Arc<Version>,
-    metrics: Arc<ComponentMetrics>,
-    permit: Permit,
-    mut lease: Lease,
-    deadline: Instant,
+    call: Call,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
-    flags: CallFlags,
-    ended: tokio::sync::oneshot::Sender<bool>,
 ) -> Result<(InstanceRun, Head), Box<Response<ResponseBody>>> {
+    let Call {
+        version,
+        metrics,
+        permit,
+        mut lease,
+        deadline,
+        flags,
+        ended,
+    } = call;
     let name = &*version.name;
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let resources = {
@@ -738,15 +744,18 @@ fn p2_instance(
 /// body it was still writing ends in an error rather than a clean, truncated end. Only
 /// then, with nothing of the call left running, may a warm instance serve another call.
 fn p3_instance(
-    version: Arc<Version>,
-    metrics: Arc<ComponentMetrics>,
-    permit: Permit,
-    mut lease: Lease,
-    deadline: Instant,
+    call: Call,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
-    flags: CallFlags,
-    ended: tokio::sync::oneshot::Sender<bool>,
 ) -> (InstanceRun, Head) {
+    let Call {
+        version,
+        metrics,
+        permit,
+        mut lease,
+        deadline,
+        flags,
+        ended,
+    } = call;
     use wasmtime::component::Accessor;
     use wasmtime_wasi_http::p3;
 

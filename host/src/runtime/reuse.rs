@@ -110,17 +110,15 @@ impl WarmPool {
     pub fn take(&self) -> Option<Lease> {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("warm pool lock");
-        while let Some(entry) = idle.pop() {
-            if now.duration_since(entry.since) < self.idle_for {
-                return Some(entry.lease);
-            }
-            // The rest are older still.
-            let stale: Vec<Idle> = std::mem::take(&mut *idle);
-            drop(idle);
-            discard(entry.lease.store);
-            stale.into_iter().for_each(|e| discard(e.lease.store));
-            return None;
+        let entry = idle.pop()?;
+        if now.duration_since(entry.since) < self.idle_for {
+            return Some(entry.lease);
         }
+        // The rest are older still.
+        let stale: Vec<Idle> = std::mem::take(&mut *idle);
+        drop(idle);
+        discard(entry.lease.store);
+        stale.into_iter().for_each(|e| discard(e.lease.store));
         None
     }
 

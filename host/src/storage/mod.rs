@@ -24,6 +24,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Executor};
 
+pub mod sqlite;
+
 /// How long a component's database connection stays open unused. Short, because a node
 /// may host thousands of components: an idle one should hold no connection (a thread and
 /// three file handles on SQLite, a server process on PostgreSQL). Reopening costs well
@@ -59,7 +61,11 @@ pub enum ComponentDatabase {
 /// and made concurrent writes slow (p99 > 100 ms under load).
 #[derive(Clone)]
 pub struct SqliteDatabase {
+    /// sqlx's pool, for what runs at deploy (migrations, sizes); guests' statements go
+    /// through `connections`.
     pub pool: SqlitePool,
+    /// The connections guests' statements run on, on the caller's thread ([`sqlite`]).
+    pub connections: Arc<sqlite::Connections>,
     writer: Arc<tokio::sync::Mutex<()>>,
     /// The database file (its write-ahead log is beside it).
     path: PathBuf,
@@ -135,6 +141,7 @@ impl Storage {
                     .with_context(|| format!("opening {}", dir.join("data.db").display()))?;
                 Ok(ComponentDatabase::Sqlite(SqliteDatabase {
                     pool,
+                    connections: sqlite::Connections::new(&dir.join("data.db")),
                     writer: Arc::default(),
                     path: dir.join("data.db"),
                 }))

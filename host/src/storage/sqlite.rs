@@ -1,0 +1,192 @@
+//! SQLite statements on the caller's thread. sqlx gives every SQLite connection a worker
+//! thread and sends it each statement over a channel: two thread wake-ups per statement,
+//! which were most of a statement's cost (a point lookup is a few microseconds of SQLite).
+//! Here a component's connections are plain `rusqlite` connections (the same libsqlite3
+//! sqlx links, one copy in the build) kept in a small set per database, and a statement
+//! runs where the guest's host call runs.
+//!
+//! A statement must not hold an async worker for long: outside a transaction each one runs
+//! under a budget ([`STATEMENT_BUDGET`]). SQLite's progress handler interrupts it once the
+//! budget has passed, and it is run again from the start on a blocking thread, with no
+//! budget; that is safe because an interrupted statement outside a transaction is rolled
+//! back whole. Statements inside a guest's transaction run to their end on the caller's
+//! thread (an interrupt there would roll back the whole transaction).
+//!
+//! Connections are opened as sqlx's were: WAL, `synchronous = NORMAL`, foreign keys on,
+//! a 256 MiB mmap, no `ATTACH`. Writers still take the database's write turn in the async
+//! runtime first ([`super::SqliteDatabase::write_turn`]). Connections unused for
+//! [`super::IDLE_CONNECTION`] are closed by a sweeper task, so an idle component holds
+//! none.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+
+/// How long a statement outside a transaction may run on an async worker thread before it
+/// is moved to a blocking thread.
+pub const STATEMENT_BUDGET: Duration = Duration::from_millis(10);
+
+/// SQLite VM instructions between two looks at the clock.
+const PROGRESS_STEPS: i32 = 1000;
+
+/// Nanoseconds since the node started: the budget's clock, storable in an atomic.
+fn now_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// One connection and its budget (a deadline in [`now_nanos`], 0: none).
+pub struct Conn {
+    pub connection: Connection,
+    budget: Arc<AtomicU64>,
+}
+
+/// The open connections of one database file.
+pub struct Connections {
+    path: PathBuf,
+    idle: Mutex<Vec<(Conn, Instant)>>,
+    sweeping: AtomicBool,
+    me: Weak<Connections>,
+}
+
+impl Connections {
+    pub fn new(path: &Path) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            sweeping: AtomicBool::new(false),
+            me: me.clone(),
+        })
+    }
+
+    /// A connection, the most recently used idle one or a new one.
+    pub fn get(&self) -> rusqlite::Result<Pooled> {
+        let reused = self.idle.lock().expect("sqlite connections lock").pop();
+        let conn = match reused {
+            Some((conn, _)) => conn,
+            None => self.open()?,
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            home: self.me.clone(),
+        })
+    }
+
+    fn open(&self) -> rusqlite::Result<Conn> {
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(super::SQLITE_BUSY_TIMEOUT)?;
+        connection.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON; PRAGMA mmap_size = 268435456;",
+        )?;
+        // A guest's SQL could otherwise ATTACH any file the node can open.
+        connection.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        connection.set_prepared_statement_cache_capacity(64);
+        let budget = Arc::new(AtomicU64::new(0));
+        let deadline = budget.clone();
+        connection.progress_handler(
+            PROGRESS_STEPS,
+            Some(move || {
+                let deadline = deadline.load(Ordering::Relaxed);
+                deadline != 0 && now_nanos() > deadline
+            }),
+        )?;
+        Ok(Conn { connection, budget })
+    }
+
+    /// Closes the connections unused for `IDLE_CONNECTION`; whether any are left.
+    fn close_idle(&self) -> bool {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("sqlite connections lock");
+        idle.retain(|(_, since)| now.duration_since(*since) < super::IDLE_CONNECTION);
+        !idle.is_empty()
+    }
+
+    fn give_back(&self, conn: Conn) {
+        // A connection left inside a transaction (a host bug) is not handed out again.
+        if !conn.connection.is_autocommit() {
+            return;
+        }
+        self.idle
+            .lock()
+            .expect("sqlite connections lock")
+            .push((conn, Instant::now()));
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.me.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(super::IDLE_CONNECTION / 2).await;
+                let Some(connections) = me.upgrade() else {
+                    return;
+                };
+                if !connections.close_idle() {
+                    connections.sweeping.store(false, Ordering::Release);
+                    // One returned meanwhile found the flag still set: look once more.
+                    if !connections.close_idle()
+                        || connections.sweeping.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A connection taken from its database's set; it goes back when dropped.
+pub struct Pooled {
+    conn: Option<Conn>,
+    home: Weak<Connections>,
+}
+
+impl Pooled {
+    pub fn connection(&self) -> &Connection {
+        &self.conn.as_ref().expect("a pooled connection").connection
+    }
+
+    /// Runs `work` (one statement outside a transaction) here, under the statement budget;
+    /// past it, `work` is interrupted and run again on a blocking thread without one.
+    pub async fn run<R, W>(self, work: W) -> rusqlite::Result<R>
+    where
+        R: Send + 'static,
+        W: Fn(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let budget = &self.conn.as_ref().expect("a pooled connection").budget;
+        budget.store(
+            now_nanos() + STATEMENT_BUDGET.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        let result = work(self.connection());
+        budget.store(0, Ordering::Relaxed);
+        match result {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) => {
+                tokio::task::spawn_blocking(move || work(self.connection()))
+                    .await
+                    .unwrap_or(Err(e))
+            }
+            other => other,
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.upgrade()) {
+            home.give_back(conn);
+        }
+    }
+}
