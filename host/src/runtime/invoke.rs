@@ -524,12 +524,10 @@ where
         ended: ended_sender,
     };
     let (run_instance, head) = match http {
-        HttpPre::P2(_) => {
-            match p2_instance(call, request) {
-                Ok(started) => started,
-                Err(response) => return (*response, Ending::Now(None)),
-            }
-        }
+        HttpPre::P2(_) => match p2_instance(call, request) {
+            Ok(started) => started,
+            Err(response) => return (*response, Ending::Now(None)),
+        },
         HttpPre::P3(_) => p3_instance(call, request),
     };
     let mut run_instance = run_instance;
