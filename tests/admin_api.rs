@@ -345,7 +345,13 @@ async fn the_openapi_document_matches_the_real_answers() {
         )
         .await;
     admin
-        .refused("POST", &versions, bytes_of("order"), 413, "too_large")
+        .refused(
+            "POST",
+            &versions,
+            Some(Bytes::from(vec![0u8; 700 << 10])),
+            413,
+            "too_large",
+        )
         .await;
     admin
         .refused(

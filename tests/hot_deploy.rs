@@ -379,7 +379,7 @@ async fn bad_uploads_get_a_4xx_with_the_reason_and_the_old_version_keeps_serving
         (
             "over the size limit",
             SVC,
-            bytes_of("order"),
+            Bytes::from(vec![0u8; 700 << 10]),
             vec![],
             413,
             "too_large",

@@ -88,6 +88,27 @@ async fn tables_constraints_and_typed_values(options: NodeOptions) {
         json!([[1, "ada@example.com", 36, 4.5, {"blob": [0, 1, 255]}, null]])
     );
 
+    // Numbered parameters mean their number wherever and however often they appear
+    // (SQLite alone would number them by first appearance).
+    let reordered = one(
+        &node,
+        "/accounts",
+        "query",
+        "UPDATE users SET age = age + $2, note = $3 WHERE id = $1 AND age >= $2 RETURNING age, note",
+        json!([1, 4, "older"]),
+    )
+    .await;
+    assert_eq!(reordered["rows"], json!([[40, "older"]]), "{reordered}");
+    let missing = one(
+        &node,
+        "/accounts",
+        "query",
+        "SELECT id FROM users WHERE id = $2",
+        json!([1]),
+    )
+    .await;
+    assert_eq!(missing["error"]["kind"], "invalid-statement", "{missing}");
+
     let insert = "INSERT INTO users (id, email, age) VALUES ($1, $2, $3)";
     let duplicate = one(
         &node,

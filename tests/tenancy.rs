@@ -681,7 +681,7 @@ max_instances = 50
 
 [tenants.tight]
 hosts = ["tight.test"]
-quota = { requests_per_second = 5, burst = 5, max_instances = 2, max_memory = "40MiB", max_storage = "1MiB", max_components = 6, max_code_size = "1536KiB", publish_per_second = 3, max_outbound_per_request = 2, max_instance_memory = "64MiB", max_deadline = "10s" }
+quota = { requests_per_second = 5, burst = 5, max_instances = 2, max_memory = "40MiB", max_storage = "1MiB", max_components = 6, max_code_size = "700KiB", publish_per_second = 3, max_outbound_per_request = 2, max_instance_memory = "64MiB", max_deadline = "10s" }
 
 [tenants.roomy]
 hosts = ["roomy.test"]
@@ -884,15 +884,19 @@ async fn each_quota_breach_gets_its_answer() {
         .await;
     let too_long = expect(too_long, 422, "deadline above the quota").await;
     assert!(too_long.to_string().contains("max_deadline"), "{too_long}");
-    // Code: kv-probe, msg-probe and probe already run; two large components pass the
-    // 1.5 MiB the tenant may run.
+    // Code: kv-probe, msg-probe and probe already run; one large component fits the
+    // 700 KiB the tenant may run, a second does not, nor does `user` in place of `probe`.
     let sizes: u64 = ["probe", "kv-probe", "msg-probe"]
         .iter()
         .map(|f| std::fs::metadata(wasm(f)).unwrap().len())
         .sum();
     let order = std::fs::metadata(wasm("order")).unwrap().len();
+    let user = std::fs::metadata(wasm("user")).unwrap().len();
+    let probe = std::fs::metadata(wasm("probe")).unwrap().len();
     assert!(
-        sizes + order <= 1536 << 10 && sizes + 2 * order > 1536 << 10,
+        sizes + order <= 700 << 10
+            && sizes + 2 * order > 700 << 10
+            && sizes + order - probe + user > 700 << 10,
         "the fixtures' sizes do not suit this test"
     );
     let mut code_refusal = None;

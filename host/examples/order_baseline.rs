@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use trellis::storage::sqlite::bind_numbered;
 use trellis::storage::{ComponentDatabase, SqliteDatabase, Storage};
 
 struct Shop {
@@ -126,7 +127,8 @@ async fn statement(database: &SqliteDatabase, sql: &'static str, params: Params)
     Ok(connection
         .run(move |c| {
             let mut statement = c.prepare_cached(sql)?;
-            let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+            bind_numbered(&mut statement, &params)?;
+            let mut rows = statement.raw_query();
             let mut n = 0;
             while rows.next()?.is_some() {
                 n += 1;
@@ -154,7 +156,8 @@ async fn transaction<R>(
 /// One statement of a transaction; the first column of its first row, if any.
 fn first(c: &rusqlite::Connection, sql: &str, params: Params) -> rusqlite::Result<Option<i64>> {
     let mut statement = c.prepare_cached(sql)?;
-    let mut rows = statement.query(rusqlite::params_from_iter(params.iter()))?;
+    bind_numbered(&mut statement, &params)?;
+    let mut rows = statement.raw_query();
     Ok(match rows.next()? {
         Some(row) => row.get::<_, i64>(0).ok(),
         None => None,

@@ -428,25 +428,18 @@ mod sqlite {
     }
 
     fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Result<()> {
-        let expected = statement.parameter_count();
-        if expected != params.len() {
-            return Err(rusqlite::Error::InvalidParameterCount(
-                params.len(),
-                expected,
-            ));
-        }
-        for (i, param) in params.iter().enumerate() {
-            let value = match param {
+        let values: Vec<SqliteValue> = params
+            .iter()
+            .map(|param| match param {
                 Value::Null => SqliteValue::Null,
                 Value::Boolean(b) => SqliteValue::Integer(i64::from(*b)),
                 Value::Integer(i) => SqliteValue::Integer(*i),
                 Value::Real(f) => SqliteValue::Real(*f),
                 Value::Text(s) => SqliteValue::Text(s.clone()),
                 Value::Blob(b) => SqliteValue::Blob(b.clone()),
-            };
-            statement.raw_bind_parameter(i + 1, value)?;
-        }
-        Ok(())
+            })
+            .collect();
+        crate::storage::sqlite::bind_numbered(statement, &values)
     }
 
     /// Rows of one statement, with its column names when there are any rows.

@@ -190,3 +190,40 @@ impl Drop for Pooled {
         }
     }
 }
+
+/// Binds `values` to `statement` the way sqlx does for SQLite: a parameter written `$N` or
+/// `?N` takes the N-th value however often and wherever it appears (SQLite itself numbers
+/// named parameters by first appearance, so `SET a = $2 WHERE b = $1` would swap them);
+/// bare `?` and other names take the next values in order. A parameter with no value is an
+/// error; values no parameter names are ignored (as PostgreSQL does).
+pub fn bind_numbered(
+    statement: &mut rusqlite::Statement<'_>,
+    values: &[rusqlite::types::Value],
+) -> rusqlite::Result<()> {
+    let mut next = 0;
+    let mut needed = 0;
+    let mut slots = Vec::with_capacity(statement.parameter_count());
+    for index in 1..=statement.parameter_count() {
+        let numbered = statement
+            .parameter_name(index)
+            .and_then(|name| name.get(1..))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n >= 1);
+        let value = match numbered {
+            Some(n) => n - 1,
+            None => {
+                next += 1;
+                next - 1
+            }
+        };
+        needed = needed.max(value + 1);
+        slots.push((index, value));
+    }
+    if needed > values.len() {
+        return Err(rusqlite::Error::InvalidParameterCount(values.len(), needed));
+    }
+    for (index, value) in slots {
+        statement.raw_bind_parameter(index, &values[value])?;
+    }
+    Ok(())
+}
