@@ -721,8 +721,12 @@ impl Slot {
         let settled = match outcome {
             Ok(()) => {
                 self.metrics.messages_handled.inc();
-                self.metrics.events_acked.inc();
-                settle.ack().await
+                // Counted once the log has it: an event counted acked is not redelivered.
+                let acked = settle.ack().await;
+                if acked.is_ok() {
+                    self.metrics.events_acked.inc();
+                }
+                acked
             }
             Err(failure) => {
                 self.log_handler_failure(
@@ -744,8 +748,11 @@ impl Slot {
                         // Acknowledged only once the dead letter is stored: a crash in
                         // between means another attempt, never a lost event.
                         Ok(()) => {
-                            self.metrics.events_acked.inc();
-                            settle.ack().await
+                            let acked = settle.ack().await;
+                            if acked.is_ok() {
+                                self.metrics.events_acked.inc();
+                            }
+                            acked
                         }
                         Err(e) => {
                             tracing::error!(tenant = %self.tenant, component = %self.name, error = %e, "could not store the dead letter; the event will be tried again");

@@ -11,7 +11,9 @@
 //!
 //! All writes go through one task that commits whatever is waiting in one transaction
 //! (group commit); with WAL and `synchronous = NORMAL` a commit survives the process being
-//! killed (a power cut may lose the last commits; see the README).
+//! killed (a power cut may lose the last commits; see the README). The queue has one
+//! rusqlite connection; each batch of writes, each lease and each sweep runs on it in one
+//! trip to a blocking thread, not one per statement.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -21,10 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{ConsumerSpec, Delivery, Event, EventLog, Settle};
@@ -42,7 +40,7 @@ pub struct LocalLog {
 }
 
 struct Inner {
-    pool: SqlitePool,
+    connection: Arc<Mutex<rusqlite::Connection>>,
     /// Appended events, for core subscribers (`ephemeral`), published off the writer so
     /// that a slow subscriber never holds up a commit.
     fan_out: mpsc::UnboundedSender<Event>,
@@ -70,6 +68,8 @@ enum Op {
         due_at: i64,
     },
     RemoveConsumer(String),
+    /// Taken (the op moved into the batch's commit).
+    None,
 }
 
 struct Write {
@@ -93,56 +93,48 @@ impl LocalLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
+        let connection = rusqlite::Connection::open(path)
+            .and_then(|c| {
+                c.busy_timeout(Duration::from_secs(5))?;
+                c.execute_batch(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;\
+                     CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+                     id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL, body BLOB NOT NULL, \
+                     headers TEXT NOT NULL, stored_at INTEGER NOT NULL);\
+                     CREATE TABLE IF NOT EXISTS consumers (name TEXT PRIMARY KEY, filter TEXT NOT NULL);\
+                     CREATE TABLE IF NOT EXISTS deliveries (consumer TEXT NOT NULL, seq INTEGER NOT NULL, \
+                     attempts INTEGER NOT NULL, due_at INTEGER NOT NULL, leased INTEGER NOT NULL DEFAULT 0, \
+                     PRIMARY KEY (consumer, seq));\
+                     CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (consumer, leased, due_at, seq);\
+                     UPDATE deliveries SET leased = 0 WHERE leased = 1;",
+                )?;
+                Ok(c)
+            })
             .with_context(|| format!("opening the event queue {}", path.display()))?;
-        for ddl in [
-            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
-             id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL, body BLOB NOT NULL, \
-             headers TEXT NOT NULL, stored_at INTEGER NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS consumers (name TEXT PRIMARY KEY, filter TEXT NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS deliveries (consumer TEXT NOT NULL, seq INTEGER NOT NULL, \
-             attempts INTEGER NOT NULL, due_at INTEGER NOT NULL, leased INTEGER NOT NULL DEFAULT 0, \
-             PRIMARY KEY (consumer, seq))",
-            "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (consumer, leased, due_at, seq)",
-            // Nothing is being handled yet: what was leased before a crash is due again.
-            "UPDATE deliveries SET leased = 0 WHERE leased = 1",
-        ] {
-            sqlx::query(ddl).execute(&pool).await.with_context(|| {
-                format!("creating the event queue's tables in {}", path.display())
-            })?;
-        }
-        let consumers = sqlx::query("SELECT name, filter FROM consumers")
-            .fetch_all(&pool)
-            .await?
-            .into_iter()
-            .map(|row| {
-                (
-                    row.get::<String, _>(0),
+        // (The UPDATE above: nothing is being handled yet, so what was leased before a
+        // crash is due again.)
+        let consumers = connection
+            .prepare("SELECT name, filter FROM consumers")?
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
                     Consumer {
-                        filter: row.get(1),
+                        filter: row.get(1)?,
                         wake: Arc::new(Notify::new()),
                     },
-                )
-            })
-            .collect();
-        let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events")
-            .fetch_one(&pool)
-            .await?
-            .get(0);
+                ))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        let stored: i64 = connection.query_row(
+            "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events",
+            [],
+            |row| row.get(0),
+        )?;
         let (writes, queue) = mpsc::channel(4096);
         let (fan_out, appended) = mpsc::unbounded_channel();
         tokio::spawn(fan_out_to_core(appended, bus));
         let inner = Arc::new(Inner {
-            pool,
+            connection: Arc::new(Mutex::new(connection)),
             fan_out,
             consumers: Mutex::new(consumers),
             writes,
@@ -158,6 +150,19 @@ impl LocalLog {
 }
 
 impl Inner {
+    /// Runs `work` on the queue's connection, on a blocking thread.
+    async fn db<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> rusqlite::Result<R> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            work(&mut connection.lock().expect("event queue connection"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+    }
+
     async fn write(&self, op: Op) -> Result<(), String> {
         let (done, result) = oneshot::channel();
         self.writes
@@ -176,6 +181,15 @@ impl Inner {
     }
 }
 
+/// What one batch of writes came to.
+#[derive(Default)]
+struct Committed {
+    results: Vec<Result<(), String>>,
+    woken: HashSet<String>,
+    appended: Vec<Event>,
+    added_bytes: u64,
+}
+
 /// Commits what is waiting, in one transaction, then answers each write.
 async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -188,120 +202,27 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
             .iter()
             .map(|(name, c)| (name.clone(), c.filter.clone()))
             .collect();
-        let mut results: Vec<Result<(), String>> = Vec::with_capacity(batch.len());
-        let mut woken: HashSet<String> = HashSet::new();
-        let mut appended = Vec::new();
-        let outcome: Result<(), sqlx::Error> = async {
-            let mut tx = inner.pool.begin().await?;
-            let mut added_bytes = 0u64;
-            let mut acked: HashMap<&str, Vec<i64>> = HashMap::new();
-            for write in &batch {
-                match &write.op {
-                    Op::Append(event) => {
-                        let size = event.body.len() as u64;
-                        if inner.stored_bytes.load(Ordering::Relaxed) + added_bytes + size
-                            > inner.max_bytes
-                        {
-                            results.push(Err(format!(
-                                "the event queue is full (node.events.max_bytes = {})",
-                                bytesize::ByteSize::b(inner.max_bytes)
-                            )));
-                            continue;
-                        }
-                        let headers = serde_json::to_string(&event.headers).unwrap_or_default();
-                        let inserted = sqlx::query(
-                            "INSERT OR IGNORE INTO events (id, subject, body, headers, stored_at) \
-                             VALUES (?, ?, ?, ?, ?)",
-                        )
-                        .bind(&event.id)
-                        .bind(&event.subject)
-                        .bind(event.body.as_ref())
-                        .bind(headers)
-                        .bind(now_ms())
-                        .execute(&mut *tx)
-                        .await?;
-                        if inserted.rows_affected() == 1 {
-                            added_bytes += size;
-                            let seq = inserted.last_insert_rowid();
-                            let owed: Vec<&String> = targets
-                                .iter()
-                                .filter(|(_, filter)| subject_matches(filter, &event.subject))
-                                .map(|(name, _)| name)
-                                .collect();
-                            if !owed.is_empty() {
-                                // One statement for every consumer the event is owed to.
-                                sqlx::query(
-                                    "INSERT INTO deliveries (consumer, seq, attempts, due_at) \
-                                     SELECT value, ?, 0, 0 FROM json_each(?)",
-                                )
-                                .bind(seq)
-                                .bind(serde_json::to_string(&owed).unwrap_or_default())
-                                .execute(&mut *tx)
-                                .await?;
-                                woken.extend(owed.into_iter().cloned());
-                            }
-                            appended.push(event.clone());
-                        }
-                        results.push(Ok(()));
-                    }
-                    Op::Ack { consumer, seq } => {
-                        // Deleted together after the loop, one statement per consumer.
-                        acked.entry(consumer.as_str()).or_default().push(*seq);
-                        results.push(Ok(()));
-                    }
-                    Op::Retry {
-                        consumer,
-                        seq,
-                        due_at,
-                    } => {
-                        sqlx::query(
-                            "UPDATE deliveries SET due_at = ?, leased = 0 WHERE consumer = ? AND seq = ?",
-                        )
-                        .bind(due_at)
-                        .bind(consumer)
-                        .bind(seq)
-                        .execute(&mut *tx)
-                        .await?;
-                        woken.insert(consumer.clone());
-                        results.push(Ok(()));
-                    }
-                    Op::RemoveConsumer(name) => {
-                        sqlx::query("DELETE FROM consumers WHERE name = ?")
-                            .bind(name)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query("DELETE FROM deliveries WHERE consumer = ?")
-                            .bind(name)
-                            .execute(&mut *tx)
-                            .await?;
-                        results.push(Ok(()));
-                    }
-                }
-            }
-            for (consumer, seqs) in &acked {
-                sqlx::query(
-                    "DELETE FROM deliveries WHERE consumer = ? \
-                     AND seq IN (SELECT value FROM json_each(?))",
-                )
-                .bind(consumer)
-                .bind(serde_json::to_string(seqs).unwrap_or_default())
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            inner.stored_bytes.fetch_add(added_bytes, Ordering::Relaxed);
-            Ok(())
-        }
-        .await;
+        let ops: Vec<Op> = batch
+            .iter_mut()
+            .map(|w| std::mem::replace(&mut w.op, Op::None))
+            .collect();
+        let stored = inner.stored_bytes.load(Ordering::Relaxed);
+        let max_bytes = inner.max_bytes;
+        let outcome = inner
+            .db(move |c| commit(c, &ops, &targets, stored, max_bytes))
+            .await;
         match outcome {
-            Ok(()) => {
-                for (write, result) in batch.drain(..).zip(results) {
+            Ok(committed) => {
+                inner
+                    .stored_bytes
+                    .fetch_add(committed.added_bytes, Ordering::Relaxed);
+                for (write, result) in batch.drain(..).zip(committed.results) {
                     let _ = write.done.send(result);
                 }
-                for name in &woken {
+                for name in &committed.woken {
                     inner.wake(name);
                 }
-                for event in appended {
+                for event in committed.appended {
                     let _ = inner.fan_out.send(event);
                 }
             }
@@ -315,6 +236,100 @@ async fn writer(inner: std::sync::Weak<Inner>, mut queue: mpsc::Receiver<Write>)
             }
         }
     }
+}
+
+/// One batch of writes in one transaction.
+fn commit(
+    c: &mut rusqlite::Connection,
+    ops: &[Op],
+    targets: &[(String, String)],
+    stored: u64,
+    max_bytes: u64,
+) -> rusqlite::Result<Committed> {
+    let tx = c.transaction()?;
+    let mut done = Committed::default();
+    let mut acked: HashMap<&str, Vec<i64>> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::None => done.results.push(Ok(())),
+            Op::Append(event) => {
+                let size = event.body.len() as u64;
+                if stored + done.added_bytes + size > max_bytes {
+                    done.results.push(Err(format!(
+                        "the event queue is full (node.events.max_bytes = {})",
+                        bytesize::ByteSize::b(max_bytes)
+                    )));
+                    continue;
+                }
+                let headers = serde_json::to_string(&event.headers).unwrap_or_default();
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO events (id, subject, body, headers, stored_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute((
+                        &event.id,
+                        &event.subject,
+                        event.body.as_ref(),
+                        headers,
+                        now_ms(),
+                    ))?;
+                if inserted == 1 {
+                    done.added_bytes += size;
+                    let seq = tx.last_insert_rowid();
+                    let owed: Vec<&String> = targets
+                        .iter()
+                        .filter(|(_, filter)| subject_matches(filter, &event.subject))
+                        .map(|(name, _)| name)
+                        .collect();
+                    if !owed.is_empty() {
+                        // One statement for every consumer the event is owed to.
+                        tx.prepare_cached(
+                            "INSERT INTO deliveries (consumer, seq, attempts, due_at) \
+                             SELECT value, ?1, 0, 0 FROM json_each(?2)",
+                        )?
+                        .execute((seq, serde_json::to_string(&owed).unwrap_or_default()))?;
+                        done.woken.extend(owed.into_iter().cloned());
+                    }
+                    done.appended.push(event.clone());
+                }
+                done.results.push(Ok(()));
+            }
+            Op::Ack { consumer, seq } => {
+                // Deleted together after the loop, one statement per consumer.
+                acked.entry(consumer.as_str()).or_default().push(*seq);
+                done.results.push(Ok(()));
+            }
+            Op::Retry {
+                consumer,
+                seq,
+                due_at,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE deliveries SET due_at = ?1, leased = 0 WHERE consumer = ?2 AND seq = ?3",
+                )?
+                .execute((due_at, consumer, seq))?;
+                done.woken.insert(consumer.clone());
+                done.results.push(Ok(()));
+            }
+            Op::RemoveConsumer(name) => {
+                tx.prepare_cached("DELETE FROM consumers WHERE name = ?1")?
+                    .execute([name])?;
+                tx.prepare_cached("DELETE FROM deliveries WHERE consumer = ?1")?
+                    .execute([name])?;
+                done.results.push(Ok(()));
+            }
+        }
+    }
+    for (consumer, seqs) in &acked {
+        tx.prepare_cached(
+            "DELETE FROM deliveries WHERE consumer = ?1 \
+             AND seq IN (SELECT value FROM json_each(?2))",
+        )?
+        .execute((consumer, serde_json::to_string(seqs).unwrap_or_default()))?;
+    }
+    tx.commit()?;
+    Ok(done)
 }
 
 /// Subscriptions marked ephemeral take events from the core bus.
@@ -336,27 +351,30 @@ async fn sweeper(inner: std::sync::Weak<Inner>) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let Some(inner) = inner.upgrade() else { return };
         let oldest = now_ms() - inner.max_age.as_millis() as i64;
-        let swept: Result<u64, sqlx::Error> = async {
-            let expired = sqlx::query(
-                "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM events WHERE stored_at < ?)",
-            )
-            .bind(oldest)
-            .execute(&inner.pool)
-            .await?
-            .rows_affected();
-            sqlx::query("DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)")
-                .execute(&inner.pool)
-                .await?;
-            let stored: i64 = sqlx::query("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events")
-                .fetch_one(&inner.pool)
-                .await?
-                .get(0);
-            inner
-                .stored_bytes
-                .store(stored.max(0) as u64, Ordering::Relaxed);
-            Ok(expired)
-        }
-        .await;
+        let swept = inner
+            .db(move |c| {
+                let expired = c.execute(
+                    "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM events WHERE stored_at < ?1)",
+                    [oldest],
+                )?;
+                c.execute(
+                    "DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)",
+                    [],
+                )?;
+                let stored: i64 = c.query_row(
+                    "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM events",
+                    [],
+                    |row| row.get(0),
+                )?;
+                Ok((expired, stored))
+            })
+            .await
+            .map(|(expired, stored)| {
+                inner
+                    .stored_bytes
+                    .store(stored.max(0) as u64, Ordering::Relaxed);
+                expired
+            });
         match swept {
             Ok(0) => {}
             Ok(expired) => tracing::warn!(
@@ -375,10 +393,14 @@ impl EventLog for LocalLog {
     }
 
     async fn consume(&self, spec: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String> {
-        sqlx::query("INSERT OR REPLACE INTO consumers (name, filter) VALUES (?, ?)")
-            .bind(&spec.name)
-            .bind(&spec.filter)
-            .execute(&self.inner.pool)
+        let (name, filter) = (spec.name.clone(), spec.filter.clone());
+        self.inner
+            .db(move |c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO consumers (name, filter) VALUES (?1, ?2)",
+                    (name, filter),
+                )
+            })
             .await
             .map_err(|e| format!("registering consumer {}: {e}", spec.name))?;
         let wake = Arc::new(Notify::new());
@@ -463,15 +485,18 @@ async fn fetcher(
             }
         };
         if rows.is_empty() {
-            let next_due: Option<i64> = sqlx::query(
-                "SELECT MIN(due_at) FROM deliveries WHERE consumer = ? AND leased = 0 AND due_at > ?",
-            )
-            .bind(&consumer)
-            .bind(now)
-            .fetch_one(&inner.pool)
-            .await
-            .ok()
-            .and_then(|row| row.get(0));
+            let name = consumer.clone();
+            let next_due: Option<i64> = inner
+                .db(move |c| {
+                    c.query_row(
+                        "SELECT MIN(due_at) FROM deliveries WHERE consumer = ?1 AND leased = 0 AND due_at > ?2",
+                        (name, now),
+                        |row| row.get(0),
+                    )
+                })
+                .await
+                .ok()
+                .flatten();
             // Every write that makes a delivery due wakes its consumer, so an idle one
             // waits for that (or its next retry) and only looks again now and then as a
             // safety net: a node with thousands of idle consumers must not poll them.
@@ -521,49 +546,44 @@ async fn lease(
     consumer: &str,
     now: i64,
     limit: i64,
-) -> Result<Vec<Leased>, sqlx::Error> {
-    let leased = sqlx::query(
-        "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
-         (SELECT rowid FROM deliveries WHERE consumer = ? AND leased = 0 AND due_at <= ? \
-          ORDER BY seq LIMIT ?) RETURNING seq, attempts",
-    )
-    .bind(consumer)
-    .bind(now)
-    .bind(limit)
-    .fetch_all(&inner.pool)
-    .await?;
-    if leased.is_empty() {
-        return Ok(Vec::new());
-    }
-    let attempts: HashMap<i64, i64> = leased
-        .iter()
-        .map(|row| (row.get::<i64, _>(0), row.get::<i64, _>(1)))
-        .collect();
-    let seqs: Vec<i64> = attempts.keys().copied().collect();
-    let rows = sqlx::query(
-        "SELECT seq, id, subject, body, headers FROM events \
-         WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
-    )
-    .bind(serde_json::to_string(&seqs).unwrap_or_default())
-    .fetch_all(&inner.pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let seq: i64 = row.get(0);
-            Leased {
-                seq,
-                attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1))
-                    .unwrap_or(u32::MAX),
-                event: Event {
-                    id: row.get(1),
-                    subject: row.get(2),
-                    body: bytes::Bytes::from(row.get::<Vec<u8>, _>(3)),
-                    headers: serde_json::from_str(row.get::<&str, _>(4)).unwrap_or_default(),
-                },
+) -> rusqlite::Result<Vec<Leased>> {
+    let consumer = consumer.to_string();
+    inner
+        .db(move |c| {
+            let attempts: HashMap<i64, i64> = c
+                .prepare_cached(
+                    "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
+                     (SELECT rowid FROM deliveries WHERE consumer = ?1 AND leased = 0 AND due_at <= ?2 \
+                      ORDER BY seq LIMIT ?3) RETURNING seq, attempts",
+                )?
+                .query_map((&consumer, now, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            if attempts.is_empty() {
+                return Ok(Vec::new());
             }
+            let seqs: Vec<i64> = attempts.keys().copied().collect();
+            c.prepare_cached(
+                "SELECT seq, id, subject, body, headers FROM events \
+                 WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
+            )?
+            .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
+                let seq: i64 = row.get(0)?;
+                Ok(Leased {
+                    seq,
+                    attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1))
+                        .unwrap_or(u32::MAX),
+                    event: Event {
+                        id: row.get(1)?,
+                        subject: row.get(2)?,
+                        body: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
+                        headers: serde_json::from_str(&row.get::<_, String>(4)?)
+                            .unwrap_or_default(),
+                    },
+                })
+            })?
+            .collect()
         })
-        .collect())
+        .await
 }
 
 struct LocalSettle {
