@@ -47,7 +47,11 @@ fn main() -> Result<()> {
             let mut cargo = cargo();
             cargo.args(["test", "--workspace"]);
             cargo.args(rest);
-            run(&mut cargo)
+            run(&mut cargo)?;
+            if rest.is_empty() {
+                guest_unit_tests()?;
+            }
+            Ok(())
         }
         "bench" => {
             build_all(true)?;
@@ -117,6 +121,23 @@ fn build_all(release: bool) -> Result<()> {
 }
 
 /// Builds every guest crate under `components/` and copies the results to `target/wasm/`.
+/// The unit tests of guest libraries that can run natively (the shop's token checks), on
+/// the host's own target.
+fn guest_unit_tests() -> Result<()> {
+    let host = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    let host = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV printed no host")?;
+    run(cargo()
+        .current_dir(workspace_root().join("components"))
+        .args(["test", "--package", "shop-common", "--target", &host]))
+}
+
 fn build_components() -> Result<()> {
     ensure_rust_target("wasm32-wasip2")?;
     ensure_rust_target("wasm32-wasip1")?;

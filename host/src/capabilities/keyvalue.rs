@@ -600,12 +600,14 @@ impl KeyValueBackend for SqliteKeyValue {
                 ))?;
                 Ok(Ok(next))
             })();
-            match &result {
-                Ok(Ok(_)) => c.execute_batch("COMMIT")?,
-                // An interrupted statement may have rolled it back already.
-                _ => {
-                    let _ = c.execute_batch("ROLLBACK");
-                }
+            let result = match result {
+                Ok(Ok(next)) => c.execute_batch("COMMIT").map(|()| Ok(next)),
+                other => other,
+            };
+            // Whatever failed (a statement, an interruption, the COMMIT), nothing stays
+            // open for the next use of the connection, or for a run again.
+            if !c.is_autocommit() {
+                let _ = c.execute_batch("ROLLBACK");
             }
             result
         })

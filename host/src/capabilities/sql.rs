@@ -492,7 +492,21 @@ mod sqlite {
         let mut prepared = match connection.prepare_cached(statement) {
             Err(rusqlite::Error::MultipleStatement) if params.is_empty() => {
                 let before = connection.total_changes();
-                connection.execute_batch(statement)?;
+                // Outside a transaction, all or none: an interrupted batch is run again
+                // from the start, which must not repeat statements that had committed.
+                let own = connection.is_autocommit();
+                if own {
+                    connection.execute_batch("BEGIN")?;
+                }
+                let ran = connection.execute_batch(statement);
+                match (&ran, own) {
+                    (Ok(()), true) => connection.execute_batch("COMMIT")?,
+                    (Err(_), true) if !connection.is_autocommit() => {
+                        let _ = connection.execute_batch("ROLLBACK");
+                    }
+                    _ => {}
+                }
+                ran?;
                 return Ok(connection.total_changes() - before);
             }
             other => other?,

@@ -236,7 +236,10 @@ impl ComponentDatabase {
     /// Closes the database's connections (before its files or schema are deleted).
     pub async fn close(&self) {
         match self {
-            ComponentDatabase::Sqlite(database) => database.pool.close().await,
+            ComponentDatabase::Sqlite(database) => {
+                database.connections.close();
+                database.pool.close().await
+            }
             ComponentDatabase::Postgres(pool) => pool.close().await,
         }
     }

@@ -49,6 +49,8 @@ pub struct Connections {
     path: PathBuf,
     idle: Mutex<Vec<(Conn, Instant)>>,
     sweeping: AtomicBool,
+    /// Closed (the database is being deleted): connections given back are dropped.
+    closed: AtomicBool,
     me: Weak<Connections>,
 }
 
@@ -58,6 +60,7 @@ impl Connections {
             path: path.to_path_buf(),
             idle: Mutex::new(Vec::new()),
             sweeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             me: me.clone(),
         })
     }
@@ -102,6 +105,12 @@ impl Connections {
         Ok(Conn { connection, budget })
     }
 
+    /// Closes every idle connection now, and each busy one when it is given back.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.idle.lock().expect("sqlite connections lock").clear();
+    }
+
     /// Closes the connections unused for `IDLE_CONNECTION`; whether any are left.
     fn close_idle(&self) -> bool {
         let now = Instant::now();
@@ -112,7 +121,7 @@ impl Connections {
 
     fn give_back(&self, conn: Conn) {
         // A connection left inside a transaction (a host bug) is not handed out again.
-        if !conn.connection.is_autocommit() {
+        if !conn.connection.is_autocommit() || self.closed.load(Ordering::Acquire) {
             return;
         }
         self.idle
