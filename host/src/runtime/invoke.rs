@@ -335,6 +335,25 @@ pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
     }
 }
 
+/// Gives `$lease` an instance from `$pre` unless it already holds a warm one (`$variant`
+/// says which exports it keeps); a full instance pool gets one more try once idle warm
+/// instances made room. Instantiation time is recorded.
+macro_rules! ensure_instance {
+    ($lease:expr, $metrics:expr, $pre:expr, $variant:path) => {
+        if $lease.exports.is_none() {
+            let instantiating = Instant::now();
+            let instance = match $pre.instantiate_async(&mut $lease.store).await {
+                Err(e) if made_room(&e) => $pre.instantiate_async(&mut $lease.store).await,
+                other => other,
+            }?;
+            $metrics
+                .instantiation_duration
+                .observe(instantiating.elapsed().as_secs_f64());
+            $lease.exports = Some($variant(instance));
+        }
+    };
+}
+
 /// Runs `handle-message` for one delivery attempt, under the version's limits.
 pub async fn message(
     version: &Version,
@@ -354,17 +373,7 @@ pub async fn message(
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let warm = lease.is_warm();
     let run = async {
-        if lease.exports.is_none() {
-            let instantiating = Instant::now();
-            let instance = match handler.instantiate_async(&mut lease.store).await {
-                Err(e) if made_room(&e) => handler.instantiate_async(&mut lease.store).await,
-                other => other,
-            }?;
-            metrics
-                .instantiation_duration
-                .observe(instantiating.elapsed().as_secs_f64());
-            lease.exports = Some(Exports::Handler(instance));
-        }
+        ensure_instance!(lease, metrics, handler, Exports::Handler);
         let Some(Exports::Handler(instance)) = &lease.exports else {
             wasmtime::bail!("a warm instance of another kind");
         };
@@ -373,11 +382,11 @@ pub async fn message(
             .call_handle_message(&mut lease.store, message)
             .await
     };
-    let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(guest_error))) => Err(Failure::GuestError(guest_error)),
-        Ok(Err(e)) => Err(Failure::classify(e, version, &lease.store.data().limiter)),
-        Err(_) => Err(Failure::Deadline(version.limits.deadline)),
+    let ran = tokio::time::timeout_at(deadline.into(), run).await;
+    let outcome = match outcome_of(ran, version, &lease) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(guest_error)) => Err(Failure::GuestError(guest_error)),
+        Err(failure) => Err(failure),
     };
     if warm {
         metrics.instances_reused.inc();
@@ -389,6 +398,19 @@ pub async fn message(
     let clean = matches!(outcome, Ok(()) | Err(Failure::GuestError(_)));
     version.give_back(CallKind::Message, lease, clean);
     outcome
+}
+
+/// The outcome of a guest call run under its deadline.
+fn outcome_of<T>(
+    ran: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+    version: &Version,
+    lease: &Lease,
+) -> Result<T, Failure> {
+    match ran {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Failure::classify(e, version, &lease.store.data().limiter)),
+        Err(_) => Err(Failure::Deadline(version.limits.deadline)),
+    }
 }
 
 /// Whether an instantiation failed because the node's instance pool was full and idle
@@ -688,20 +710,10 @@ fn p2_instance(
         let _permit = permit;
         let warm = lease.is_warm();
         let run = async {
-            if lease.exports.is_none() {
-                let instantiating = Instant::now();
-                let Some(HttpPre::P2(http)) = instance.http() else {
-                    wasmtime::bail!("the component does not export wasi:http/incoming-handler");
-                };
-                let proxy = match http.instantiate_async(&mut lease.store).await {
-                    Err(e) if made_room(&e) => http.instantiate_async(&mut lease.store).await,
-                    other => other,
-                }?;
-                metrics
-                    .instantiation_duration
-                    .observe(instantiating.elapsed().as_secs_f64());
-                lease.exports = Some(Exports::HttpP2(proxy));
-            }
+            let Some(HttpPre::P2(http)) = instance.http() else {
+                wasmtime::bail!("the component does not export wasi:http/incoming-handler");
+            };
+            ensure_instance!(lease, metrics, http, Exports::HttpP2);
             let Some(Exports::HttpP2(proxy)) = &lease.exports else {
                 wasmtime::bail!("a warm instance of another kind");
             };
@@ -710,21 +722,9 @@ fn p2_instance(
                 .call_handle(&mut lease.store, guest_request, response_out)
                 .await
         };
-        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::classify(e, &instance, &lease.store.data().limiter)),
-            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
-        };
-        if warm {
-            metrics.instances_reused.inc();
-        }
-        // Recorded in the instance task, so it happens even when the head was already sent.
-        if let Err(failure) = &outcome {
-            flags.failed(failure, &instance, &metrics);
-        }
-        instance.give_back(CallKind::Http, lease, outcome.is_ok());
-        let _ = ended.send(outcome.is_ok());
-        outcome
+        let ran = tokio::time::timeout_at(deadline.into(), run).await;
+        let outcome = outcome_of(ran, &instance, &lease);
+        end_http_call(&instance, &metrics, &flags, lease, warm, ended, outcome)
     });
     let head: Head = Box::pin(async move {
         receiver.await.map(|answer| {
@@ -786,20 +786,10 @@ fn p3_instance(
         let _permit = permit;
         let warm = lease.is_warm();
         let run = async {
-            if lease.exports.is_none() {
-                let instantiating = Instant::now();
-                let Some(HttpPre::P3(pre)) = instance.http() else {
-                    wasmtime::bail!("the component does not export wasi:http/handler@0.3");
-                };
-                let service = match pre.instantiate_async(&mut lease.store).await {
-                    Err(e) if made_room(&e) => pre.instantiate_async(&mut lease.store).await,
-                    other => other,
-                }?;
-                metrics
-                    .instantiation_duration
-                    .observe(instantiating.elapsed().as_secs_f64());
-                lease.exports = Some(Exports::HttpP3(service));
-            }
+            let Some(HttpPre::P3(pre)) = instance.http() else {
+                wasmtime::bail!("the component does not export wasi:http/handler@0.3");
+            };
+            ensure_instance!(lease, metrics, pre, Exports::HttpP3);
             let Some(Exports::HttpP3(service)) = &lease.exports else {
                 wasmtime::bail!("a warm instance of another kind");
             };
@@ -823,22 +813,34 @@ fn p3_instance(
                 })
                 .await?
         };
-        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::classify(e, &instance, &lease.store.data().limiter)),
-            Err(_) => Err(Failure::Deadline(instance.limits.deadline)),
-        };
-        if warm {
-            metrics.instances_reused.inc();
-        }
-        if let Err(failure) = &outcome {
-            flags.failed(failure, &instance, &metrics);
-        }
-        instance.give_back(CallKind::Http, lease, outcome.is_ok());
-        let _ = ended.send(outcome.is_ok());
-        outcome
+        let ran = tokio::time::timeout_at(deadline.into(), run).await;
+        let outcome = outcome_of(ran, &instance, &lease);
+        end_http_call(&instance, &metrics, &flags, lease, warm, ended, outcome)
     });
     (run_instance, Box::pin(head_receiver))
+}
+
+/// Where an HTTP call's instance ends, the head already sent or not: the failure recorded
+/// (a body it was writing is cut off), the instance kept warm or thrown away, and the
+/// response body told it may end.
+fn end_http_call(
+    version: &Version,
+    metrics: &ComponentMetrics,
+    flags: &CallFlags,
+    lease: Lease,
+    warm: bool,
+    ended: tokio::sync::oneshot::Sender<bool>,
+    outcome: Result<(), Failure>,
+) -> Result<(), Failure> {
+    if warm {
+        metrics.instances_reused.inc();
+    }
+    if let Err(failure) = &outcome {
+        flags.failed(failure, version, metrics);
+    }
+    version.give_back(CallKind::Http, lease, outcome.is_ok());
+    let _ = ended.send(outcome.is_ok());
+    outcome
 }
 
 /// Which came first: the instance finishing, or its response head.
