@@ -151,7 +151,7 @@ impl WarmPool {
     }
 
     /// Idle instances now.
-    pub fn idle_count(&self) -> usize {
+    fn idle_count(&self) -> usize {
         self.idle.lock().expect("warm pool lock").len()
     }
 

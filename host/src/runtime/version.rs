@@ -311,13 +311,6 @@ impl Version {
         }
     }
 
-    /// Idle warm instances of this version (HTTP, messages).
-    pub fn warm_idle(&self) -> (usize, usize) {
-        self.warm.as_ref().map_or((0, 0), |warm| {
-            (warm.http.idle_count(), warm.messages.idle_count())
-        })
-    }
-
     /// The plain pre-instance (for the instantiation check).
     pub fn instance_pre(&self) -> &InstancePre<InstanceState> {
         &self.instance_pre
