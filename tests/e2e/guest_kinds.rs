@@ -2,7 +2,7 @@
 //! `wasip2` crate, on wstd, or as a wasip1 module wrapped with the preview1 adapter (what
 //! `cargo component build` produces).
 
-mod common;
+use crate::common;
 use common::TestNode;
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The gateway's own endpoints (liveness, readiness), and Prometheus metrics, which live
 //! on the admin listener behind its token, not on any tenant's host.
 
-mod common;
+use crate::common;
 use common::TestNode;
 
 const MANIFEST: &str = r#"

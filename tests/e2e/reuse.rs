@@ -5,9 +5,9 @@
 //! message deliveries (durable events too, their ids through `wasi:config`) and WASIp3
 //! handlers are reused alike; idle warm instances give way
 //! when the node's memory budget is short. The limits tests run with reuse on as well
-//! (`tests/limits.rs`).
+//! (`limits.rs`).
 
-mod common;
+use crate::common;
 use std::time::{Duration, Instant};
 
 use common::TestNode;

@@ -3,7 +3,7 @@
 //! through a real guest, each with the owner's positive control in the same test; each
 //! quota's documented answer; a noisy tenant next to a quiet one.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

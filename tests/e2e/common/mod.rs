@@ -1,6 +1,5 @@
 //! Shared harness for the end-to-end tests: start the real `trellis` binary on a manifest,
 //! wait until it is ready, talk HTTP to it, read its log, and stop it.
-#![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod openapi;
 

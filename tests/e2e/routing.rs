@@ -1,7 +1,7 @@
 //! Routing: the Host header picks the tenant, the longest path prefix picks the component,
 //! and anything unrouted gets a JSON 404.
 
-mod common;
+use crate::common;
 use common::TestNode;
 
 const MANIFEST: &str = r#"

@@ -2,7 +2,7 @@
 //! satisfy, is refused with a message naming the file, the field and the reason, by both
 //! `trellis check` and `trellis up`.
 
-mod common;
+use crate::common;
 use common::{run_trellis, write_manifest};
 
 /// Runs `trellis check` on the manifest; asserts it fails and that the report mentions

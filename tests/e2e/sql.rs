@@ -2,7 +2,7 @@
 //! PostgreSQL: tables with constraints, typed parameters and rows, transactions, isolation
 //! and persistence. The same suite runs against both backends.
 
-mod common;
+use crate::common;
 use common::{NodeOptions, TestNode, on_both_backends};
 use serde_json::{Value, json};
 

@@ -4,7 +4,7 @@
 //! nats-server with JetStream, including two nodes sharing the work, a NATS restart in the
 //! middle, subscriptions taken at most once, and a server without JetStream.
 
-mod common;
+use crate::common;
 use std::time::{Duration, Instant};
 
 use common::{Nats, NodeOptions, TestNode};

@@ -6,7 +6,7 @@
 //! exactly when the document gives one, in the documented media type and accepted by the
 //! documented schema. A path the API does not have answers the documented error body.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! import: `wasi:keyvalue@0.2.0-draft` (`kv-probe`) and Spin 4's `@0.2.0-draft2`
 //! (`kv-probe-draft2`, the same guest source).
 
-mod common;
+use crate::common;
 use common::{NodeOptions, TestNode, on_both_backends};
 
 const MANIFEST: &str = r#"

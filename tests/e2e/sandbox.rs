@@ -1,7 +1,7 @@
 //! No ambient authority: a guest sees no host environment, no files and no network
 //! unless the manifest grants them, and then exactly what was granted.
 
-mod common;
+use crate::common;
 use common::TestNode;
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! the documented answer, and the node keeps serving through all of them; with a fresh
 //! instance per call and with warm instances reused alike.
 
-mod common;
+use crate::common;
 use std::io::{Read, Write};
 
 use common::TestNode;

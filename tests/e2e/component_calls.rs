@@ -2,7 +2,7 @@
 //! reaches component NAME of the caller's tenant in-process, with the callee's own limits,
 //! and only when the caller's manifest allows that name.
 
-mod common;
+use crate::common;
 use common::TestNode;
 
 const MANIFEST: &str = r#"

@@ -3,7 +3,7 @@
 //! uploads refused while the old version keeps serving, deployments surviving a restart,
 //! `--watch`, a message handler swapped under a stream of messages, and the CLI.
 
-mod common;
+use crate::common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 //! PostgreSQL. The OpenAPI document (`examples/shop/openapi.json`) is checked against the
 //! responses the services really give.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
