@@ -132,10 +132,11 @@ fn reuse_settings_are_checked() {
 source = "{wasm:hello}"
 routes = ["/hello"]
 limits = { memory = "16MiB" }
-reuse = { max_requests = 0, idle = "0s", max_memory = "32MiB" }
+reuse = { max_requests = 0, idle = "0s", max_memory = "32MiB", concurrent = 0 }
 "#,
         &[
             "components.hello.reuse.max_requests: must be at least 1",
+            "components.hello.reuse.concurrent: 0 is outside 1..1024",
             "components.hello.reuse.idle",
             "components.hello.reuse.max_memory: 32.0 MiB is above limits.memory (16.0 MiB)",
         ],
@@ -154,7 +155,7 @@ reuse = { max_request = 10 }
 [components.hello]
 source = "{wasm:hello}"
 routes = ["/hello"]
-reuse = { max_requests = 10, idle = "250ms", max_memory = "8MiB" }
+reuse = { max_requests = 10, idle = "250ms", max_memory = "8MiB", concurrent = 4 }
 "#,
     );
     let (code, stdout, stderr) = run_trellis(&["check", path.to_str().unwrap()]);

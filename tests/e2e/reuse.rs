@@ -3,8 +3,9 @@
 //! reuse is on; a trap, deadline kill or memory kill, `max_requests`, `max_memory`, `idle`
 //! and a swap each retire the instance; tenants with the same bytes never share one;
 //! message deliveries (durable events too, their ids through `wasi:config`) and WASIp3
-//! handlers are reused alike; idle warm instances give way
-//! when the node's memory budget is short. The limits tests run with reuse on as well
+//! handlers are reused alike, a WASIp3 instance serving several requests at once (a trap
+//! failing the ones it had in flight, a deadline failing only its own request); idle warm
+//! instances give way when the node's memory budget is short. The limits tests run with reuse on as well
 //! (`limits.rs`).
 
 use crate::common;
@@ -44,6 +45,15 @@ source = "{wasm:hello-p3}"
 routes = ["/p3"]
 limits = { deadline = "1s" }
 reuse = { idle = "30s" }
+
+[components.p3one]
+source = "{wasm:hello-p3}"
+routes = ["/p3one"]
+reuse = { idle = "30s", concurrent = 1 }
+
+[components.p3cold]
+source = "{wasm:hello-p3}"
+routes = ["/p3cold"]
 
 [components.caller]
 source = "{wasm:probe}"
@@ -260,6 +270,83 @@ async fn a_wasip3_handler_is_reused_and_retired_after_a_trap() {
     let streamed = node.stream_echo("/p3/echo", 256 << 10, 16 << 10).await;
     assert!(streamed.echoes(256 << 10), "{streamed:?}");
     assert_eq!(count(&node, "/p3/count").await, 3);
+}
+
+/// `n` GETs of `path` at once.
+async fn at_once(node: &TestNode, path: &str, n: usize) -> Vec<common::Response> {
+    futures_util::future::join_all((0..n).map(|_| node.get(path))).await
+}
+
+/// How many instances answered a batch of hello-p3 `/wait` calls, and the most requests
+/// any of them saw in flight at once.
+fn instances_and_most(answers: &[common::Response]) -> (usize, u64) {
+    let mut instances = std::collections::BTreeSet::new();
+    let mut most = 0;
+    for answer in answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let json = answer.json();
+        instances.insert(json["instance"].as_str().unwrap().to_string());
+        most = most.max(json["most_at_once"].as_u64().unwrap());
+    }
+    (instances.len(), most)
+}
+
+#[tokio::test]
+async fn a_wasip3_instance_serves_several_requests_at_once() {
+    let node = TestNode::start(MANIFEST).await;
+    // Reuse on (concurrent = 16 by default): eight waiting requests share one instance.
+    let shared = at_once(&node, "/p3/wait?ms=500", 8).await;
+    let (instances, most) = instances_and_most(&shared);
+    assert_eq!(instances, 1, "{shared:?}");
+    assert!(most >= 2, "never more than one at once: {shared:?}");
+    // Controls: concurrent = 1 gives each request in flight an instance of its own, and
+    // without reuse every request gets a fresh one.
+    for path in ["/p3one/wait?ms=300", "/p3cold/wait?ms=300"] {
+        let answers = at_once(&node, path, 4).await;
+        assert_eq!(instances_and_most(&answers), (4, 1), "{path}: {answers:?}");
+    }
+    let reused = node
+        .metric("trellis_instances_reused_total", "default", "p3")
+        .await;
+    assert!(reused >= 7.0, "{reused}");
+}
+
+#[tokio::test]
+async fn a_trap_fails_the_requests_its_shared_instance_had_in_flight() {
+    let node = TestNode::start(MANIFEST).await;
+    // Positive control: two waiting requests on one instance both answer.
+    let calm = at_once(&node, "/p3/wait?ms=300", 2).await;
+    assert_eq!(instances_and_most(&calm).0, 1, "{calm:?}");
+    // The same two, and a request that traps in their instance while they wait.
+    let trap = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        node.get("/p3/trap").await
+    };
+    let (waits, trapped) = tokio::join!(at_once(&node, "/p3/wait?ms=600", 2), trap);
+    assert_eq!(trapped.status, 500, "{}", trapped.body);
+    for wait in &waits {
+        assert_eq!(wait.status, 500, "{}", wait.body);
+        assert_eq!(wait.json()["error"], "component_trap", "{}", wait.body);
+    }
+    // The node goes on with a fresh instance, which is reused again.
+    assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_in_a_shared_instance_fails_alone() {
+    let node = TestNode::start(MANIFEST).await;
+    // Deadline 1 s: the long wait expires while a short one in the same instance answers.
+    let short = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        node.get("/p3/wait?ms=200").await
+    };
+    let (long, short) = tokio::join!(node.get("/p3/wait?ms=1500"), short);
+    assert_eq!(long.status, 504, "{}", long.body);
+    assert_eq!(short.status, 200, "{}", short.body);
+    assert_eq!(short.json()["most_at_once"], 2, "{}", short.body);
+    // The expired request's task may still run there: that instance takes no more, and
+    // the next request gets a fresh one.
+    assert_eq!(count(&node, "/p3/count").await, 1);
 }
 
 #[tokio::test]

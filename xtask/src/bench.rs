@@ -273,7 +273,8 @@ fn ratio_lines(results: &[(Measured, Vec<f64>)], aims: &[(&str, usize, usize, f6
 
 /// The same WASIp3 hello (`components/fixtures/hello-p3`) through `wasmtime serve` (which
 /// reuses a p3 instance for up to 128 requests, 16 at once) and through Trellis (a fresh
-/// instance per request, and reusing warm instances), beside native hyper; interleaved
+/// instance per request, and reusing instances 16 at once or one at a time), beside
+/// native hyper; interleaved
 /// rounds as in `gateway`.
 fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     let wasmtime = ensure_wasmtime_cli()?;
@@ -293,25 +294,49 @@ fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         None,
     )?;
     let trellis_reuse = trellis_hello(
-        "trellis, WASIp3, reuse = { max_requests = 1000 }",
+        "trellis, WASIp3, reuse = { max_requests = 1000 } (16 at once per instance)",
         release,
         &out_dir.join("wasip3-reuse"),
         &hello,
         Some(TRELLIS_REUSE),
     )?;
-    let results = interleaved_rounds("wasip3", &[&native, &serve, &trellis, &trellis_reuse])?;
+    let trellis_reuse_one = trellis_hello(
+        "trellis, WASIp3, reuse = { max_requests = 1000, concurrent = 1 }",
+        release,
+        &out_dir.join("wasip3-reuse-one"),
+        &hello,
+        Some(r#"reuse = { max_requests = 1000, idle = "10s", concurrent = 1 }"#),
+    )?;
+    let results = interleaved_rounds(
+        "wasip3",
+        &[
+            &native,
+            &serve,
+            &trellis,
+            &trellis_reuse,
+            &trellis_reuse_one,
+        ],
+    )?;
     let metrics = trellis_reuse.metrics()?;
-    drop((native, serve, trellis, trellis_reuse));
+    drop((native, serve, trellis, trellis_reuse, trellis_reuse_one));
     let mut out = String::from("### WASIp3 hello\n\n");
     out.push_str(&table(&results, &metrics));
     out.push_str(&ratio_lines(
         &results,
-        &[(
-            "trellis p3 reuse vs wasmtime serve p3 (its default reuse)",
-            3,
-            1,
-            1.0,
-        )],
+        &[
+            (
+                "trellis p3 reuse vs wasmtime serve p3 (its default reuse)",
+                3,
+                1,
+                1.0,
+            ),
+            (
+                "trellis p3 reuse, one at a time, vs wasmtime serve p3",
+                4,
+                1,
+                1.0,
+            ),
+        ],
     ));
     Ok(out)
 }

@@ -384,7 +384,8 @@ pub struct ComponentSpec {
 }
 
 /// Opt-in warm instance reuse: an instance that finished a call cleanly serves the next
-/// call of the same kind (HTTP or message) of the same version, one call at a time.
+/// call of the same kind (HTTP or message) of the same version: one call at a time, except
+/// a WASIp3 component's HTTP requests, up to `concurrent` at once.
 /// State a call leaves in the instance (globals, its heap, open resources) is seen by later
 /// calls: only for components that tolerate that. Instances are never shared across
 /// components, tenants or versions.
@@ -404,6 +405,9 @@ pub struct Reuse {
         serialize_with = "exact_bytes_opt"
     )]
     pub max_memory: Option<ByteSize>,
+    /// HTTP requests one WASIp3 instance serves at once (WASIp2 handlers and message
+    /// deliveries take one at a time).
+    pub concurrent: u32,
 }
 
 impl Default for Reuse {
@@ -412,12 +416,16 @@ impl Default for Reuse {
             max_requests: 1000,
             idle: Duration::from_secs(1),
             max_memory: None,
+            concurrent: 16,
         }
     }
 }
 
 /// The longest a warm instance may wait for its next call.
 pub const MAX_REUSE_IDLE: Duration = Duration::from_secs(60 * 60);
+
+/// The most requests one WASIp3 instance may serve at once.
+pub const MAX_REUSE_CONCURRENT: u32 = 1024;
 
 /// Sizes are written as exact byte counts: bytesize's own text rounds ("976.6 KiB"), and an
 /// entry that is stored and read back must mean the same limits.
@@ -905,6 +913,12 @@ pub fn component_problems(
     if let Some(reuse) = &component.reuse {
         if reuse.max_requests == 0 {
             problem(at("reuse.max_requests"), "must be at least 1".into());
+        }
+        if reuse.concurrent == 0 || reuse.concurrent > MAX_REUSE_CONCURRENT {
+            problem(
+                at("reuse.concurrent"),
+                format!("{} is outside 1..{MAX_REUSE_CONCURRENT}", reuse.concurrent),
+            );
         }
         if reuse.idle.is_zero() || reuse.idle > MAX_REUSE_IDLE {
             problem(

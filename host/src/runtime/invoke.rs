@@ -27,6 +27,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::bindings::wasmcloud::messaging::types::BrokerMessage;
 use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::runtime::body::{CutOff, EndsWithInstance, Flag, Metered, RequestBody};
+use crate::runtime::concurrent::{Done, Job, SharedInstances};
 use crate::runtime::instance::{InstanceState, MemoryLimiter};
 use crate::runtime::reuse::{Exports, Lease};
 use crate::runtime::version::{CallKind, DeadlineExceeded, HttpPre, Version};
@@ -167,7 +168,11 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn classify(error: wasmtime::Error, version: &Version, limiter: &MemoryLimiter) -> Self {
+    pub(crate) fn classify(
+        error: wasmtime::Error,
+        version: &Version,
+        limiter: &MemoryLimiter,
+    ) -> Self {
         if error.downcast_ref::<DeadlineExceeded>().is_some() {
             Failure::Deadline(version.limits.deadline)
         } else if error
@@ -415,7 +420,7 @@ fn outcome_of<T>(
 
 /// Whether an instantiation failed because the node's instance pool was full and idle
 /// warm instances (of any component) were thrown away to make room: worth one more try.
-fn made_room(error: &wasmtime::Error) -> bool {
+pub(crate) fn made_room(error: &wasmtime::Error) -> bool {
     error
         .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
         .is_some()
@@ -524,33 +529,37 @@ where
     let body = Metered::new(body, max_body, flags.body.clone()).boxed_unsync();
     let request = Request::from_parts(parts, body);
 
-    let lease = match version.lease(CallKind::Http, deadline, &[]) {
-        Ok(lease) => lease,
-        Err(e) => {
-            tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
-            let failure = Failure::Internal("could not prepare the component".into());
-            return (failure.response(name), Ending::Now(Some(failure)));
-        }
-    };
-    let Some(http) = version.http() else {
-        let failure = Failure::Internal("the component does not serve HTTP".into());
-        return (failure.response(name), Ending::Now(Some(failure)));
-    };
     let call = Call {
         version: version.clone(),
         metrics: metrics.clone(),
         permit,
-        lease,
         deadline,
         flags: flags.clone(),
         ended: ended_sender,
     };
-    let (run_instance, head) = match http {
-        HttpPre::P2(_) => match p2_instance(call, request) {
-            Ok(started) => started,
-            Err(response) => return (*response, Ending::Now(None)),
-        },
-        HttpPre::P3(_) => p3_instance(call, request),
+    let (run_instance, head) = if let Some(shared) = version.shared_http() {
+        p3_shared(call, shared, request)
+    } else {
+        let lease = match version.lease(CallKind::Http, deadline, &[]) {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::error!(component = name, error = %format!("{e:#}"), "creating the instance state failed");
+                let failure = Failure::Internal("could not prepare the component".into());
+                return (failure.response(name), Ending::Now(Some(failure)));
+            }
+        };
+        match version.http() {
+            Some(HttpPre::P2(_)) => match p2_instance(call, lease, request) {
+                Ok(started) => started,
+                Err(response) => return (*response, Ending::Now(None)),
+            },
+            Some(HttpPre::P3(_)) => p3_instance(call, lease, request),
+            None => {
+                version.give_back(CallKind::Http, lease, false);
+                let failure = Failure::Internal("the component does not serve HTTP".into());
+                return (failure.response(name), Ending::Now(Some(failure)));
+            }
+        }
     };
     let mut run_instance = run_instance;
     let mut head = head;
@@ -631,12 +640,11 @@ where
     (response, ending)
 }
 
-/// One HTTP call, admitted and given its instance, ready to run.
+/// One HTTP call, admitted, ready to run.
 struct Call {
     version: Arc<Version>,
     metrics: Arc<ComponentMetrics>,
     permit: Permit,
-    lease: Lease,
     deadline: Instant,
     flags: CallFlags,
     /// Told the instance's outcome once it is gone (true: clean), for the response body.
@@ -675,13 +683,13 @@ type Head = std::pin::Pin<Box<dyn Future<Output = HeadResult> + Send>>;
 /// cannot be handed to the guest.
 fn p2_instance(
     call: Call,
+    mut lease: Lease,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
 ) -> Result<(InstanceRun, Head), Box<Response<ResponseBody>>> {
     let Call {
         version,
         metrics,
         permit,
-        mut lease,
         deadline,
         flags,
         ended,
@@ -743,13 +751,13 @@ fn p2_instance(
 /// then, with nothing of the call left running, may a warm instance serve another call.
 fn p3_instance(
     call: Call,
+    mut lease: Lease,
     request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
 ) -> (InstanceRun, Head) {
     let Call {
         version,
         metrics,
         permit,
-        mut lease,
         deadline,
         flags,
         ended,
@@ -757,26 +765,7 @@ fn p3_instance(
     use wasmtime::component::Accessor;
     use wasmtime_wasi_http::p3;
 
-    // p3 takes the scheme and authority from the URI: make an origin-form URI absolute
-    // from the Host header, as p2 does for the guest.
-    let (mut parts, body) = request.into_parts();
-    if parts.uri.authority().is_none()
-        && let Some(authority) = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-    {
-        let mut uri = parts.uri.clone().into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(authority);
-        uri.path_and_query
-            .get_or_insert(http::uri::PathAndQuery::from_static("/"));
-        if let Ok(uri) = http::Uri::from_parts(uri) {
-            parts.uri = uri;
-        }
-    }
-    let request = Request::from_parts(parts, body);
+    let request = with_absolute_uri(request);
     let (guest_request, request_io) =
         p3::Request::from_http(lease.store.data_mut().http().hooks, request);
     let (head_sender, head_receiver) =
@@ -818,6 +807,76 @@ fn p3_instance(
         end_http_call(&instance, &metrics, &flags, lease, warm, ended, outcome)
     });
     (run_instance, Box::pin(head_receiver))
+}
+
+/// WASIp3 takes the scheme and authority from the URI: an origin-form URI is made
+/// absolute from the Host header, as WASIp2 does for the guest.
+fn with_absolute_uri<B>(request: Request<B>) -> Request<B> {
+    let (mut parts, body) = request.into_parts();
+    if parts.uri.authority().is_none()
+        && let Some(authority) = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query
+            .get_or_insert(http::uri::PathAndQuery::from_static("/"));
+        if let Ok(uri) = http::Uri::from_parts(uri) {
+            parts.uri = uri;
+        }
+    }
+    Request::from_parts(parts, body)
+}
+
+/// Hands a WASIp3 call to the component's shared instances (reuse on): one that may be
+/// serving other requests at once takes it. The call ends, for its permit and its
+/// response body, when the guest has returned its response.
+fn p3_shared(
+    call: Call,
+    shared: &Arc<SharedInstances>,
+    request: Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+) -> (InstanceRun, Head) {
+    let Call {
+        version,
+        metrics,
+        permit,
+        deadline,
+        flags,
+        ended,
+    } = call;
+    let (done_sender, done) = tokio::sync::oneshot::channel();
+    let (head_sender, head) = tokio::sync::oneshot::channel();
+    shared.dispatch(
+        &version,
+        &metrics,
+        Job {
+            request: with_absolute_uri(request),
+            deadline,
+            head: head_sender,
+            done: done_sender,
+            failed: flags.failed.clone(),
+        },
+    );
+    let run_instance: InstanceRun = Box::pin(async move {
+        let _permit = permit;
+        let done = done.await.unwrap_or(Done {
+            outcome: Err(Failure::Internal("the instance went away".into())),
+            warm: false,
+        });
+        if done.warm {
+            metrics.instances_reused.inc();
+        }
+        if let Err(failure) = &done.outcome {
+            flags.failed(failure, &version, &metrics);
+        }
+        let _ = ended.send(done.outcome.is_ok());
+        done.outcome
+    });
+    (run_instance, Box::pin(head))
 }
 
 /// Where an HTTP call's instance ends, the head already sent or not: the failure recorded

@@ -1,10 +1,12 @@
 //! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
 //! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
 //! the one path every call takes through it ([`invoke`]), where a call's instance comes
-//! from, fresh or warm ([`reuse`]), request bodies metered as they
+//! from, fresh or warm ([`reuse`]), WASIp3 instances serving several requests at once
+//! ([`concurrent`]), request bodies metered as they
 //! stream ([`body`]), and the node's memory budget ([`memory`]).
 
 pub mod body;
+pub mod concurrent;
 pub mod engine;
 pub mod instance;
 pub mod invoke;

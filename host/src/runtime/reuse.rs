@@ -4,8 +4,9 @@
 //!
 //! Warm instances live in pools owned by their [`Version`](crate::runtime::version::Version):
 //! one pool for HTTP calls (gateway and `NAME.internal`) and one for message deliveries,
-//! so they are never shared across components, tenants or versions. A warm instance serves
-//! one call at a time; it goes back to its pool only when the call ended without a failure
+//! so they are never shared across components, tenants or versions. A warm instance here
+//! serves one call at a time (a WASIp3 component's HTTP requests go to
+//! [`crate::runtime::concurrent`] instead, several at once); it goes back to its pool only when the call ended without a failure
 //! (a trap, deadline or memory kill, or a host error throws it away), while it has served
 //! fewer than `max_requests` calls and holds no more than `max_memory`, and while its
 //! version has not been swapped out since it was taken ([`WarmPool::retire_all`]). Idle
@@ -221,13 +222,14 @@ static POOLS: Mutex<Vec<Weak<WarmPool>>> = Mutex::new(Vec::new());
 /// Drops every idle warm instance of the node; how many there were. Called when an
 /// instantiation finds the instance pool full or a memory budget refuses a growth.
 pub fn evict_idle_everywhere() -> usize {
+    let shared = crate::runtime::concurrent::evict_idle_everywhere();
     let pools: Vec<Arc<WarmPool>> = POOLS
         .lock()
         .expect("pool registry lock")
         .iter()
         .filter_map(Weak::upgrade)
         .collect();
-    pools.iter().map(|p| p.evict_idle()).sum()
+    shared + pools.iter().map(|p| p.evict_idle()).sum::<usize>()
 }
 
 /// Linear memory past which an instance is torn down by the reaper thread.

@@ -31,6 +31,7 @@ use crate::capabilities::messaging::{MessageBus, MessagingGrant};
 use crate::capabilities::outbound::{InternalCalls, OutboundPolicy};
 use crate::capabilities::sql::SqlGrant;
 use crate::manifest::{ComponentSpec, Limits};
+use crate::runtime::concurrent::SharedInstances;
 use crate::runtime::instance::{Grants, InstanceState};
 use crate::runtime::reuse::{self, Lease, WarmPool};
 
@@ -134,10 +135,12 @@ pub struct Version {
 }
 
 /// A version's warm instances: HTTP calls and message deliveries apart, so an instance is
-/// only ever called through the export it was instantiated for.
+/// only ever called through the export it was instantiated for. A WASIp3 component's HTTP
+/// requests go to shared instances that serve several at once instead.
 struct WarmPools {
     http: Arc<WarmPool>,
     messages: Arc<WarmPool>,
+    shared_http: Option<Arc<SharedInstances>>,
 }
 
 /// Which export a call goes to (and so which warm pool serves it).
@@ -207,6 +210,10 @@ impl Version {
             ));
         }
 
+        let shared_http = match (&spec.reuse, &http) {
+            (Some(policy), Some(HttpPre::P3(_))) => Some(SharedInstances::new(policy)),
+            _ => None,
+        };
         let tenant: Arc<str> = tenant.into();
         let name: Arc<str> = name.into();
         let grants = Grants {
@@ -253,6 +260,7 @@ impl Version {
             warm: spec.reuse.as_ref().map(|policy| WarmPools {
                 http: WarmPool::new(policy),
                 messages: WarmPool::new(policy),
+                shared_http,
             }),
         })
     }
@@ -302,12 +310,21 @@ impl Version {
         }
     }
 
+    /// The shared instances a WASIp3 component's HTTP requests go to, when it opts into
+    /// reuse.
+    pub fn shared_http(&self) -> Option<&Arc<SharedInstances>> {
+        self.warm.as_ref()?.shared_http.as_ref()
+    }
+
     /// Throws away this version's warm instances, idle ones now and busy ones when their
     /// call ends: it no longer serves.
     pub fn retire_warm(&self) {
         if let Some(warm) = &self.warm {
             warm.http.retire_all();
             warm.messages.retire_all();
+            if let Some(shared) = &warm.shared_http {
+                shared.retire_all();
+            }
         }
     }
 

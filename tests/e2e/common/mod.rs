@@ -73,6 +73,7 @@ pub fn render(template: &str, dir: &Path) -> String {
     out
 }
 
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     pub headers: http::HeaderMap,
