@@ -207,6 +207,30 @@ async fn a_swap_retires_warm_instances_even_of_a_version_that_comes_back() {
     let rolled_back = node.admin("POST", &format!("{WARM}/rollback"), None).await;
     assert_eq!(rolled_back.status, 200, "{}", rolled_back.body);
     assert_eq!(counts(&node, "/warm/count", 2).await, [1, 2]);
+
+    // The same for a WASIp3 component's shared instances, and a request in flight during
+    // the swap finishes on the instance it started in.
+    const P3: &str = "/v1/tenants/default/components/p3";
+    assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
+    let in_flight = node.get("/p3/wait?ms=500");
+    let swap = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let hello = std::fs::read(common::wasm("hello")).unwrap();
+        node.admin(
+            "POST",
+            &format!("{P3}/versions?activate=true"),
+            Some(hello.into()),
+        )
+        .await
+    };
+    let (in_flight, uploaded) = tokio::join!(in_flight, swap);
+    assert_eq!(uploaded.status, 201, "{}", uploaded.body);
+    assert_eq!(in_flight.status, 200, "{}", in_flight.body);
+    assert_eq!(in_flight.json()["most_at_once"], 1, "{}", in_flight.body);
+    assert!(node.get("/p3/count").await.json()["count"].is_null(), "hello serves now");
+    let rolled_back = node.admin("POST", &format!("{P3}/rollback"), None).await;
+    assert_eq!(rolled_back.status, 200, "{}", rolled_back.body);
+    assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
 }
 
 #[tokio::test]
