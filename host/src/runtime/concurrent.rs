@@ -22,7 +22,10 @@
 //!   to it but not yet started go to another instance;
 //! - an instance takes no more requests after `max_requests`, after a request left it above
 //!   `max_memory`, and when its version stops serving; it ends once its requests are done,
-//!   after `idle` without one, or when the node needs room (idle ones only).
+//!   after `idle` without one, or when the node needs room (idle ones only). Unlike the
+//!   one-at-a-time pools' idle instances, which are dropped in place, a worker owns its
+//!   store inside its event loop: eviction tells it to end, and the memory comes back when
+//!   the worker task runs next.
 //!
 //! A worker ends only once the guest's own tasks are done (a body it was still writing),
 //! within the last request's deadline.
