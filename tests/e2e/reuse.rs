@@ -227,7 +227,10 @@ async fn a_swap_retires_warm_instances_even_of_a_version_that_comes_back() {
     assert_eq!(uploaded.status, 201, "{}", uploaded.body);
     assert_eq!(in_flight.status, 200, "{}", in_flight.body);
     assert_eq!(in_flight.json()["most_at_once"], 1, "{}", in_flight.body);
-    assert!(node.get("/p3/count").await.json()["count"].is_null(), "hello serves now");
+    assert!(
+        node.get("/p3/count").await.json()["count"].is_null(),
+        "hello serves now"
+    );
     let rolled_back = node.admin("POST", &format!("{P3}/rollback"), None).await;
     assert_eq!(rolled_back.status, 200, "{}", rolled_back.body);
     assert_eq!(counts(&node, "/p3/count", 2).await, [1, 2]);
