@@ -5,7 +5,8 @@
 //!
 //! How an instance is obtained is the version's business ([`Version::lease`]): a fresh
 //! `Store` and instance per call, or a warm instance when the component opts into reuse
-//! (`crate::runtime::reuse`). Either way the call runs under its own deadline and the
+//! (`crate::runtime::reuse`; a WASIp3 component's HTTP requests then go to instances that
+//! serve several at once, `crate::runtime::concurrent`). Either way the call runs under its own deadline and the
 //! instance's memory limit, and only an instance whose call ended cleanly is kept.
 //!
 //! Every failure the client of an HTTP call sees is JSON:
@@ -744,11 +745,11 @@ fn p2_instance(
     Ok((run_instance, head))
 }
 
-/// Starts a WASIp3 `wasi:http/handler` call. The guest may keep writing its body (and
-/// run other tasks) after `handle` returns, so the store's event loop runs until every
-/// task of the instance has exited; a failure is flagged before the store goes, so that a
-/// body it was still writing ends in an error rather than a clean, truncated end. Only
-/// then, with nothing of the call left running, may a warm instance serve another call.
+/// Starts a WASIp3 `wasi:http/handler` call in an instance of its own (reuse off; with
+/// reuse on, [`p3_shared`]). The guest may keep writing its body (and run other tasks)
+/// after `handle` returns, so the store's event loop runs until every task of the instance
+/// has exited; a failure is flagged before the store goes, so that a body it was still
+/// writing ends in an error rather than a clean, truncated end.
 fn p3_instance(
     call: Call,
     mut lease: Lease,
