@@ -45,13 +45,16 @@ async fn main() -> anyhow::Result<()> {
         max_instance_memory: 256 << 20,
         cache_dir: None,
     })?;
-    let linker = trellis::runtime::instance::build_linker(&runtime.engine)?;
-    let component = wasmtime::component::Component::from_file(&runtime.engine, &wasm)
+    // As the node does: the plain engine unless the component needs concurrency support.
+    let linkers = trellis::runtime::instance::Linkers::new(&runtime.engines)?;
+    let component = wasmtime::component::Component::from_file(&runtime.engines.plain, &wasm)
+        .or_else(|_| wasmtime::component::Component::from_file(&runtime.engines.concurrent, &wasm))
         .map_err(anyhow::Error::from)?;
+    let linker = linkers.for_component(&component);
     let bus: Arc<dyn trellis::capabilities::messaging::MessageBus> =
         Arc::new(InProcessBus::default());
     let deployment = Version::link(
-        &linker,
+        linker,
         VersionSource {
             tenant: "default",
             name: "hello",

@@ -45,8 +45,8 @@ async fn build_registry(
                 .unwrap_or_else(|| node.data_dir.join("compile-cache")),
         ),
     })?;
-    let linker = Arc::new(
-        crate::runtime::instance::build_linker(&runtime.engine)
+    let linkers = Arc::new(
+        crate::runtime::instance::Linkers::new(&runtime.engines)
             .context("linking the host interfaces")?,
     );
     let storage = Storage::open(&node.data_dir, node.database_url.as_deref()).await?;
@@ -73,8 +73,8 @@ async fn build_registry(
     };
     let registry = Registry::new(
         config,
-        runtime.engine.clone(),
-        linker,
+        runtime.engines.clone(),
+        linkers,
         storage,
         bus,
         events,

@@ -11,9 +11,9 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use sha2::{Digest as _, Sha256};
-use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::runtime::engine::Engines;
 use crate::runtime::version::LoadError;
 
 /// `sha256:HEX` of `bytes`.
@@ -40,15 +40,15 @@ pub fn is_digest(text: &str) -> bool {
 
 pub struct CodeStore {
     dir: PathBuf,
-    engine: Engine,
+    engines: Engines,
     compiled: Mutex<HashMap<String, Component>>,
 }
 
 impl CodeStore {
-    pub fn new(data_dir: &std::path::Path, engine: Engine) -> Self {
+    pub fn new(data_dir: &std::path::Path, engines: Engines) -> Self {
         Self {
             dir: data_dir.join("versions").join("sha256"),
-            engine,
+            engines,
             compiled: Mutex::new(HashMap::new()),
         }
     }
@@ -106,13 +106,15 @@ impl CodeStore {
                 source_name: source_name.to_string(),
             });
         }
-        let engine = self.engine.clone();
+        let engines = self.engines.clone();
         let compiled = tokio::task::spawn_blocking(move || {
             // The digest stays that of the bytes as uploaded.
-            match super::wasip3_rc::to_final(&bytes) {
-                Some(renamed) => Component::new(&engine, &renamed),
-                None => Component::new(&engine, &bytes),
-            }
+            let bytes = super::wasip3_rc::to_final(&bytes).unwrap_or(bytes);
+            // A component that needs the concurrency features (WASIp3) fails validation on
+            // the plain engine, before any code is generated, and compiles for the other;
+            // bytes that are no valid component at all are reported from the latter.
+            Component::new(&engines.plain, &bytes)
+                .or_else(|_| Component::new(&engines.concurrent, &bytes))
         })
         .await
         .map_err(|e| LoadError::Compile {

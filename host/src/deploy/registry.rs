@@ -14,8 +14,6 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use wasmtime::Engine;
-use wasmtime::component::Linker;
 use wasmtime_wasi_http::WasiBody;
 
 use crate::capabilities::events::EventLog;
@@ -30,7 +28,8 @@ use crate::deploy::state::{Origin, SlotRecord, StateStore, StoredComponent};
 use crate::gateway::router::Router;
 use crate::grammar::routes::normalize_route;
 use crate::manifest::{ComponentSpec, LoadedManifest, NodeSettings, Problem, TenantSpec};
-use crate::runtime::instance::InstanceState;
+use crate::runtime::engine::Engines;
+use crate::runtime::instance::Linkers;
 use crate::runtime::invoke::{self, Admission};
 use crate::runtime::memory::MemoryBudget;
 use crate::runtime::version::{LoadError, StorageGrants, Version, VersionServices, VersionSource};
@@ -140,7 +139,7 @@ pub enum UploadAction {
 pub struct Registry {
     me: Weak<Registry>,
     pub(super) config: RegistryConfig,
-    linker: Arc<Linker<InstanceState>>,
+    linkers: Arc<Linkers>,
     pub(super) storage: Storage,
     bus: Arc<dyn MessageBus>,
     events: Arc<dyn EventLog>,
@@ -170,14 +169,14 @@ pub struct Registry {
 impl Registry {
     pub fn new(
         config: RegistryConfig,
-        engine: Engine,
-        linker: Arc<Linker<InstanceState>>,
+        engines: Engines,
+        linkers: Arc<Linkers>,
         storage: Storage,
         bus: Arc<dyn MessageBus>,
         events: Arc<dyn EventLog>,
         state: Option<StateStore>,
     ) -> Arc<Self> {
-        let code = CodeStore::new(&config.node.data_dir, engine);
+        let code = CodeStore::new(&config.node.data_dir, engines);
         let oci = super::oci::OciSource::new(&config.node.data_dir, config.node.registries.clone());
         let metrics = Arc::new(Metrics::default());
         let tenants = Tenants::new(&config.tenants, config.node.tenant_quota, metrics.clone());
@@ -194,7 +193,7 @@ impl Registry {
         Arc::new_cyclic(|me| Registry {
             me: me.clone(),
             config,
-            linker,
+            linkers,
             storage,
             bus,
             events,
@@ -450,7 +449,7 @@ impl Registry {
             memory_budget: self.memory_budget.clone(),
         };
         let version = Arc::new(Version::link(
-            &self.linker,
+            self.linkers.for_component(&component),
             VersionSource {
                 tenant,
                 name,
@@ -1033,12 +1032,15 @@ impl Registry {
                     .code
                     .compile(&digest, bytes.clone(), name, "the component")
                     .await?;
-                self.linker.instantiate_pre(&component).map_err(|e| {
-                    DeployError::from(LoadError::MissingImport {
-                        component: name.to_string(),
-                        reason: format!("{e:#}"),
-                    })
-                })?;
+                self.linkers
+                    .for_component(&component)
+                    .instantiate_pre(&component)
+                    .map_err(|e| {
+                        DeployError::from(LoadError::MissingImport {
+                            component: name.to_string(),
+                            reason: format!("{e:#}"),
+                        })
+                    })?;
                 self.keep(&bytes).await?;
                 (None, "uploaded")
             }

@@ -1,6 +1,14 @@
-//! The node's one wasmtime `Engine`: how it is configured (component model, async,
-//! epoch interruption, the pooling allocator, the on-disk compiled-code cache) and the
-//! epoch ticker thread that makes request deadlines work.
+//! The node's wasmtime engines: how they are configured (component model, async, epoch
+//! interruption, the pooling allocator, the on-disk compiled-code cache) and the epoch
+//! ticker thread that makes request deadlines work.
+//!
+//! There are two ([`Engines`]), alike but for the component model's concurrency support:
+//! a WASIp3 component (async exports, streams, futures) needs it, and with it on, every
+//! call into any component goes through wasmtime's task machinery, which measured 35-40%
+//! of a WASIp2 hello's in-process instantiate + call (103-116 µs with it, 67-69 µs
+//! without; `instantiate_cost`). So WASIp2-only components are compiled for the `plain`
+//! engine and only those that need it for the `concurrent` one (`crate::deploy::code`).
+//! Each engine has its own instance pool of `node.max_instances`.
 //!
 //! The pooling knobs are chosen for per-request instantiation on small VMs, where instances
 //! are created and torn down thousands of times a second: memory is initialised by copying
@@ -38,30 +46,48 @@ pub struct EngineSettings {
     pub cache_dir: Option<std::path::PathBuf>,
 }
 
-/// A wasmtime engine plus the thread that advances its epoch. Dropping it stops the thread.
+/// The node's two engines, alike but for the component model's concurrency support.
+#[derive(Clone)]
+pub struct Engines {
+    /// For components that need no concurrency support (WASIp2 and earlier).
+    pub plain: Engine,
+    /// For WASIp3 components.
+    pub concurrent: Engine,
+}
+
+/// The engines plus the thread that advances their epochs. Dropping it stops the thread.
 pub struct Runtime {
-    pub engine: Engine,
+    pub engines: Engines,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Runtime {
     pub fn new(settings: &EngineSettings) -> Result<Self> {
-        let engine = Engine::new(&engine_config(settings)?)
-            .map_err(anyhow::Error::from)
-            .context("creating the wasmtime engine")?;
+        let build = |concurrency: bool| -> Result<Engine> {
+            let mut config = engine_config(settings)?;
+            config.concurrency_support(concurrency);
+            Engine::new(&config)
+                .map_err(anyhow::Error::from)
+                .context("creating the wasmtime engine")
+        };
+        let engines = Engines {
+            plain: build(false)?,
+            concurrent: build(true)?,
+        };
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
+        let (ticked, stop) = (engines.clone(), ticker_stop.clone());
         std::thread::Builder::new()
             .name("trellis-epoch".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
+                    ticked.plain.increment_epoch();
+                    ticked.concurrent.increment_epoch();
                 }
             })
             .context("starting the epoch ticker")?;
         Ok(Self {
-            engine,
+            engines,
             ticker_stop,
         })
     }

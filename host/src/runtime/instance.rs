@@ -22,17 +22,48 @@ use crate::capabilities::messaging::{Messaging, MessagingGrant};
 use crate::capabilities::outbound::OutboundPolicy;
 use crate::capabilities::sql::{Sql, SqlGrant};
 
+/// One linker per engine (`crate::runtime::engine::Engines`).
+pub struct Linkers {
+    pub plain: wasmtime::component::Linker<InstanceState>,
+    pub concurrent: wasmtime::component::Linker<InstanceState>,
+}
+
+impl Linkers {
+    pub fn new(engines: &crate::runtime::engine::Engines) -> anyhow::Result<Self> {
+        Ok(Self {
+            plain: build_linker(&engines.plain, false)?,
+            concurrent: build_linker(&engines.concurrent, true)?,
+        })
+    }
+
+    /// The linker of the engine `component` was compiled for.
+    pub fn for_component(
+        &self,
+        component: &wasmtime::component::Component,
+    ) -> &wasmtime::component::Linker<InstanceState> {
+        if wasmtime::Engine::same(component.engine(), self.plain.engine()) {
+            &self.plain
+        } else {
+            &self.concurrent
+        }
+    }
+}
+
 /// The host interfaces every component may import, one line per capability. Interfaces
 /// are added here once per node; what an instance may actually do is decided by its grants.
+/// `wasip3`: the WASIp3 interfaces too (only an engine with concurrency support has them).
 pub fn build_linker(
     engine: &wasmtime::Engine,
+    wasip3: bool,
 ) -> anyhow::Result<wasmtime::component::Linker<InstanceState>> {
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     // WASIp3 (wasi:*@0.3.0): a p3 guest built with Rust std imports p2 interfaces too.
-    wasmtime_wasi::p3::add_to_linker(&mut linker)?;
-    wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    if wasip3 {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    }
     wasmtime_wasi_config::add_to_linker(&mut linker, InstanceState::config)?;
     crate::capabilities::config::add_to_linker(&mut linker, InstanceState::config_drafts)?;
     crate::capabilities::logging::add_to_linker(&mut linker, InstanceState::logging)?;
