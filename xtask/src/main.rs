@@ -120,9 +120,8 @@ fn build_all(release: bool) -> Result<()> {
     run(&mut host)
 }
 
-/// Builds every guest crate under `components/` and copies the results to `target/wasm/`.
-/// The unit tests of guest libraries that can run natively (the shop's token checks), on
-/// the host's own target.
+/// Runs the unit tests of guest libraries that can run natively (the shop's token checks),
+/// on the host's own target.
 fn guest_unit_tests() -> Result<()> {
     let host = Command::new("rustc")
         .arg("-vV")
@@ -138,6 +137,7 @@ fn guest_unit_tests() -> Result<()> {
         .args(["test", "--package", "shop-common", "--target", &host]))
 }
 
+/// Builds every guest crate under `components/` and copies the results to `target/wasm/`.
 fn build_components() -> Result<()> {
     ensure_rust_target("wasm32-wasip2")?;
     ensure_rust_target("wasm32-wasip1")?;

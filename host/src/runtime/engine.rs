@@ -4,9 +4,9 @@
 //!
 //! There are two ([`Engines`]), alike but for the component model's concurrency support:
 //! a WASIp3 component (async exports, streams, futures) needs it, and with it on, every
-//! call into any component goes through wasmtime's task machinery, which measured 35-40%
-//! of a WASIp2 hello's in-process instantiate + call (103-116 µs with it, 67-69 µs
-//! without; `instantiate_cost`). So WASIp2-only components are compiled for the `plain`
+//! call into any component goes through wasmtime's task machinery: a WASIp2 hello's
+//! in-process instantiate + call took 100-116 µs with it and 61-88 µs without, in five
+//! paired runs of `instantiate_cost`. So WASIp2-only components are compiled for the `plain`
 //! engine and only those that need it for the `concurrent` one (`crate::deploy::code`).
 //! Each engine has its own instance pool of `node.max_instances`.
 //!

@@ -733,7 +733,15 @@ fn p2_instance(
         };
         let ran = tokio::time::timeout_at(deadline.into(), run).await;
         let outcome = outcome_of(ran, &instance, &lease);
-        end_http_call(&instance, &metrics, &flags, lease, warm, ended, outcome)
+        end_http_call(
+            &instance,
+            &metrics,
+            &flags,
+            Some(lease),
+            warm,
+            ended,
+            outcome,
+        )
     });
     let head: Head = Box::pin(async move {
         receiver.await.map(|answer| {
@@ -805,7 +813,15 @@ fn p3_instance(
         };
         let ran = tokio::time::timeout_at(deadline.into(), run).await;
         let outcome = outcome_of(ran, &instance, &lease);
-        end_http_call(&instance, &metrics, &flags, lease, warm, ended, outcome)
+        end_http_call(
+            &instance,
+            &metrics,
+            &flags,
+            Some(lease),
+            warm,
+            ended,
+            outcome,
+        )
     });
     (run_instance, Box::pin(head_receiver))
 }
@@ -868,26 +884,28 @@ fn p3_shared(
             outcome: Err(Failure::Internal("the instance went away".into())),
             warm: false,
         });
-        if done.warm {
-            metrics.instances_reused.inc();
-        }
-        if let Err(failure) = &done.outcome {
-            flags.failed(failure, &version, &metrics);
-        }
-        let _ = ended.send(done.outcome.is_ok());
-        done.outcome
+        // The instance stays with its worker: nothing to give back.
+        end_http_call(
+            &version,
+            &metrics,
+            &flags,
+            None,
+            done.warm,
+            ended,
+            done.outcome,
+        )
     });
     (run_instance, Box::pin(head))
 }
 
-/// Where an HTTP call's instance ends, the head already sent or not: the failure recorded
-/// (a body it was writing is cut off), the instance kept warm or thrown away, and the
-/// response body told it may end.
+/// Where an HTTP call ends, the head already sent or not: the failure recorded (a body it
+/// was writing is cut off), its instance kept warm or thrown away (`lease`; a shared
+/// instance stays with its worker), and the response body told it may end.
 fn end_http_call(
     version: &Version,
     metrics: &ComponentMetrics,
     flags: &CallFlags,
-    lease: Lease,
+    lease: Option<Lease>,
     warm: bool,
     ended: tokio::sync::oneshot::Sender<bool>,
     outcome: Result<(), Failure>,
@@ -898,7 +916,9 @@ fn end_http_call(
     if let Err(failure) = &outcome {
         flags.failed(failure, version, metrics);
     }
-    version.give_back(CallKind::Http, lease, outcome.is_ok());
+    if let Some(lease) = lease {
+        version.give_back(CallKind::Http, lease, outcome.is_ok());
+    }
     let _ = ended.send(outcome.is_ok());
     outcome
 }

@@ -6,8 +6,9 @@
 //! one pool for HTTP calls (gateway and `NAME.internal`) and one for message deliveries,
 //! so they are never shared across components, tenants or versions. A warm instance here
 //! serves one call at a time (a WASIp3 component's HTTP requests go to
-//! [`crate::runtime::concurrent`] instead, several at once); it goes back to its pool only when the call ended without a failure
-//! (a trap, deadline or memory kill, or a host error throws it away), while it has served
+//! [`crate::runtime::concurrent`] instead, several at once); it goes back to its pool only
+//! when the call ended without a failure (a trap, deadline or memory kill, or a host error
+//! throws it away), while it has served
 //! fewer than `max_requests` calls and holds no more than `max_memory`, and while its
 //! version has not been swapped out since it was taken ([`WarmPool::retire_all`]). Idle
 //! instances are dropped after `idle` by a sweeper task, and at once, node-wide, when an

@@ -135,12 +135,18 @@ pub struct Version {
 }
 
 /// A version's warm instances: HTTP calls and message deliveries apart, so an instance is
-/// only ever called through the export it was instantiated for. A WASIp3 component's HTTP
-/// requests go to shared instances that serve several at once instead.
+/// only ever called through the export it was instantiated for.
 struct WarmPools {
-    http: Arc<WarmPool>,
+    http: HttpWarm,
     messages: Arc<WarmPool>,
-    shared_http: Option<Arc<SharedInstances>>,
+}
+
+/// Where a version's HTTP calls find warm instances.
+enum HttpWarm {
+    /// One call at a time per instance (WASIp2).
+    OneAtATime(Arc<WarmPool>),
+    /// Several requests at once per instance (WASIp3).
+    Shared(Arc<SharedInstances>),
 }
 
 /// Which export a call goes to (and so which warm pool serves it).
@@ -210,10 +216,13 @@ impl Version {
             ));
         }
 
-        let shared_http = match (&spec.reuse, &http) {
-            (Some(policy), Some(HttpPre::P3(_))) => Some(SharedInstances::new(policy)),
-            _ => None,
-        };
+        let warm = spec.reuse.as_ref().map(|policy| WarmPools {
+            http: match &http {
+                Some(HttpPre::P3(_)) => HttpWarm::Shared(SharedInstances::new(policy)),
+                _ => HttpWarm::OneAtATime(WarmPool::new(policy)),
+            },
+            messages: WarmPool::new(policy),
+        });
         let tenant: Arc<str> = tenant.into();
         let name: Arc<str> = name.into();
         let grants = Grants {
@@ -257,19 +266,19 @@ impl Version {
             http,
             handler,
             grants,
-            warm: spec.reuse.as_ref().map(|policy| WarmPools {
-                http: WarmPool::new(policy),
-                messages: WarmPool::new(policy),
-                shared_http,
-            }),
+            warm,
         })
     }
 
+    /// The one-at-a-time pool for `kind`, when reuse is on (a WASIp3 component's HTTP
+    /// calls have none: they go to [`Version::shared_http`]).
     fn pool(&self, kind: CallKind) -> Option<&WarmPool> {
-        self.warm.as_ref().map(|warm| match kind {
-            CallKind::Http => &*warm.http,
-            CallKind::Message => &*warm.messages,
-        })
+        let warm = self.warm.as_ref()?;
+        match (kind, &warm.http) {
+            (CallKind::Http, HttpWarm::OneAtATime(pool)) => Some(pool),
+            (CallKind::Http, HttpWarm::Shared(_)) => None,
+            (CallKind::Message, _) => Some(&warm.messages),
+        }
     }
 
     /// The store for one call: a warm instance when the entry opts into reuse and one is
@@ -313,18 +322,21 @@ impl Version {
     /// The shared instances a WASIp3 component's HTTP requests go to, when it opts into
     /// reuse.
     pub fn shared_http(&self) -> Option<&Arc<SharedInstances>> {
-        self.warm.as_ref()?.shared_http.as_ref()
+        match &self.warm.as_ref()?.http {
+            HttpWarm::Shared(shared) => Some(shared),
+            HttpWarm::OneAtATime(_) => None,
+        }
     }
 
     /// Throws away this version's warm instances, idle ones now and busy ones when their
     /// call ends: it no longer serves.
     pub fn retire_warm(&self) {
         if let Some(warm) = &self.warm {
-            warm.http.retire_all();
-            warm.messages.retire_all();
-            if let Some(shared) = &warm.shared_http {
-                shared.retire_all();
+            match &warm.http {
+                HttpWarm::OneAtATime(pool) => pool.retire_all(),
+                HttpWarm::Shared(shared) => shared.retire_all(),
             }
+            warm.messages.retire_all();
         }
     }
 
