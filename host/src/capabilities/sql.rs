@@ -41,19 +41,25 @@ pub struct SqliteTransaction {
 
 impl SqliteTransaction {
     fn end(&self, how: &str) -> Result<(), SqlError> {
-        self.connection
-            .connection()
-            .execute_batch(how)
-            .map_err(SqlError::from)
+        run_cached(self.connection.connection(), how).map_err(SqlError::from)
     }
 }
 
 impl Drop for SqliteTransaction {
     fn drop(&mut self) {
         if !self.connection.connection().is_autocommit() {
-            let _ = self.connection.connection().execute_batch("ROLLBACK");
+            let _ = run_cached(self.connection.connection(), "ROLLBACK");
         }
     }
+}
+
+/// Runs a statement without parameters or rows (`BEGIN`, `COMMIT`) from the connection's
+/// statement cache: `execute_batch` would parse it again each time.
+fn run_cached(connection: &rusqlite::Connection, statement: &str) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(statement)?
+        .raw_execute()
+        .map(drop)
 }
 
 /// The error of every SQL host function: what the guest sees, or a trap.
@@ -237,7 +243,7 @@ impl wit::Host for Sql<'_> {
             ComponentDatabase::Sqlite(db) => {
                 let turn = write_turn(&db).await?;
                 let connection = db.connections.get()?;
-                connection.connection().execute_batch("BEGIN IMMEDIATE")?;
+                run_cached(connection.connection(), "BEGIN IMMEDIATE")?;
                 Transaction::Sqlite(SqliteTransaction {
                     connection,
                     _turn: turn,

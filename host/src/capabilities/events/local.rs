@@ -9,11 +9,11 @@
 //! being handled is due again. Consumers are rows too: events published while a component
 //! is between restarts are kept for it.
 //!
-//! All writes go through one task that commits whatever is waiting in one transaction
-//! (group commit); with WAL and `synchronous = NORMAL` a commit survives the process being
-//! killed (a power cut may lose the last commits; see the README). The queue has one
-//! rusqlite connection; each batch of writes, each lease and each sweep runs on it in one
-//! trip to a blocking thread, not one per statement.
+//! All writes, leases included, go through one task that commits whatever is waiting in
+//! one transaction (group commit); with WAL and `synchronous = NORMAL` a commit survives
+//! the process being killed (a power cut may lose the last commits; see the README). The
+//! queue has one rusqlite connection; each batch and each sweep runs on it in one trip to
+//! a blocking thread, not one per statement.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -68,13 +68,20 @@ enum Op {
         due_at: i64,
     },
     RemoveConsumer(String),
+    /// Lease up to `limit` of the consumer's deliveries due at `now` (see [`lease`]).
+    Lease {
+        consumer: String,
+        now: i64,
+        limit: i64,
+    },
     /// Taken (the op moved into the batch's commit).
     None,
 }
 
 struct Write {
     op: Op,
-    done: oneshot::Sender<Result<(), String>>,
+    /// The deliveries a lease took (empty for every other write), once committed.
+    done: oneshot::Sender<Result<Vec<Leased>, String>>,
 }
 
 fn now_ms() -> i64 {
@@ -96,6 +103,7 @@ impl LocalLog {
         let connection = rusqlite::Connection::open(path)
             .and_then(|c| {
                 c.busy_timeout(Duration::from_secs(5))?;
+                crate::storage::sqlite::plan_once(&c)?;
                 c.execute_batch(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;\
                      CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
@@ -163,7 +171,7 @@ impl Inner {
         .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
     }
 
-    async fn write(&self, op: Op) -> Result<(), String> {
+    async fn write(&self, op: Op) -> Result<Vec<Leased>, String> {
         let (done, result) = oneshot::channel();
         self.writes
             .send(Write { op, done })
@@ -184,7 +192,7 @@ impl Inner {
 /// What one batch of writes came to.
 #[derive(Default)]
 struct Committed {
-    results: Vec<Result<(), String>>,
+    results: Vec<Result<Vec<Leased>, String>>,
     woken: HashSet<String>,
     appended: Vec<Event>,
     added_bytes: u64,
@@ -251,7 +259,7 @@ fn commit(
     let mut acked: HashMap<&str, Vec<i64>> = HashMap::new();
     for op in ops {
         match op {
-            Op::None => done.results.push(Ok(())),
+            Op::None => done.results.push(Ok(Vec::new())),
             Op::Append(event) => {
                 let size = event.body.len() as u64;
                 if stored + done.added_bytes + size > max_bytes {
@@ -293,12 +301,12 @@ fn commit(
                     }
                     done.appended.push(event.clone());
                 }
-                done.results.push(Ok(()));
+                done.results.push(Ok(Vec::new()));
             }
             Op::Ack { consumer, seq } => {
                 // Deleted together after the loop, one statement per consumer.
                 acked.entry(consumer.as_str()).or_default().push(*seq);
-                done.results.push(Ok(()));
+                done.results.push(Ok(Vec::new()));
             }
             Op::Retry {
                 consumer,
@@ -310,14 +318,19 @@ fn commit(
                 )?
                 .execute((due_at, consumer, seq))?;
                 done.woken.insert(consumer.clone());
-                done.results.push(Ok(()));
+                done.results.push(Ok(Vec::new()));
             }
+            Op::Lease {
+                consumer,
+                now,
+                limit,
+            } => done.results.push(Ok(lease(&tx, consumer, *now, *limit)?)),
             Op::RemoveConsumer(name) => {
                 tx.prepare_cached("DELETE FROM consumers WHERE name = ?1")?
                     .execute([name])?;
                 tx.prepare_cached("DELETE FROM deliveries WHERE consumer = ?1")?
                     .execute([name])?;
-                done.results.push(Ok(()));
+                done.results.push(Ok(Vec::new()));
             }
         }
     }
@@ -389,7 +402,7 @@ async fn sweeper(inner: std::sync::Weak<Inner>) {
 #[async_trait]
 impl EventLog for LocalLog {
     async fn append(&self, event: Event) -> Result<(), String> {
-        self.inner.write(Op::Append(event)).await
+        self.inner.write(Op::Append(event)).await.map(drop)
     }
 
     async fn consume(&self, spec: ConsumerSpec) -> Result<mpsc::Receiver<Delivery>, String> {
@@ -426,6 +439,7 @@ impl EventLog for LocalLog {
         self.inner
             .write(Op::RemoveConsumer(name.to_string()))
             .await
+            .map(drop)
             .map_err(|e| format!("removing consumer {name}: {e}"))
     }
 
@@ -475,7 +489,13 @@ async fn fetcher(
             }
         };
         let now = now_ms();
-        let leased = lease(&inner, &consumer, now, (room as i64).min(FETCH)).await;
+        let leased = inner
+            .write(Op::Lease {
+                consumer: consumer.clone(),
+                now,
+                limit: (room as i64).min(FETCH),
+            })
+            .await;
         let rows = match leased {
             Ok(rows) => rows,
             Err(e) => {
@@ -538,52 +558,46 @@ struct Leased {
 }
 
 /// Leases up to `limit` due deliveries of `consumer` and counts their attempt (before any
-/// handler runs, so a crash mid-handler counts). Two statements whatever the count: the
-/// lease itself is one atomic UPDATE, and a crash before the read that follows leaves
-/// leases that opening the queue clears.
-async fn lease(
-    inner: &Inner,
+/// handler runs, so a crash mid-handler counts). It runs in the writer's batch, so a lease
+/// is committed with whatever else waits instead of being a transaction of its own, and
+/// its deliveries are handed out only once that commit is done. Two statements whatever
+/// the count: the lease itself is one UPDATE, then one read of the events.
+fn lease(
+    tx: &rusqlite::Transaction<'_>,
     consumer: &str,
     now: i64,
     limit: i64,
 ) -> rusqlite::Result<Vec<Leased>> {
-    let consumer = consumer.to_string();
-    inner
-        .db(move |c| {
-            let attempts: HashMap<i64, i64> = c
-                .prepare_cached(
-                    "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
-                     (SELECT rowid FROM deliveries WHERE consumer = ?1 AND leased = 0 AND due_at <= ?2 \
-                      ORDER BY seq LIMIT ?3) RETURNING seq, attempts",
-                )?
-                .query_map((&consumer, now, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            if attempts.is_empty() {
-                return Ok(Vec::new());
-            }
-            let seqs: Vec<i64> = attempts.keys().copied().collect();
-            c.prepare_cached(
-                "SELECT seq, id, subject, body, headers FROM events \
-                 WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
-            )?
-            .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
-                let seq: i64 = row.get(0)?;
-                Ok(Leased {
-                    seq,
-                    attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1))
-                        .unwrap_or(u32::MAX),
-                    event: Event {
-                        id: row.get(1)?,
-                        subject: row.get(2)?,
-                        body: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
-                        headers: serde_json::from_str(&row.get::<_, String>(4)?)
-                            .unwrap_or_default(),
-                    },
-                })
-            })?
-            .collect()
+    let attempts: HashMap<i64, i64> = tx
+        .prepare_cached(
+            "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
+             (SELECT rowid FROM deliveries WHERE consumer = ?1 AND leased = 0 AND due_at <= ?2 \
+              ORDER BY seq LIMIT ?3) RETURNING seq, attempts",
+        )?
+        .query_map((consumer, now, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if attempts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs: Vec<i64> = attempts.keys().copied().collect();
+    tx.prepare_cached(
+        "SELECT seq, id, subject, body, headers FROM events \
+         WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
+    )?
+    .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
+        let seq: i64 = row.get(0)?;
+        Ok(Leased {
+            seq,
+            attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1)).unwrap_or(u32::MAX),
+            event: Event {
+                id: row.get(1)?,
+                subject: row.get(2)?,
+                body: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
+                headers: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
+            },
         })
-        .await
+    })?
+    .collect()
 }
 
 struct LocalSettle {
@@ -603,6 +617,7 @@ impl Settle for LocalSettle {
                 seq: self.seq,
             })
             .await
+            .map(drop)
     }
 
     async fn retry_after(&self, delay: Duration) -> Result<(), String> {
@@ -614,6 +629,7 @@ impl Settle for LocalSettle {
                 due_at: now_ms() + delay.as_millis() as i64,
             })
             .await
+            .map(drop)
     }
 }
 
