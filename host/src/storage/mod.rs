@@ -139,10 +139,11 @@ impl Storage {
                     .connect_with(options)
                     .await
                     .with_context(|| format!("opening {}", dir.join("data.db").display()))?;
+                let writer = Arc::default();
                 Ok(ComponentDatabase::Sqlite(SqliteDatabase {
                     pool,
-                    connections: sqlite::Connections::new(&dir.join("data.db")),
-                    writer: Arc::default(),
+                    connections: sqlite::Connections::new(&dir.join("data.db"), &writer),
+                    writer,
                     path: dir.join("data.db"),
                 }))
             }

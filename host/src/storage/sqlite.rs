@@ -13,13 +13,22 @@
 //! thread (an interrupt there would roll back the whole transaction).
 //!
 //! Connections are opened as sqlx's were: WAL, `synchronous = NORMAL`, foreign keys on,
-//! a 256 MiB mmap, no `ATTACH`. Writers still take the database's write turn in the async
-//! runtime first ([`super::SqliteDatabase::write_turn`]). Connections unused for
-//! [`super::IDLE_CONNECTION`] are closed by a sweeper task, so an idle component holds
+//! a 256 MiB mmap, no `ATTACH`; but none checkpoints the write-ahead log itself. SQLite's
+//! automatic checkpoint runs inside whichever commit passes 1,000 pages of log, on the
+//! thread of that commit, here an async worker, and ends in an `fsync` of the database.
+//! Instead, a database that was written to is checkpointed on a blocking thread
+//! [`CHECKPOINT_EVERY`] after its first commit since the last checkpoint, or sooner once
+//! [`CHECKPOINT_COMMITS`] commits are waiting (which keeps the log near the size SQLite's
+//! own 1,000 pages kept it at, so that storage quotas, which count it, see the same). The
+//! checkpoint takes the database's write turn, as the automatic one did (it ran inside a
+//! writer's commit): with no writer appending meanwhile it completes, and the next writer
+//! starts the log over instead of growing it. Writers still take the database's write turn
+//! in the async runtime first ([`super::SqliteDatabase::write_turn`]). Connections unused
+//! for [`super::IDLE_CONNECTION`] are closed by a sweeper task, so an idle component holds
 //! none.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,6 +37,12 @@ use rusqlite::{Connection, OpenFlags};
 /// How long a statement outside a transaction may run on an async worker thread before it
 /// is moved to a blocking thread.
 pub const STATEMENT_BUDGET: Duration = Duration::from_millis(10);
+
+/// How often at most a written database's log is checkpointed (off the async workers).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Commits after which the log is checkpointed without waiting for [`CHECKPOINT_EVERY`].
+pub const CHECKPOINT_COMMITS: u32 = 256;
 
 /// SQLite VM instructions between two looks at the clock.
 const PROGRESS_STEPS: i32 = 1000;
@@ -49,17 +64,29 @@ pub struct Connections {
     path: PathBuf,
     idle: Mutex<Vec<(Conn, Instant)>>,
     sweeping: AtomicBool,
+    /// Commits that wrote since the last checkpoint started.
+    written: Arc<AtomicU32>,
+    /// Wakes a scheduled checkpoint early ([`CHECKPOINT_COMMITS`]).
+    checkpoint_now: Arc<tokio::sync::Notify>,
+    /// A checkpoint is scheduled or running.
+    checkpointing: AtomicBool,
+    /// The database's write turn ([`super::SqliteDatabase::write_turn`]).
+    write_turn: Arc<tokio::sync::Mutex<()>>,
     /// Closed (the database is being deleted): connections given back are dropped.
     closed: AtomicBool,
     me: Weak<Connections>,
 }
 
 impl Connections {
-    pub fn new(path: &Path) -> Arc<Self> {
+    pub fn new(path: &Path, write_turn: &Arc<tokio::sync::Mutex<()>>) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             path: path.to_path_buf(),
             idle: Mutex::new(Vec::new()),
             sweeping: AtomicBool::new(false),
+            written: Arc::new(AtomicU32::new(0)),
+            checkpoint_now: Arc::new(tokio::sync::Notify::new()),
+            checkpointing: AtomicBool::new(false),
+            write_turn: write_turn.clone(),
             closed: AtomicBool::new(false),
             me: me.clone(),
         })
@@ -88,8 +115,15 @@ impl Connections {
         connection.busy_timeout(super::SQLITE_BUSY_TIMEOUT)?;
         connection.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA foreign_keys = ON; PRAGMA mmap_size = 268435456;",
+             PRAGMA foreign_keys = ON; PRAGMA mmap_size = 268435456; \
+             PRAGMA wal_autocheckpoint = 0;",
         )?;
+        // Called only for transactions that wrote.
+        let written = self.written.clone();
+        connection.commit_hook(Some(move || {
+            written.fetch_add(1, Ordering::Relaxed);
+            false
+        }))?;
         // A guest's SQL could otherwise ATTACH any file the node can open.
         connection.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)?;
         connection.set_prepared_statement_cache_capacity(64);
@@ -125,6 +159,12 @@ impl Connections {
         if !conn.connection.is_autocommit() || self.closed.load(Ordering::Acquire) {
             return;
         }
+        let written = self.written.load(Ordering::Relaxed);
+        if written > 0 && !self.checkpointing.swap(true, Ordering::AcqRel) {
+            self.schedule_checkpoint();
+        } else if written >= CHECKPOINT_COMMITS {
+            self.checkpoint_now.notify_one();
+        }
         self.idle
             .lock()
             .expect("sqlite connections lock")
@@ -153,6 +193,56 @@ impl Connections {
                     }
                 }
             }
+        });
+    }
+}
+
+impl Connections {
+    /// Checkpoints the log after [`CHECKPOINT_EVERY`] (or [`CHECKPOINT_COMMITS`]), on a
+    /// blocking thread. PASSIVE:
+    /// it copies what no reader still needs and never waits for readers or writers.
+    fn schedule_checkpoint(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.checkpointing.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.me.clone();
+        let write_turn = self.write_turn.clone();
+        let now = self.checkpoint_now.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                () = now.notified() => {}
+            }
+            let turn =
+                tokio::time::timeout(super::SQLITE_BUSY_TIMEOUT, write_turn.lock_owned()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                let Some(connections) = me.upgrade() else {
+                    return;
+                };
+                connections.written.store(0, Ordering::Relaxed);
+                if !connections.closed.load(Ordering::Acquire) {
+                    let checkpointed = connections.get().and_then(|pooled| {
+                        pooled.connection().query_row(
+                            "PRAGMA wal_checkpoint(PASSIVE)",
+                            [],
+                            |_| Ok(()),
+                        )
+                    });
+                    if let Err(e) = checkpointed {
+                        tracing::warn!(path = %connections.path.display(), error = %e, "checkpointing a database's write-ahead log");
+                    }
+                }
+                connections.checkpointing.store(false, Ordering::Release);
+                // Commits made meanwhile are checkpointed next.
+                if connections.written.load(Ordering::Relaxed) > 0
+                    && !connections.checkpointing.swap(true, Ordering::AcqRel)
+                {
+                    connections.schedule_checkpoint();
+                }
+            })
+            .await;
         });
     }
 }
