@@ -29,7 +29,9 @@ use wasmtime::component::{HasData, Linker};
 
 use crate::bindings::wasmcloud::messaging::{consumer, types::BrokerMessage};
 use crate::capabilities::events::{Event, EventLog};
-use crate::grammar::subjects::{events_prefix, subject_matches, subject_problem, tenant_prefix};
+use crate::grammar::subjects::{
+    core_subject, event_subject, guest_subject, subject_matches, subject_problem,
+};
 
 /// A message on the bus (subjects here are full, tenant-prefixed bus subjects).
 #[derive(Debug, Clone)]
@@ -106,18 +108,17 @@ impl MessagingGrant {
                 "publishing on {subject:?} is not granted to this component (manifest: publish)"
             ));
         }
-        Ok(format!("{}{subject}", tenant_prefix(&self.tenant)))
+        Ok(core_subject(&self.tenant, subject))
     }
 }
 
 /// The guest's view of a bus message or event: its tenant prefix removed.
 pub fn to_guest(tenant: &str, message: Message) -> BrokerMessage {
-    let (core, events) = (tenant_prefix(tenant), events_prefix(tenant));
-    let strip = |s: String| {
-        s.strip_prefix(&core)
-            .or_else(|| s.strip_prefix(&events))
-            .map(str::to_string)
-            .unwrap_or(s)
+    let strip = |mut s: String| {
+        if let Some(prefix) = guest_subject(tenant, &s).map(|guest| s.len() - guest.len()) {
+            s.drain(..prefix);
+        }
+        s
     };
     BrokerMessage {
         subject: strip(message.subject),
@@ -195,7 +196,7 @@ impl consumer::Host for Messaging<'_> {
             return Ok(Err(refused));
         }
         if reply_to.is_none() && !msg.subject.starts_with(INBOX_PREFIX) {
-            let subject = format!("{}{}", events_prefix(&grant.tenant), msg.subject);
+            let subject = event_subject(&grant.tenant, &msg.subject);
             return Ok(grant
                 .events
                 .append(Event::new(subject, msg.body.into()))

@@ -27,7 +27,7 @@ use crate::capabilities::messaging::{DEAD_LETTER_PREFIX, Message, MessageBus, to
 use crate::capabilities::outbound::{BoxError, ResponseBody};
 use crate::deploy::canary::{Canary, Verdict};
 use crate::deploy::state::{CanaryRecord, Event, KnownVersion, Origin, SlotRecord, VersionRecord};
-use crate::grammar::subjects::{events_prefix, tenant_prefix};
+use crate::grammar::subjects::{core_subject, event_subject};
 use crate::runtime::invoke::{self, Admission, Failure};
 use crate::runtime::version::Version;
 use crate::telemetry::metrics::ComponentMetrics;
@@ -524,17 +524,14 @@ impl Slot {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let core = self
             .bus
-            .subscribe(
-                format!("{}{pattern}", tenant_prefix(&self.tenant)),
-                queue_group.clone(),
-            )
+            .subscribe(core_subject(&self.tenant, pattern), queue_group.clone())
             .await?;
         let core_task = tokio::spawn(forward(me.clone(), core, stopped.clone()));
-        let event_subject = format!("{}{pattern}", events_prefix(&self.tenant));
+        let events_pattern = event_subject(&self.tenant, pattern);
         let events = if durable {
             let spec = ConsumerSpec {
                 name: consumer_name(&self.tenant, &self.name, pattern),
-                filter: event_subject,
+                filter: events_pattern,
             };
             self.events.consume(spec.clone()).await.map(|deliveries| {
                 let task = tokio::spawn(forward_events(me, deliveries, stopped));
@@ -542,7 +539,7 @@ impl Slot {
             })
         } else {
             self.bus
-                .subscribe(event_subject, queue_group)
+                .subscribe(events_pattern, queue_group)
                 .await
                 .map(|events| (tokio::spawn(forward(me, events, stopped)), None))
         };
@@ -803,7 +800,7 @@ impl Slot {
         self.events
             .append(events::Event {
                 id: id.to_string(),
-                subject: format!("{}{subject}", events_prefix(&self.tenant)),
+                subject: event_subject(&self.tenant, &subject),
                 body,
                 headers: vec![
                     (ATTEMPTS_HEADER.into(), attempts.to_string()),
@@ -853,7 +850,9 @@ async fn forward(
             break; // the tenant was removed
         };
         let slot = slot.clone();
-        tokio::spawn(async move { slot.deliver(permit, message).await });
+        // Boxed: the delivery's future is a few KiB, and a task's future is copied when
+        // spawned and again when it completes; a box's pointer costs nothing to copy.
+        tokio::spawn(Box::pin(async move { slot.deliver(permit, message).await }));
     }
 }
 
@@ -880,7 +879,10 @@ async fn forward_events(
             },
         };
         let slot = slot.clone();
-        tokio::spawn(async move { slot.deliver_event(permit, delivery).await });
+        // Boxed, as in `forward`.
+        tokio::spawn(Box::pin(async move {
+            slot.deliver_event(permit, delivery).await
+        }));
     }
 }
 
