@@ -195,12 +195,10 @@ impl Connections {
             }
         });
     }
-}
 
-impl Connections {
     /// Checkpoints the log after [`CHECKPOINT_EVERY`] (or [`CHECKPOINT_COMMITS`]), on a
-    /// blocking thread. PASSIVE:
-    /// it copies what no reader still needs and never waits for readers or writers.
+    /// blocking thread. PASSIVE: it copies what no reader still needs and never waits for
+    /// readers or writers.
     fn schedule_checkpoint(&self) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.checkpointing.store(false, Ordering::Release);
