@@ -19,13 +19,15 @@
 //! Instead, a database that was written to is checkpointed on a blocking thread
 //! [`CHECKPOINT_EVERY`] after its first commit since the last checkpoint, or sooner once
 //! [`CHECKPOINT_COMMITS`] commits are waiting (which keeps the log near the size SQLite's
-//! own 1,000 pages kept it at, so that storage quotas, which count it, see the same). The
-//! checkpoint takes the database's write turn, as the automatic one did (it ran inside a
-//! writer's commit): with no writer appending meanwhile it completes, and the next writer
-//! starts the log over instead of growing it. Writers still take the database's write turn
-//! in the async runtime first ([`super::SqliteDatabase::write_turn`]). Connections unused
-//! for [`super::IDLE_CONNECTION`] are closed by a sweeper task, so an idle component holds
-//! none.
+//! own 1,000 pages kept it at, so that storage quotas, which count it, see the same). A
+//! first pass runs beside the writers; a second takes the database's write turn, as the
+//! automatic checkpoint did (it ran inside a writer's commit): with no writer appending
+//! meanwhile it completes, and the next writer starts the log over instead of growing it.
+//! The second pass copies only what was committed during the first, so writers wait for
+//! the turn that long rather than for the whole copy and its `fsync`s. Writers still take
+//! the database's write turn in the async runtime first
+//! ([`super::SqliteDatabase::write_turn`]). Connections unused for
+//! [`super::IDLE_CONNECTION`] are closed by a sweeper task, so an idle component holds none.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -197,8 +199,11 @@ impl Connections {
     }
 
     /// Checkpoints the log after [`CHECKPOINT_EVERY`] (or [`CHECKPOINT_COMMITS`]), on a
-    /// blocking thread. PASSIVE: it copies what no reader still needs and never waits for
-    /// readers or writers.
+    /// blocking thread, in two passes. PASSIVE: each copies what no reader still needs and
+    /// never waits for readers or writers. The first runs beside the writers and does the
+    /// bulk of the copying and syncing; the second, under the write turn, copies only the
+    /// commits made during the first, so that the log is wholly checkpointed and the next
+    /// writer starts it over, while writers wait for the turn only that long.
     fn schedule_checkpoint(&self) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.checkpointing.store(false, Ordering::Release);
@@ -212,6 +217,14 @@ impl Connections {
                 () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 () = now.notified() => {}
             }
+            let first = me.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(connections) = first.upgrade() {
+                    connections.written.store(0, Ordering::Relaxed);
+                    connections.checkpoint();
+                }
+            })
+            .await;
             let turn =
                 tokio::time::timeout(super::SQLITE_BUSY_TIMEOUT, write_turn.lock_owned()).await;
             let _ = tokio::task::spawn_blocking(move || {
@@ -220,18 +233,7 @@ impl Connections {
                     return;
                 };
                 connections.written.store(0, Ordering::Relaxed);
-                if !connections.closed.load(Ordering::Acquire) {
-                    let checkpointed = connections.get().and_then(|pooled| {
-                        pooled.connection().query_row(
-                            "PRAGMA wal_checkpoint(PASSIVE)",
-                            [],
-                            |_| Ok(()),
-                        )
-                    });
-                    if let Err(e) = checkpointed {
-                        tracing::warn!(path = %connections.path.display(), error = %e, "checkpointing a database's write-ahead log");
-                    }
-                }
+                connections.checkpoint();
                 connections.checkpointing.store(false, Ordering::Release);
                 // Commits made meanwhile are checkpointed next.
                 if connections.written.load(Ordering::Relaxed) > 0
@@ -242,6 +244,21 @@ impl Connections {
             })
             .await;
         });
+    }
+
+    /// One PASSIVE checkpoint of the log, here and now (a blocking thread's work).
+    fn checkpoint(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let checkpointed = self.get().and_then(|pooled| {
+            pooled
+                .connection()
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        });
+        if let Err(e) = checkpointed {
+            tracing::warn!(path = %self.path.display(), error = %e, "checkpointing a database's write-ahead log");
+        }
     }
 }
 
