@@ -357,3 +357,72 @@ pub fn bind_numbered(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers taking turns as fast as they can: the log is checkpointed and started over
+    /// between them, so it stays near what [`CHECKPOINT_COMMITS`] commits write instead of
+    /// holding every page written since the database was opened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_stays_bounded_under_steady_writers() {
+        const WRITERS: usize = 4;
+        const ROWS_EACH: usize = 2_500;
+        const ROW: usize = 8 * 1024;
+        const BOUND: u64 = 24 << 20;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("data.db");
+        let write_turn = Arc::new(tokio::sync::Mutex::new(()));
+        let connections = Connections::new(&path, &write_turn);
+        connections
+            .get()
+            .expect("a connection")
+            .connection()
+            .execute_batch("CREATE TABLE rows (id INTEGER PRIMARY KEY, data BLOB)")
+            .expect("a table");
+
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let connections = connections.clone();
+                let write_turn = write_turn.clone();
+                tokio::spawn(async move {
+                    for _ in 0..ROWS_EACH {
+                        let _turn = write_turn.lock().await;
+                        connections
+                            .get()
+                            .expect("a connection")
+                            .connection()
+                            .execute(
+                                "INSERT INTO rows (data) VALUES (zeroblob(?1))",
+                                [ROW as i64],
+                            )
+                            .expect("an insert");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.expect("a writer");
+        }
+
+        let wal = path.with_extension("db-wal");
+        let log = std::fs::metadata(&wal).expect("the write-ahead log").len();
+        // The control: what was written is several times the bound, so a log that kept
+        // it all (no checkpoint, or one that never completes) would be far past it.
+        let written = (WRITERS * ROWS_EACH * ROW) as u64;
+        assert!(written > 3 * BOUND, "the load writes {written} bytes");
+        assert!(
+            log < BOUND,
+            "the write-ahead log grew to {log} bytes after {written} bytes of rows"
+        );
+        eprintln!("write-ahead log: {log} bytes after {written} bytes of rows");
+        let rows: i64 = connections
+            .get()
+            .expect("a connection")
+            .connection()
+            .query_row("SELECT count(*) FROM rows", [], |row| row.get(0))
+            .expect("a count");
+        assert_eq!(rows, (WRITERS * ROWS_EACH) as i64);
+    }
+}
