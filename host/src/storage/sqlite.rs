@@ -220,7 +220,6 @@ impl Connections {
             let first = me.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(connections) = first.upgrade() {
-                    connections.written.store(0, Ordering::Relaxed);
                     connections.checkpoint();
                 }
             })
@@ -232,7 +231,6 @@ impl Connections {
                 let Some(connections) = me.upgrade() else {
                     return;
                 };
-                connections.written.store(0, Ordering::Relaxed);
                 connections.checkpoint();
                 connections.checkpointing.store(false, Ordering::Release);
                 // Commits made meanwhile are checkpointed next.
@@ -246,8 +244,10 @@ impl Connections {
         });
     }
 
-    /// One PASSIVE checkpoint of the log, here and now (a blocking thread's work).
+    /// One PASSIVE checkpoint of the log, here and now (a blocking thread's work); commits
+    /// from here on count towards the next one.
     fn checkpoint(&self) {
+        self.written.store(0, Ordering::Relaxed);
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -416,7 +416,6 @@ mod tests {
             log < BOUND,
             "the write-ahead log grew to {log} bytes after {written} bytes of rows"
         );
-        eprintln!("write-ahead log: {log} bytes after {written} bytes of rows");
         let rows: i64 = connections
             .get()
             .expect("a connection")
