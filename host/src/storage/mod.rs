@@ -22,7 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Executor};
+use sqlx::{AssertSqlSafe, Connection, Executor};
 
 pub mod sqlite;
 
@@ -127,7 +127,16 @@ impl Storage {
                     // connection re-reads what another one changed, so this is often.
                     .pragma("mmap_size", "268435456")
                     .foreign_keys(true);
-                // Every SQLite connection is a thread of its own; idle ones are closed.
+                // Creates the file in WAL mode, and fails here on one SQLite cannot open.
+                // Closed at once: every sqlx SQLite connection is a thread of its own, and
+                // a node deploying tenants would otherwise keep one per database alive for
+                // `IDLE_CONNECTION` (thousands in the density benchmark).
+                sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .with_context(|| format!("opening {}", dir.join("data.db").display()))?
+                    .close()
+                    .await?;
+                // Connects only when used; idle connections are closed.
                 let pool = SqlitePoolOptions::new()
                     // No ping before each use: it is a round trip to the connection's
                     // thread per statement, and a broken file fails the statement anyway.
@@ -136,9 +145,7 @@ impl Storage {
                     .min_connections(0)
                     .idle_timeout(IDLE_CONNECTION)
                     .after_connect(|connection, _| Box::pin(forbid_attach(connection)))
-                    .connect_with(options)
-                    .await
-                    .with_context(|| format!("opening {}", dir.join("data.db").display()))?;
+                    .connect_lazy_with(options);
                 let writer = Arc::default();
                 Ok(ComponentDatabase::Sqlite(SqliteDatabase {
                     pool,
@@ -291,6 +298,23 @@ impl ComponentDatabase {
             ),
             ComponentDatabase::Postgres(_) => None,
         };
+        // SQLite: a connection of its own, closed when done, rather than one from the pool
+        // that would keep its thread for `IDLE_CONNECTION` after every deploy.
+        enum Target<'a> {
+            Sqlite(sqlx::SqliteConnection),
+            Postgres(&'a PgPool),
+        }
+        let mut target = match self {
+            ComponentDatabase::Sqlite(database) => {
+                let mut connection =
+                    sqlx::SqliteConnection::connect_with(&database.pool.connect_options())
+                        .await
+                        .with_context(|| format!("opening {}", database.path.display()))?;
+                forbid_attach(&mut connection).await?;
+                Target::Sqlite(connection)
+            }
+            ComponentDatabase::Postgres(pool) => Target::Postgres(pool),
+        };
         const LEDGER: &str = "CREATE TABLE IF NOT EXISTS trellis_migrations \
             (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)";
         let mut applied = Vec::new();
@@ -343,14 +367,14 @@ impl ComponentDatabase {
                     seen.is_none()
                 }};
             }
-            let done = match self {
+            let done = match &mut target {
                 // IMMEDIATE takes SQLite's write lock first, so two nodes on one file take turns.
-                ComponentDatabase::Sqlite(database) => apply_once!(
-                    database.pool,
-                    database.pool.begin_with("BEGIN IMMEDIATE"),
+                Target::Sqlite(connection) => apply_once!(
+                    &mut *connection,
+                    connection.begin_with("BEGIN IMMEDIATE"),
                     None::<&str>
                 ),
-                ComponentDatabase::Postgres(pool) => apply_once!(
+                Target::Postgres(pool) => apply_once!(
                     pool,
                     pool.begin(),
                     Some("LOCK TABLE trellis_migrations IN EXCLUSIVE MODE")
@@ -359,6 +383,9 @@ impl ComponentDatabase {
             if done {
                 applied.push(name);
             }
+        }
+        if let Target::Sqlite(connection) = target {
+            connection.close().await?;
         }
         Ok(applied)
     }
