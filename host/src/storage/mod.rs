@@ -32,6 +32,10 @@ pub mod sqlite;
 /// under a millisecond, and a busy component never waits this long.
 pub const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 
+/// The name of a component database's sqlx connection threads, before their number (within
+/// the 15 bytes Linux keeps of a thread's name).
+const CONNECTION_THREAD: &str = "trellis-db-";
+
 /// How long a SQLite writer waits for another to finish before it gets "busy".
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -126,7 +130,9 @@ impl Storage {
                     // Pages are read through a mapping instead of read(2) copies; each
                     // connection re-reads what another one changed, so this is often.
                     .pragma("mmap_size", "268435456")
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    // sqlx runs each connection on a thread of its own: named for the node.
+                    .thread_name(|id| format!("{CONNECTION_THREAD}{id}"));
                 // Creates the file in WAL mode, and fails here on one SQLite cannot open.
                 // Closed at once: every sqlx SQLite connection is a thread of its own, and
                 // a node deploying tenants would otherwise keep one per database alive for
@@ -566,6 +572,65 @@ mod tests {
     fn schema_names_are_distinct_per_tenant_and_component() {
         assert_eq!(schema_name("acme", "user-api"), "trellis_acme__user_api");
         assert_ne!(schema_name("a-b", "c"), schema_name("a", "b-c"));
+    }
+
+    /// Threads of component databases' sqlx connections alive in this process, once the
+    /// count has settled (a closed connection's thread ends just after the close returns).
+    async fn connection_threads(expected: usize) -> usize {
+        let count = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with(CONNECTION_THREAD))
+                .count()
+        };
+        for _ in 0..50 {
+            if count() == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        count()
+    }
+
+    #[tokio::test]
+    async fn a_deploy_leaves_no_sqlite_connection_thread_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let migrations = dir.path().join("migrations");
+        std::fs::create_dir_all(&migrations).unwrap();
+        std::fs::write(
+            migrations.join("001_items.sql"),
+            "CREATE TABLE items (id INTEGER PRIMARY KEY);",
+        )
+        .unwrap();
+        let storage = Storage::open(dir.path(), None).await.unwrap();
+        let database = storage.component_database("acme", "shop").await.unwrap();
+        assert_eq!(
+            database.migrate(&migrations).await.unwrap(),
+            vec!["001_items.sql"]
+        );
+        // Before, the opening check and the migration each left a pooled connection, and
+        // so a thread, for IDLE_CONNECTION: thousands of threads on a node deploying tenants.
+        assert_eq!(
+            connection_threads(0).await,
+            0,
+            "a connection thread outlived the deploy"
+        );
+
+        // Positive control: the pool, when something uses it, does hold a thread that the
+        // count sees, and the migration did apply.
+        let ComponentDatabase::Sqlite(sqlite) = &database else {
+            unreachable!("no database_url: SQLite")
+        };
+        let (tables,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM sqlite_master WHERE name = 'items'")
+                .fetch_one(&sqlite.pool)
+                .await
+                .unwrap();
+        assert_eq!(tables, 1);
+        assert_eq!(connection_threads(1).await, 1);
+        database.close().await;
+        assert_eq!(connection_threads(0).await, 0);
     }
 
     #[test]
