@@ -65,8 +65,9 @@ pub enum ComponentDatabase {
 /// and made concurrent writes slow (p99 > 100 ms under load).
 #[derive(Clone)]
 pub struct SqliteDatabase {
-    /// sqlx's pool, for what runs at deploy (migrations, sizes); guests' statements go
-    /// through `connections`.
+    /// sqlx's pool, connecting only when used: the node runs guests' statements on
+    /// `connections` and migrations on a connection of their own; the benchmarks' native
+    /// baselines (host/examples) use this.
     pub pool: SqlitePool,
     /// The connections guests' statements run on, on the caller's thread ([`sqlite`]).
     pub connections: Arc<sqlite::Connections>,
