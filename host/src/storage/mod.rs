@@ -294,6 +294,9 @@ impl ComponentDatabase {
             .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
             .collect();
         files.sort();
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
         // On a live component (a new version deployed beside the running one) the
         // migration queues with the other writers instead of in SQLite's busy handler.
         let _turn = match self {
