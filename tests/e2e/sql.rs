@@ -389,3 +389,82 @@ migrations = "{}"
     .await;
     assert_eq!(rows["rows"], json!([["seeded"], ["whole"]]), "{rows}");
 }
+
+/// A transaction that holds a row lock and then writes must reach its commit while as many
+/// transactions as the component's pool has connections wait behind that lock. The write
+/// re-measures the database's size, a query that needs a connection of the same pool:
+/// measured on the writer's path, it would wait for a connection that only the writer's
+/// own commit can free, until the instance's deadline. Every transaction increments one
+/// counter, so the final value shows that all of them, the lock holder first, committed.
+#[tokio::test]
+async fn a_lock_holder_commits_while_the_pool_waits_behind_its_locks() {
+    let postgres = common::Postgres::start();
+    let options = NodeOptions {
+        database_url: Some(postgres.url()),
+        ..Default::default()
+    };
+    let node = std::sync::Arc::new(
+        TestNode::start_with(
+            r#"
+[components.counter]
+source = "{wasm:sql-probe}"
+routes = ["/counter"]
+sql = true
+limits = { deadline = "5s", max_concurrent = 32 }
+"#,
+            &options,
+        )
+        .await,
+    );
+    for statement in [
+        "CREATE TABLE counter (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
+        "INSERT INTO counter (id, v) VALUES (1, 0)",
+    ] {
+        let done = one(&node, "/counter", "execute", statement, json!([])).await;
+        assert!(done["error"].is_null(), "{statement}: {done}");
+    }
+    let lock = json!({"query": "SELECT v FROM counter WHERE id = 1 FOR UPDATE"});
+    let increment = json!({"execute": "UPDATE counter SET v = v + 1 WHERE id = 1"});
+    // The holder writes only after a pause longer than the meter's one-second interval, by
+    // which time the others wait behind its lock, each holding a connection (the pool has
+    // 4; 7 others cover a pool of up to 8).
+    let holder = json!({"tx": "commit", "statements": [
+        lock, {"query": "SELECT 1 FROM pg_sleep(1.5)"}, increment]});
+    let waiter = json!({"tx": "commit", "statements": [lock, increment]});
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let node = node.clone();
+        let script = if i == 0 {
+            holder.clone()
+        } else {
+            waiter.clone()
+        };
+        requests.spawn(async move {
+            if i > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            (i, node.post("/counter", script.to_string()).await)
+        });
+    }
+    while let Some(done) = requests.join_next().await {
+        let (i, response) = done.unwrap();
+        assert_eq!(
+            response.status,
+            200,
+            "transaction {i}: {}\n{}",
+            response.body,
+            node.log()
+        );
+        let answer = response.json();
+        assert_eq!(answer["tx"], "committed", "transaction {i}: {answer}");
+    }
+    let counted = one(
+        &node,
+        "/counter",
+        "query",
+        "SELECT v FROM counter WHERE id = 1",
+        json!([]),
+    )
+    .await;
+    assert_eq!(counted["rows"][0][0], 8, "{counted}");
+}

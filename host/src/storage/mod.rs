@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -468,11 +468,19 @@ impl StorageUsage {
 /// tenant's quota before they start and re-measure after: after every write on SQLite (a
 /// `stat`) when the tenant has a storage quota, else (and always on PostgreSQL, where it
 /// is a query) at most once a second.
+///
+/// On PostgreSQL the measuring query runs in a task of its own, never on the writer's path.
+/// It needs a connection of the component's pool, and the writer may be inside a
+/// transaction holding one: if transactions queued behind the writer's row locks hold all
+/// the others, a writer waiting for the measurement would wait for itself until the pool's
+/// acquire timeout.
 pub struct StorageMeter {
     database: ComponentDatabase,
     key: String,
     usage: Arc<StorageUsage>,
     measured: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A PostgreSQL measurement is under way (at most one at a time).
+    measuring: AtomicBool,
 }
 
 impl StorageMeter {
@@ -482,8 +490,10 @@ impl StorageMeter {
             key,
             usage,
             measured: std::sync::Mutex::new(None),
+            measuring: AtomicBool::new(false),
         };
-        meter.measure(true).await;
+        meter.due(true);
+        meter.measure().await;
         meter
     }
 
@@ -492,26 +502,45 @@ impl StorageMeter {
         self.usage.may_write()
     }
 
-    /// After a write: the database's size again.
-    pub async fn wrote(&self) {
-        self.measure(false).await;
+    /// After a write: the database's size again, when due (on PostgreSQL, in the
+    /// background).
+    pub async fn wrote(self: &Arc<Self>) {
+        if !self.due(false) {
+            return;
+        }
+        match self.database {
+            ComponentDatabase::Sqlite(_) => self.measure().await,
+            ComponentDatabase::Postgres(_) => {
+                if self.measuring.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                let meter = self.clone();
+                tokio::spawn(async move {
+                    meter.measure().await;
+                    meter.measuring.store(false, Ordering::Release);
+                });
+            }
+        }
     }
 
-    async fn measure(&self, now: bool) {
+    /// Whether a measurement is due (always when `now`), noting that one starts.
+    fn due(&self, now: bool) -> bool {
         // Every write when a quota depends on it (a stat on SQLite); otherwise, and on
         // PostgreSQL (a query), at most once a second, for status and metrics.
         let every = match self.database {
             ComponentDatabase::Sqlite(_) if self.usage.limit() != u64::MAX => Duration::ZERO,
             _ => Duration::from_secs(1),
         };
-        {
-            let mut measured = self.measured.lock().expect("meter lock");
-            let fresh = measured.is_some_and(|at| at.elapsed() < every);
-            if fresh && !now {
-                return;
-            }
-            *measured = Some(std::time::Instant::now());
+        let mut measured = self.measured.lock().expect("meter lock");
+        let fresh = measured.is_some_and(|at| at.elapsed() < every);
+        if fresh && !now {
+            return false;
         }
+        *measured = Some(std::time::Instant::now());
+        true
+    }
+
+    async fn measure(&self) {
         match self.database.size().await {
             Ok(bytes) => self.usage.record(&self.key, bytes),
             Err(e) => {
