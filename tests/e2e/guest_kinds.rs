@@ -42,7 +42,7 @@ config = { ONE = "1", TWO = "2" }
     // std's environ_get went through the adapter to the granted config values.
     assert_eq!(adapter.json()["env_count"], 2);
     // Its println! went through the adapter's fd_write to the node's log, attributed.
-    let log = node.log();
+    let log = node.log_containing(&["hello-p1 serving /adapter/y"]).await;
     assert!(
         log.lines()
             .any(|l| l.contains("hello-p1 serving /adapter/y") && l.contains("component=adapter")),
@@ -67,7 +67,7 @@ routes = ["/probe"]
     // Positive control: a line written whole is logged whole.
     let whole = node.get("/probe/print?text=written-whole&pieces=1").await;
     assert_eq!(whole.status, 200, "{}", whole.body);
-    let log = node.log();
+    let log = node.log_containing(&["written-whole"]).await;
     let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(lines("written-whole"), 1, "{log}");
     assert_eq!(
@@ -266,7 +266,9 @@ config = { GREETING = "hello" }
         .get("/drafts/log?context=checkout&message=card-declined")
         .await;
     assert_eq!(logged.status, 200, "{}", logged.body);
-    let log = node.log();
+    let log = node
+        .log_containing(&["card-declined (Level::Critical)"])
+        .await;
     let line = |level: &str, needle: &str| {
         log.lines().find(|l| {
             l.contains(level)

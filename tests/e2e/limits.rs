@@ -95,7 +95,9 @@ async fn a_trap_answers_500_naming_the_component_and_the_next_request_succeeds(m
     let next = node.get("/probe").await;
     assert_eq!(next.status, 200, "a fresh instance serves the next request");
 
-    let log = node.log();
+    let log = node
+        .log_containing(&["guest trapped", "probe was asked to trap"])
+        .await;
     let line = log
         .lines()
         .find(|l| l.contains("guest trapped"))

@@ -274,6 +274,20 @@ impl TestNode {
         self.log.lock().unwrap().clone()
     }
 
+    /// The log once it contains every one of `needles` (or after 10 s, for the caller's
+    /// assertion to show). A line the node wrote before answering may still be in the pipe
+    /// when the answer arrives.
+    pub async fn log_containing(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if needles.iter().all(|n| log.contains(n)) || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Response {
         self.request("GET", path, None, &[]).await
     }
