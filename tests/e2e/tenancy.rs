@@ -1,7 +1,8 @@
 //! Multi-tenant nodes: tenants created, changed and removed at runtime through the admin
 //! API; tenant tokens that manage only their tenant; every cross-tenant attempt tried
 //! through a real guest, each with the owner's positive control in the same test; each
-//! quota's documented answer; a noisy tenant next to a quiet one.
+//! quota's documented answer; a noisy tenant next to a quiet one; CPU turns given up by
+//! guests that wait in the host.
 
 use crate::common;
 
@@ -1218,4 +1219,42 @@ mod reqwest_like {
             }
         }
     }
+}
+
+const ONE_CPU_TURN: &str = r#"
+[tenants.busy]
+hosts = ["busy.test"]
+quota = { cpu_threads = 1 }
+
+[components.probe]
+tenant = "busy"
+source = "{wasm:probe}"
+routes = ["/"]
+limits = { deadline = "20s" }
+"#;
+
+/// A guest that ran long enough to take its tenant's only CPU turn and then sleeps in the
+/// host does not keep the turn: a sibling that computes past several ticks finishes while
+/// the sleeper still sleeps. A turn kept while waiting would hold the sibling at its first
+/// tick until the sleeper's instance ended.
+#[tokio::test]
+async fn a_guest_waiting_in_the_host_gives_up_its_cpu_turn() {
+    let node = TestNode::start(ONE_CPU_TURN).await;
+    let finished = std::sync::Mutex::new(Vec::new());
+    let sleeper = async {
+        let answer = get(&node, "busy.test", "/sleep?spin=30000000&ms=4000").await;
+        finished.lock().unwrap().push("sleeper");
+        answer
+    };
+    let sibling = async {
+        // The sleeper is past its computation by then, waiting in the host.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let answer = get(&node, "busy.test", "/sleep?spin=30000000&ms=0").await;
+        finished.lock().unwrap().push("sibling");
+        answer
+    };
+    let (sleeper, sibling) = tokio::join!(sleeper, sibling);
+    assert_eq!(sleeper.status, 200, "{}", sleeper.body);
+    assert_eq!(sibling.status, 200, "{}", sibling.body);
+    assert_eq!(*finished.lock().unwrap(), ["sibling", "sleeper"]);
 }

@@ -120,31 +120,9 @@ pub struct InstanceState {
     pub limiter: MemoryLimiter,
     /// The tenant's CPU turn this instance holds, if it ran past an epoch tick (see
     /// `Version::new_store`).
-    pub cpu_turn: Arc<CpuTurn>,
+    pub cpu_turn: Arc<crate::runtime::cpu_turn::CpuTurn>,
     /// When the current call must end; set for every call (a warm instance serves many).
     pub deadline: std::time::Instant,
-}
-
-/// A tenant CPU turn an instance may hold: taken at an epoch tick, given back at the next
-/// tick, when the guest calls the host (it may wait there: a turn is for running wasm),
-/// and when the store is dropped.
-#[derive(Default)]
-pub struct CpuTurn {
-    held: std::sync::atomic::AtomicBool,
-    permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
-}
-
-impl CpuTurn {
-    pub fn hold(&self, permit: tokio::sync::OwnedSemaphorePermit) {
-        *self.permit.lock().expect("cpu turn lock") = Some(permit);
-        self.held.store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    pub fn give_back(&self) {
-        if self.held.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            self.permit.lock().expect("cpu turn lock").take();
-        }
-    }
 }
 
 impl InstanceState {

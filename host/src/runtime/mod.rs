@@ -1,5 +1,5 @@
 //! Running components: the node's wasmtime engine ([`engine`]), what one instance's `Store`
-//! holds ([`instance`]), a deployed version prepared for instantiation ([`version`]) and
+//! holds ([`instance`]), tenants' CPU turns ([`cpu_turn`]), a deployed version prepared for instantiation ([`version`]) and
 //! the one path every call takes through it ([`invoke`]), where a call's instance comes
 //! from, fresh or warm ([`reuse`]), WASIp3 instances serving several requests at once
 //! ([`concurrent`]), request bodies metered as they
@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod concurrent;
+pub mod cpu_turn;
 pub mod engine;
 pub mod instance;
 pub mod invoke;

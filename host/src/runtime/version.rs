@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{CallHook, Store, UpdateDeadline};
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
@@ -360,9 +360,9 @@ impl Version {
     /// tick. A guest still running at a tick is a long-running one: it gives back its
     /// tenant's CPU turn (if it held one) and queues (FIFO) for the next before it
     /// resumes, so one tenant's loops take at most `quota.cpu_threads` threads and leave
-    /// the rest to other tenants. A turn is for running wasm: it is given back when the
-    /// guest calls the host (which may wait on I/O or on a sibling of the same tenant).
-    /// Guests that finish within a tick never queue.
+    /// the rest to other tenants. A turn is for running wasm: the epoch ticker takes it
+    /// back from a guest that waits in the host (`runtime::cpu_turn`). Guests that finish
+    /// within a tick never queue.
     pub fn new_store(
         &self,
         deadline: Instant,
@@ -396,12 +396,6 @@ impl Version {
                     }
                 }),
             ))
-        });
-        store.call_hook(|store, hook| {
-            if matches!(hook, CallHook::CallingHost | CallHook::ReturningFromWasm) {
-                store.data().cpu_turn.give_back();
-            }
-            Ok(())
         });
         Ok(store)
     }
