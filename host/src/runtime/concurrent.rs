@@ -285,6 +285,12 @@ async fn run_worker(
             let mut next = Some(first);
             let mut started: u64 = 0;
             let mut closed = false;
+            // One timer for the worker's idleness, armed once and moved on only when it
+            // fires early: a timer made and dropped per request costs two trips through the
+            // runtime's timer wheel.
+            let mut last_finished = Instant::now();
+            let idle = tokio::time::sleep(shared.idle_for);
+            tokio::pin!(idle);
             loop {
                 if let Some(job) = next.take() {
                     started += 1;
@@ -349,15 +355,26 @@ async fn run_worker(
                         // Counted out before the caller hears of it: a client that read its
                         // answer and asks again finds this instance idle.
                         shared.finished(id);
+                        last_finished = Instant::now();
+                        if running.is_empty() {
+                            // Nothing runs in the instance: its tenant's CPU turn is free.
+                            accessor.with(|mut access| access.get().cpu_turn.give_back());
+                        }
                         let _ = request.done.send(Done { outcome, warm: request.warm });
                     }
                     job = jobs.recv(), if !closed => match job {
                         Some(job) => next = Some(job),
                         None => closed = true,
                     },
-                    () = tokio::time::sleep(shared.idle_for), if running.is_empty() && !closed => {
-                        if shared.close_if_idle(id) {
+                    () = &mut idle, if running.is_empty() && !closed => {
+                        let idle_until = last_finished + shared.idle_for;
+                        if Instant::now() < idle_until {
+                            idle.as_mut().reset(idle_until.into());
+                        } else if shared.close_if_idle(id) {
                             jobs.close();
+                        } else {
+                            // A request is on its way through the channel.
+                            idle.as_mut().reset((Instant::now() + shared.idle_for).into());
                         }
                     }
                 }
