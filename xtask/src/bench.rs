@@ -8,7 +8,8 @@
 //! with the `instantiate_cost` example. Results are printed as a Markdown table and kept in
 //! `target/bench/results.md`.
 //!
-//! Installs `wrk` (apt-get) and `wasmtime-cli` 48 (cargo install, ~11 min) when missing.
+//! Installs `wrk` and `valgrind` (apt-get) and `wasmtime-cli` 48 (cargo install, ~11 min)
+//! when missing.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -37,9 +38,10 @@ struct Measured {
 }
 
 /// The sections of the report, in order; `cargo xtask bench SECTION...` runs only those.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "gateway",
     "wasip3",
+    "instructions",
     "capabilities",
     "events",
     "hot-deploy",
@@ -74,6 +76,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     if runs("wasip3") {
         report.push_str(&wasip3(root, &release, &out_dir)?);
+    }
+    if runs("instructions") {
+        report.push_str(&instructions(root, &release, &out_dir)?);
     }
     if runs("capabilities") {
         report.push_str(&capabilities(&release, &out_dir)?);
@@ -339,6 +344,208 @@ fn wasip3(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
         ],
     ));
     Ok(out)
+}
+
+/// Seconds of load before and while callgrind counts.
+const COUNTED_WARMUP: &str = "10s";
+const COUNTED_DURATION: &str = "20s";
+
+/// User-space instructions per request of the WASIp3 hello's servers, counted by
+/// callgrind: unlike requests per second on a shared 2-core VM (±15-20% between rounds),
+/// these repeat to about 1-2%, so a change of a few percent shows. Each server runs under
+/// `valgrind --tool=callgrind` with counting off while it starts and warms up, then on for
+/// a fixed load (`wrk -t1 -c8`). The kernel's share (loopback, scheduling) is not counted.
+/// The Trellis node gets a pool of 4 instances: the default pool's address-space
+/// reservation does not fit under valgrind.
+fn instructions(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
+    if super::which("valgrind").is_none() {
+        super::apt_install(&["valgrind"])?;
+    }
+    let wasmtime = ensure_wasmtime_cli()?;
+    let hello_p3 = root.join("target/wasm/hello-p3.wasm");
+    let hello = root.join("target/wasm/hello.wasm");
+    let dir = out_dir.join("instructions");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let trellis = |label: &str, wasm: &Path, reuse: &str| -> Result<(u64, u64)> {
+        let port = free_port()?;
+        let node = dir.join(label);
+        std::fs::create_dir_all(&node)?;
+        let manifest = node.join("trellis.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nmax_instances = 4\n\n\
+                 [components.hello]\nsource = \"{wasm}\"\nroutes = [\"/\"]\n\
+                 limits = {{ max_concurrent = 256, deadline = \"60s\" }}\n{reuse}\n",
+                data = node.join("data").display(),
+                wasm = wasm.display(),
+            ),
+        )?;
+        let admin = free_port()?;
+        count_instructions(
+            &node.join("callgrind.out"),
+            Command::new(release.join("trellis"))
+                .arg("up")
+                .arg(&manifest)
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("TRELLIS_LOG", "warn"),
+            port,
+            "/health/ready",
+        )
+    };
+    let serve = |label: &str, args: &[&str], wasm: &Path| -> Result<(u64, u64)> {
+        let port = free_port()?;
+        count_instructions(
+            &dir.join(format!("{label}.callgrind.out")),
+            Command::new(&wasmtime)
+                .args(["serve", "-S", "cli", "--addr", &format!("127.0.0.1:{port}")])
+                .args(args)
+                .arg(wasm),
+            port,
+            "/hello/ready",
+        )
+    };
+    // (name, counted, compared with `wasmtime serve`'s default)
+    let rows = [
+        (
+            "wasmtime serve 48, WASIp3 (default flags: instance reuse, no request timeout)",
+            serve("serve-p3", &[], &hello_p3)?,
+            true,
+        ),
+        (
+            "wasmtime serve 48, WASIp3, -W timeout=60s (epoch interruption, as Trellis's deadlines)",
+            serve("serve-p3-timeout", &["-W", "timeout=60s"], &hello_p3)?,
+            true,
+        ),
+        (
+            "trellis, WASIp3, reuse = { max_requests = 1000 } (16 at once per instance)",
+            trellis("p3-reuse", &hello_p3, TRELLIS_REUSE)?,
+            true,
+        ),
+        (
+            "trellis, WASIp2 hello, fresh instance per request",
+            trellis("p2-fresh", &hello, "")?,
+            false,
+        ),
+    ];
+    let serve_per_request = rows[0].1.0 as f64 / rows[0].1.1 as f64;
+    let mut out = format!(
+        "### Instructions per request (callgrind)\n\n\
+         `valgrind --tool=callgrind`, counting only during `wrk -t1 -c8 -d{COUNTED_DURATION}` \
+         (after {COUNTED_WARMUP} uncounted), GET /hello/bench; user space only\n\n\
+         | server | requests counted | instructions per request | vs wasmtime serve (fewer is better) |\n\
+         |---|---|---|---|\n"
+    );
+    for (name, (instructions, requests), compared) in rows {
+        let per_request = instructions as f64 / requests as f64;
+        let ratio = if compared {
+            format!("{:.2}x", per_request / serve_per_request)
+        } else {
+            "-".into()
+        };
+        out.push_str(&format!(
+            "| {name} | {requests} | {per_request:.0} | {ratio} |\n"
+        ));
+    }
+    out.push_str(
+        "\nThe WASIp2 row is for tracking the fresh path, not for comparing: under valgrind, \
+         wasmtime's PAGEMAP_SCAN reset of a pooled memory falls back to a memset, which a \
+         real run does not do.\n\n",
+    );
+    Ok(out)
+}
+
+/// Runs `command` under callgrind with counting off, warms it up, counts a fixed load:
+/// (instructions, requests).
+fn count_instructions(
+    out_file: &Path,
+    command: &mut Command,
+    port: u16,
+    ready_path: &str,
+) -> Result<(u64, u64)> {
+    let program = command.get_program().to_owned();
+    let mut valgrind = Command::new("valgrind");
+    valgrind
+        .args(["--tool=callgrind", "--instr-atstart=no"])
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
+        .arg(program)
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => valgrind.env(key, value),
+            None => valgrind.env_remove(key),
+        };
+    }
+    let server = Server::start("under callgrind", &mut valgrind, port, ready_path)?;
+    let url = format!("http://127.0.0.1:{port}/hello/bench");
+    let load = |duration: &str| -> Result<String> {
+        let output = Command::new("wrk")
+            .args(["-t", "1", "-c", "8", "-d", duration, &url])
+            .output()
+            .context("running wrk")?;
+        if !output.status.success() {
+            bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let control = |what: &str| -> Result<()> {
+        let status = Command::new("callgrind_control")
+            .arg(what)
+            .arg(server.pid().to_string())
+            .stdout(Stdio::null())
+            .status()
+            .context("running callgrind_control")?;
+        if !status.success() {
+            bail!("callgrind_control {what} failed with {status}");
+        }
+        Ok(())
+    };
+    load(COUNTED_WARMUP)?;
+    control("--instr=on")?;
+    let output = load(COUNTED_DURATION)?;
+    control("--instr=off")?;
+    control("--dump")?;
+    let requests = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .context("wrk printed no request count")?;
+    if output.contains("Non-2xx") {
+        bail!("errors under callgrind:\n{output}");
+    }
+    drop(server);
+    // The dump after the counted load is the one with the most instructions.
+    let mut instructions = 0;
+    let name = out_file
+        .file_name()
+        .context("no file name")?
+        .to_string_lossy()
+        .into_owned();
+    for entry in std::fs::read_dir(out_file.parent().context("no directory")?)? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().starts_with(&name) {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path())?;
+        // `summary:` heads the file (0 when counting started later), `totals:` ends it.
+        let total = text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("totals:")
+                    .or_else(|| l.strip_prefix("summary:"))
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        instructions = instructions.max(total);
+    }
+    if instructions == 0 || requests == 0 {
+        bail!("callgrind counted nothing ({instructions} instructions, {requests} requests)");
+    }
+    Ok((instructions, requests))
 }
 
 /// `ROUNDS` rounds over `servers`, one after another within a round (so that drift in the
