@@ -129,21 +129,33 @@ fn trellis_hello(
     wasm: &Path,
     reuse: Option<&str>,
 ) -> Result<Server> {
+    let (manifest, port) = hello_manifest(dir, wasm, "", "", reuse.unwrap_or_default())?;
+    start_trellis(name, release, &manifest, port)
+}
+
+/// Writes `dir/trellis.toml`: a node on a free port serving `wasm` at `/`, with `node`
+/// and `limits` added to its defaults and `reuse` as the component's reuse line.
+fn hello_manifest(
+    dir: &Path,
+    wasm: &Path,
+    node: &str,
+    limits: &str,
+    reuse: &str,
+) -> Result<(std::path::PathBuf, u16)> {
     let port = free_port()?;
     std::fs::create_dir_all(dir)?;
     let manifest = dir.join("trellis.toml");
     std::fs::write(
         &manifest,
         format!(
-            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n\
+            "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n{node}\n\
              [components.hello]\nsource = \"{wasm}\"\nroutes = [\"/\"]\n\
-             limits = {{ max_concurrent = 256 }}\n{reuse}\n",
+             limits = {{ max_concurrent = 256{limits} }}\n{reuse}\n",
             data = dir.join("data").display(),
             wasm = wasm.display(),
-            reuse = reuse.unwrap_or_default(),
         ),
     )?;
-    start_trellis(name, release, &manifest, port)
+    Ok((manifest, port))
 }
 
 /// `wasmtime serve` on `wasm` with `args` before it.
@@ -368,29 +380,18 @@ fn instructions(root: &Path, release: &Path, out_dir: &Path) -> Result<String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let trellis = |label: &str, wasm: &Path, reuse: &str| -> Result<(u64, u64)> {
-        let port = free_port()?;
         let node = dir.join(label);
-        std::fs::create_dir_all(&node)?;
-        let manifest = node.join("trellis.toml");
-        std::fs::write(
-            &manifest,
-            format!(
-                "[node]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nmax_instances = 4\n\n\
-                 [components.hello]\nsource = \"{wasm}\"\nroutes = [\"/\"]\n\
-                 limits = {{ max_concurrent = 256, deadline = \"60s\" }}\n{reuse}\n",
-                data = node.join("data").display(),
-                wasm = wasm.display(),
-            ),
+        // A pool that fits valgrind's address space; a deadline for a slowed-down guest.
+        let (manifest, port) = hello_manifest(
+            &node,
+            wasm,
+            "max_instances = 4\n",
+            ", deadline = \"60s\"",
+            reuse,
         )?;
-        let admin = free_port()?;
         count_instructions(
             &node.join("callgrind.out"),
-            Command::new(release.join("trellis"))
-                .arg("up")
-                .arg(&manifest)
-                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-                .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("TRELLIS_LOG", "warn"),
+            &mut trellis_command(release, &manifest, free_port()?),
             port,
             "/health/ready",
         )
@@ -1776,18 +1777,24 @@ fn start_trellis_with(
     let admin_port = free_port()?;
     let mut server = Server::start(
         name,
-        Command::new(release.join("trellis"))
-            .arg("up")
-            .arg(manifest)
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(args)
-            .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TRELLIS_LOG", "warn"),
+        trellis_command(release, manifest, admin_port).args(args),
         port,
         "/health/ready",
     )?;
     server.admin_port = Some(admin_port);
     Ok(server)
+}
+
+/// `trellis up manifest` with its admin API on `admin_port` and warnings logged.
+fn trellis_command(release: &Path, manifest: &Path, admin_port: u16) -> Command {
+    let mut command = Command::new(release.join("trellis"));
+    command
+        .arg("up")
+        .arg(manifest)
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TRELLIS_LOG", "warn");
+    command
 }
 
 impl Server {

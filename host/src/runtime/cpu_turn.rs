@@ -73,11 +73,11 @@ pub fn give_back_stalled() {
             return false;
         };
         let taken = turn.taken.load(Ordering::Acquire);
-        if turn.held.load(Ordering::Acquire) && taken != *seen {
-            *seen = taken;
-            return true;
-        }
         if turn.held.load(Ordering::Acquire) {
+            if taken != *seen {
+                *seen = taken;
+                return true;
+            }
             turn.give_back_if_still(taken);
         }
         turn.watched.store(false, Ordering::Release);
