@@ -278,115 +278,115 @@ async fn run_worker(
     let mut pending: Vec<(u64, Pending)> = Vec::new();
     let mut streaming: Vec<Flag> = Vec::new();
     let mut last_deadline = first.deadline;
-    let served = store
-        .run_concurrent(async |accessor: &Accessor<InstanceState>| {
-            let service = &service;
-            let mut running = FuturesUnordered::new();
-            let mut next = Some(first);
-            let mut started: u64 = 0;
-            let mut closed = false;
-            // One timer for the worker's idleness, armed once and moved on only when it
-            // fires early: a timer made and dropped per request costs two trips through the
-            // runtime's timer wheel.
-            let mut last_finished = Instant::now();
-            let idle = tokio::time::sleep(shared.idle_for);
-            tokio::pin!(idle);
-            loop {
-                if let Some(job) = next.take() {
-                    started += 1;
-                    let Job {
-                        request,
-                        deadline,
-                        head,
+    // The worker waits (and gives its tenant's CPU turn back) only when none of its
+    // requests runs wasm.
+    let turn = store.data().cpu_turn.clone();
+    let event_loop = store.run_concurrent(async |accessor: &Accessor<InstanceState>| {
+        let service = &service;
+        let mut running = FuturesUnordered::new();
+        let mut next = Some(first);
+        let mut started: u64 = 0;
+        let mut closed = false;
+        // One timer for the worker's idleness, armed once and moved on only when it
+        // fires early: a timer made and dropped per request costs two trips through the
+        // runtime's timer wheel.
+        let mut last_finished = Instant::now();
+        let idle = tokio::time::sleep(shared.idle_for);
+        tokio::pin!(idle);
+        loop {
+            if let Some(job) = next.take() {
+                started += 1;
+                let Job {
+                    request,
+                    deadline,
+                    head,
+                    done,
+                    failed,
+                } = job;
+                last_deadline = last_deadline.max(deadline);
+                streaming.push(failed);
+                pending.push((
+                    started,
+                    Pending {
                         done,
-                        failed,
-                    } = job;
-                    last_deadline = last_deadline.max(deadline);
-                    streaming.push(failed);
-                    pending.push((
-                        started,
-                        Pending {
-                            done,
-                            deadline,
-                            warm: started > 1,
-                        },
-                    ));
-                    set_deadline(accessor, &pending);
-                    let number = started;
-                    running.push(async move {
-                        let handled = tokio::time::timeout_at(
-                            deadline.into(),
-                            handle(accessor, service, request, head),
-                        )
-                        .await;
-                        (number, handled)
-                    });
-                }
-                if closed && running.is_empty() {
-                    break;
-                }
-                tokio::select! {
-                    biased;
-                    Some((number, handled)) = running.next(), if !running.is_empty() => {
-                        let Some(at) = pending.iter().position(|(n, _)| *n == number) else {
-                            continue;
-                        };
-                        let (_, request) = pending.swap_remove(at);
-                        let outcome = match handled {
-                            Ok(Ok(())) => Ok(()),
-                            // A trap in the request's task: the instance is done for.
-                            Ok(Err(error)) => {
-                                pending.push((number, request));
-                                return Err(error);
-                            }
-                            Err(_) => {
-                                // A task of the expired request may still run: no more
-                                // requests for this instance.
-                                shared.close(id);
-                                Err(Failure::Deadline(version.limits.deadline))
-                            }
-                        };
-                        set_deadline(accessor, &pending);
-                        if let Some(max) = shared.max_memory
-                            && accessor.with(|mut access| access.get().limiter.reserved()) > max
-                        {
-                            shared.close(id);
-                        }
-                        // Counted out before the caller hears of it: a client that read its
-                        // answer and asks again finds this instance idle.
-                        shared.finished(id);
-                        last_finished = Instant::now();
-                        if running.is_empty() {
-                            // Nothing runs in the instance: its tenant's CPU turn is free.
-                            accessor.with(|mut access| access.get().cpu_turn.give_back());
-                        }
-                        let _ = request.done.send(Done { outcome, warm: request.warm });
-                    }
-                    job = jobs.recv(), if !closed => match job {
-                        Some(job) => next = Some(job),
-                        None => closed = true,
+                        deadline,
+                        warm: started > 1,
                     },
-                    () = &mut idle, if running.is_empty() && !closed => {
-                        let idle_until = last_finished + shared.idle_for;
-                        if Instant::now() < idle_until {
-                            idle.as_mut().reset(idle_until.into());
-                        } else if shared.close_if_idle(id) {
-                            jobs.close();
-                        } else {
-                            // A request is on its way through the channel.
-                            idle.as_mut().reset((Instant::now() + shared.idle_for).into());
+                ));
+                set_deadline(accessor, &pending);
+                let number = started;
+                running.push(async move {
+                    let handled = tokio::time::timeout_at(
+                        deadline.into(),
+                        handle(accessor, service, request, head),
+                    )
+                    .await;
+                    (number, handled)
+                });
+            }
+            if closed && running.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some((number, handled)) = running.next(), if !running.is_empty() => {
+                    let Some(at) = pending.iter().position(|(n, _)| *n == number) else {
+                        continue;
+                    };
+                    let (_, request) = pending.swap_remove(at);
+                    let outcome = match handled {
+                        Ok(Ok(())) => Ok(()),
+                        // A trap in the request's task: the instance is done for.
+                        Ok(Err(error)) => {
+                            pending.push((number, request));
+                            return Err(error);
                         }
+                        Err(_) => {
+                            // A task of the expired request may still run: no more
+                            // requests for this instance.
+                            shared.close(id);
+                            Err(Failure::Deadline(version.limits.deadline))
+                        }
+                    };
+                    set_deadline(accessor, &pending);
+                    if let Some(max) = shared.max_memory
+                        && accessor.with(|mut access| access.get().limiter.reserved()) > max
+                    {
+                        shared.close(id);
+                    }
+                    // Counted out before the caller hears of it: a client that read its
+                    // answer and asks again finds this instance idle.
+                    shared.finished(id);
+                    last_finished = Instant::now();
+                    let _ = request.done.send(Done { outcome, warm: request.warm });
+                }
+                job = jobs.recv(), if !closed => match job {
+                    Some(job) => next = Some(job),
+                    None => closed = true,
+                },
+                () = &mut idle, if running.is_empty() && !closed => {
+                    let idle_until = last_finished + shared.idle_for;
+                    if Instant::now() < idle_until {
+                        idle.as_mut().reset(idle_until.into());
+                    } else if shared.close_if_idle(id) {
+                        jobs.close();
+                    } else {
+                        // A request is on its way through the channel.
+                        idle.as_mut().reset((Instant::now() + shared.idle_for).into());
                     }
                 }
             }
-            // The guest may still be writing a response body.
-            let _ = tokio::time::timeout_at(
-                last_deadline.into(),
-                std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)),
-            )
-            .await;
-            wasmtime::Result::<()>::Ok(())
-        })
+        }
+        // The guest may still be writing a response body.
+        let _ = tokio::time::timeout_at(
+            last_deadline.into(),
+            std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)),
+        )
+        .await;
+        wasmtime::Result::<()>::Ok(())
+    });
+    let served = turn
+        .released_while_waiting(event_loop)
         .await
         .and_then(|served| served);
 

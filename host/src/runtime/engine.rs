@@ -83,7 +83,6 @@ impl Runtime {
                     std::thread::sleep(EPOCH_TICK);
                     ticked.plain.increment_epoch();
                     ticked.concurrent.increment_epoch();
-                    crate::runtime::cpu_turn::give_back_stalled();
                 }
             })
             .context("starting the epoch ticker")?;

@@ -335,7 +335,10 @@ pub async fn check(version: &Version, _permit: &Permit) -> Result<(), Failure> {
     let mut store = version
         .new_store(deadline, &[])
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
-    match version.instance_pre().instantiate_async(&mut store).await {
+    let turn = store.data().cpu_turn.clone();
+    let instantiated =
+        turn.released_while_waiting(version.instance_pre().instantiate_async(&mut store));
+    match instantiated.await {
         Ok(_) => Ok(()),
         Err(e) => Err(Failure::classify(e, version, &store.data().limiter)),
     }
@@ -378,6 +381,7 @@ pub async fn message(
         .lease(CallKind::Message, deadline, env)
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let warm = lease.is_warm();
+    let turn = lease.store.data().cpu_turn.clone();
     let run = async {
         ensure_instance!(lease, metrics, handler, Exports::Handler);
         let Some(Exports::Handler(instance)) = &lease.exports else {
@@ -388,7 +392,7 @@ pub async fn message(
             .call_handle_message(&mut lease.store, message)
             .await
     };
-    let ran = tokio::time::timeout_at(deadline.into(), run).await;
+    let ran = tokio::time::timeout_at(deadline.into(), turn.released_while_waiting(run)).await;
     let outcome = match outcome_of(ran, version, &lease) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(guest_error)) => Err(Failure::GuestError(guest_error)),
@@ -718,6 +722,7 @@ fn p2_instance(
     let run_instance: InstanceRun = Box::pin(async move {
         let _permit = permit;
         let warm = lease.is_warm();
+        let turn = lease.store.data().cpu_turn.clone();
         let run = async {
             let Some(HttpPre::P2(http)) = instance.http() else {
                 wasmtime::bail!("the component does not export wasi:http/incoming-handler");
@@ -731,7 +736,7 @@ fn p2_instance(
                 .call_handle(&mut lease.store, guest_request, response_out)
                 .await
         };
-        let ran = tokio::time::timeout_at(deadline.into(), run).await;
+        let ran = tokio::time::timeout_at(deadline.into(), turn.released_while_waiting(run)).await;
         let outcome = outcome_of(ran, &instance, &lease);
         end_http_call(
             &instance,
@@ -783,6 +788,7 @@ fn p3_instance(
     let run_instance: InstanceRun = Box::pin(async move {
         let _permit = permit;
         let warm = lease.is_warm();
+        let turn = lease.store.data().cpu_turn.clone();
         let run = async {
             let Some(HttpPre::P3(pre)) = instance.http() else {
                 wasmtime::bail!("the component does not export wasi:http/handler@0.3");
@@ -811,7 +817,7 @@ fn p3_instance(
                 })
                 .await?
         };
-        let ran = tokio::time::timeout_at(deadline.into(), run).await;
+        let ran = tokio::time::timeout_at(deadline.into(), turn.released_while_waiting(run)).await;
         let outcome = outcome_of(ran, &instance, &lease);
         end_http_call(
             &instance,

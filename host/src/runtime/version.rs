@@ -360,9 +360,9 @@ impl Version {
     /// tick. A guest still running at a tick is a long-running one: it gives back its
     /// tenant's CPU turn (if it held one) and queues (FIFO) for the next before it
     /// resumes, so one tenant's loops take at most `quota.cpu_threads` threads and leave
-    /// the rest to other tenants. A turn is for running wasm: the epoch ticker takes it
-    /// back from a guest that waits in the host (`runtime::cpu_turn`). Guests that finish
-    /// within a tick never queue.
+    /// the rest to other tenants. A turn is for running wasm: a guest that waits in the
+    /// host gives it back (`runtime::cpu_turn`). Guests that finish within a tick never
+    /// queue.
     pub fn new_store(
         &self,
         deadline: Instant,
