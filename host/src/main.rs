@@ -13,22 +13,15 @@ use trellis::admin::client::{AdminClient, ClientError, find_token};
 /// in the allocator than `wasmtime serve` does (10.4% of samples against 8.7%; jemalloc:
 /// 4.9%): a request allocates on one thread and frees on another (arena locks), and every
 /// allocation above 1 KiB (a delivery's boxed future, hyper's read buffer) first merged
-/// glibc's fast bins. jemalloc serves those from per-thread caches.
+/// glibc's fast bins. jemalloc serves those from per-thread caches, at their default sizes:
+/// caches cut to 16 objects a size (chosen while every deploy left a SQLite thread behind,
+/// thousands at once) cost WASIp3 requests 5.2k instructions each (4%) in refills and
+/// flushes under the arena lock, and the node now runs few threads (BENCHMARKS.md, "The
+/// node's allocator"). `MALLOC_CONF` in the environment still tunes it.
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read before `main` runs (`MALLOC_CONF` in the environment adds to
-/// them). Small per-thread caches: jemalloc fills a thread's cache in batches (up to 200
-/// objects of a size at once by default), and every thread that allocates keeps its own.
-/// Measured while each deploy still left a SQLite connection thread running for 10 s
-/// (thousands at once in the density benchmark): with the default caches that node grew by
-/// 3.3 MiB per tenant while deploying (glibc: 1.7 MiB), with these 2.4 MiB. Not re-measured
-/// since deploys stopped leaving those threads.
-#[cfg(all(target_os = "linux", not(target_env = "musl")))]
-#[unsafe(no_mangle)]
-#[allow(non_upper_case_globals)]
-pub static malloc_conf: &[u8; 49] = b"tcache_nslots_small_max:16,tcache_nslots_large:4\0";
 
 #[derive(Parser)]
 #[command(
