@@ -158,11 +158,10 @@ fn rate_limited(tenant: &Tenant, wait: Duration) -> Response<GatewayBody> {
 }
 
 /// The host a request was sent to: the `Host` header (HTTP/1.1) or the URI authority (h2).
-fn request_host<B>(request: &Request<B>) -> Option<String> {
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
     request
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
 }

@@ -69,8 +69,14 @@ impl<T: Clone> Router<T> {
 
     /// The tenant serving `host` (a `Host` header value; any port is ignored).
     pub fn tenant_for_host(&self, host: &str) -> Option<&TenantRoutes<T>> {
-        let name = strip_port(host).to_ascii_lowercase();
-        let index = self.exact_hosts.get(&name).copied().or_else(|| {
+        let host = strip_port(host);
+        // Hosts are nearly always sent in lower case already: no copy per request then.
+        let name: std::borrow::Cow<str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
+        let index = self.exact_hosts.get(&*name).copied().or_else(|| {
             self.wildcard_hosts
                 .iter()
                 .find(|(suffix, _)| name.ends_with(suffix.as_str()) && name.len() > suffix.len())
