@@ -106,7 +106,7 @@ impl Gateway {
             );
         }
         let host = request_host(&request).unwrap_or_default();
-        let Some(slot) = self.registry.route(&host, request.uri().path()) else {
+        let Some(slot) = self.registry.route(host, request.uri().path()) else {
             self.registry.metrics.count_unrouted();
             let message = format!(
                 "no component serves {} on host {host:?}",
