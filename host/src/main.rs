@@ -22,11 +22,11 @@ use trellis::admin::client::{AdminClient, ClientError, find_token};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read before `main` runs (`MALLOC_CONF` adds to them). A thread's
-/// cache is trimmed once per MiB it allocates instead of every 64 KiB: the trims and the
-/// refills after them cost a WASIp3 request 2.6k instructions (2%). An idle thread never
-/// trims either way, so what a thread can keep cached is bounded as before (by the
-/// caches' sizes).
+/// jemalloc's options, read before `main` runs (`MALLOC_CONF` adds to them). A thread
+/// trims one size class of its cache after every MiB it allocates or frees, instead of
+/// every 64 KiB: the trims and the refills after them cost a WASIp3 request 2.6k
+/// instructions (2%). An idle thread never trims either way, so what a thread can keep
+/// cached is bounded as before (by the caches' sizes).
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[unsafe(no_mangle)]
 #[allow(non_upper_case_globals)]

@@ -426,10 +426,17 @@ async fn instantiate(
         .new_store(deadline, &[])
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let instantiating = Instant::now();
-    let instance = match pre.instantiate_async(&mut store).await {
-        Err(e) if crate::runtime::invoke::made_room(&e) => pre.instantiate_async(&mut store).await,
-        other => other,
-    };
+    let turn = store.data().cpu_turn.clone();
+    let instance = turn
+        .released_while_waiting(async {
+            match pre.instantiate_async(&mut store).await {
+                Err(e) if crate::runtime::invoke::made_room(&e) => {
+                    pre.instantiate_async(&mut store).await
+                }
+                other => other,
+            }
+        })
+        .await;
     match instance {
         Ok(service) => {
             metrics

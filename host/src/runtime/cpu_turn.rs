@@ -8,10 +8,14 @@
 //! queue behind one that is not running (with one turn per tenant, the shop's order
 //! placement fell 3.6x that way while turns were taken back only by the epoch ticker).
 //! Watching every host call (a wasmtime call hook) costs 2-3% of a hello's instructions.
-//! Instead every guest call runs inside [`CpuTurn::released_while_waiting`]: a call
-//! whose future returns `Pending` has left wasm and is waiting, so its turn goes back
-//! then, at the cost of one relaxed load per poll. Host calls that finish without
-//! waiting keep the turn: the guest is still using its thread.
+//! Instead every guest call (and instantiation) runs inside
+//! [`CpuTurn::released_while_waiting`]: a call whose future returns `Pending` has left
+//! wasm and is waiting, so its turn goes back then, at the cost of one relaxed load per
+//! such poll. Host calls that finish without waiting keep the turn: the guest is still
+//! using its thread. A guest that resumes wasm after a wait runs without a turn until its
+//! next tick, where it queues like any other: so a tenant's guests that wait in the host
+//! often can, between ticks, run on more threads than `cpu_threads`, while guests that
+//! compute without waiting never do.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
