@@ -23,10 +23,11 @@ use trellis::admin::client::{AdminClient, ClientError, find_token};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read before `main` runs (`MALLOC_CONF` adds to them). A thread
-/// trims one size class of its cache after every MiB it allocates or frees, instead of
-/// every 64 KiB: the trims and the refills after them cost a WASIp3 request 2.6k
-/// instructions (2%). An idle thread never trims either way, so what a thread can keep
-/// cached is bounded as before (by the caches' sizes).
+/// considers trimming its cache after every MiB it allocates, and every MiB it frees,
+/// instead of every 64 KiB (and trims some size classes at most every 10 ms either way):
+/// the checks, trims and the refills after them cost a WASIp3 request 2.6k instructions
+/// (2%). An idle thread never trims either way, so what a thread can keep cached is
+/// bounded as before (by the caches' sizes).
 #[cfg(all(target_os = "linux", not(target_env = "musl")))]
 #[unsafe(no_mangle)]
 #[allow(non_upper_case_globals)]
