@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use trellis::storage::sqlite::bind_numbered;
+use trellis::storage::sqlite::{Pooled, bind_numbered};
 use trellis::storage::{ComponentDatabase, SqliteDatabase, Storage};
 
 struct Shop {
@@ -123,7 +123,17 @@ fn int(i: i64) -> rusqlite::types::Value {
 /// Runs one statement outside a transaction as Trellis runs a guest's (on the caller's
 /// thread, under the statement budget); the rows it returned.
 async fn statement(database: &SqliteDatabase, sql: &'static str, params: Params) -> Result<usize> {
-    let connection = database.connections.get()?;
+    run(database.connections.get()?, sql, params).await
+}
+
+/// Runs one writing statement outside a transaction as Trellis runs a guest's: in the
+/// database's write turn, on the writers' connection.
+async fn write(database: &SqliteDatabase, sql: &'static str, params: Params) -> Result<usize> {
+    let _turn = database.write_turn().await;
+    run(database.connections.writer()?, sql, params).await
+}
+
+async fn run(connection: Pooled, sql: &'static str, params: Params) -> Result<usize> {
     Ok(connection
         .run(move |c| {
             let mut statement = c.prepare_cached(sql)?;
@@ -145,7 +155,7 @@ async fn transaction<R>(
     work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<R>,
 ) -> Result<R> {
     let _turn = database.write_turn().await;
-    let connection = database.connections.get()?;
+    let connection = database.connections.writer()?;
     let c = connection.connection();
     c.execute_batch("BEGIN IMMEDIATE")?;
     let result = work(c)?;
@@ -226,36 +236,30 @@ async fn place(shop: &Shop, order_id: &str) -> Result<()> {
 
 /// The events' storage work: payment, confirmation, two notifications.
 async fn after_placing(shop: &Shop, order_id: &str) -> Result<()> {
-    {
-        let _turn = shop.payment.write_turn().await;
-        statement(
-            &shop.payment,
-            "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
-            vec![
-                text(format!("pay_{order_id}")),
-                text(order_id),
-                text("usr_bench"),
-                text("bench@example.com"),
-                int(100),
-                text("USD"),
-                text("succeeded"),
-                rusqlite::types::Value::Null,
-                text("now"),
-            ],
-        )
-        .await?;
-    }
-    {
-        let _turn = shop.order.write_turn().await;
-        statement(
-            &shop.order,
-            "UPDATE orders SET status = 'confirmed', updated_at = $2 WHERE id = $1 AND status = 'pending' \
-             RETURNING id, user_id, email, status, total_cents, currency, cancel_reason, created_at, updated_at",
-            vec![text(order_id), text("now")],
-        )
-        .await?;
-    }
+    write(
+        &shop.payment,
+        "INSERT INTO payments (id, order_id, user_id, email, amount_cents, currency, status, decline_reason, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        vec![
+            text(format!("pay_{order_id}")),
+            text(order_id),
+            text("usr_bench"),
+            text("bench@example.com"),
+            int(100),
+            text("USD"),
+            text("succeeded"),
+            rusqlite::types::Value::Null,
+            text("now"),
+        ],
+    )
+    .await?;
+    write(
+        &shop.order,
+        "UPDATE orders SET status = 'confirmed', updated_at = $2 WHERE id = $1 AND status = 'pending' \
+         RETURNING id, user_id, email, status, total_cents, currency, cancel_reason, created_at, updated_at",
+        vec![text(order_id), text("now")],
+    )
+    .await?;
     statement(
         &shop.order,
         "SELECT order_id, product_id, name, quantity, unit_price_cents FROM order_items \
@@ -280,8 +284,7 @@ async fn notify(database: &SqliteDatabase, event: &str, order_id: &str) -> Resul
     if seen > 0 {
         return Ok(());
     }
-    let _turn = database.write_turn().await;
-    statement(
+    write(
         database,
         "INSERT INTO notifications (id, user_id, recipient, channel, template, subject, body, event, status, error, created_at, event_key) \
          VALUES ($1, $2, $3, 'log', $4, $5, $6, $7, 'delivered', NULL, $8, $9)",

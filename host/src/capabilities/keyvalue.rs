@@ -486,7 +486,7 @@ impl SqliteKeyValue {
         })
     }
 
-    /// Runs `work` (one statement, or a transaction it opens and ends) on a connection.
+    /// Runs `work` (one read) on a connection.
     async fn run<R: Send + 'static>(
         &self,
         work: impl Fn(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
@@ -495,12 +495,22 @@ impl SqliteKeyValue {
         connection.run(work).await.map_err(sqlite_failure)
     }
 
+    /// Runs `work` (one statement, or a transaction it opens and ends) in the database's
+    /// write turn, on the writers' connection.
+    async fn write<R: Send + 'static>(
+        &self,
+        work: impl Fn(&rusqlite::Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, sqlx::Error> {
+        let _turn = self.write_turn().await?;
+        let connection = self.database.connections.writer().map_err(sqlite_failure)?;
+        connection.run(work).await.map_err(sqlite_failure)
+    }
+
     async fn new(database: SqliteDatabase) -> Result<Self, sqlx::Error> {
         let store = Self { database };
         // DDL is a write: it takes its turn like any other writer.
-        let _turn = store.write_turn().await?;
         store
-            .run(|c| {
+            .write(|c| {
                 c.execute_batch(
                     "CREATE TABLE IF NOT EXISTS trellis_kv (
                         bucket TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
@@ -525,9 +535,8 @@ impl KeyValueBackend for SqliteKeyValue {
     }
 
     async fn set(&self, bucket: &str, key: &str, value: &[u8]) -> Result<(), sqlx::Error> {
-        let _turn = self.write_turn().await?;
         let (bucket, key, value) = (bucket.to_string(), key.to_string(), value.to_vec());
-        self.run(move |c| {
+        self.write(move |c| {
             c.prepare_cached(UPSERT)?.execute((&bucket, &key, &value))?;
             Ok(())
         })
@@ -535,9 +544,8 @@ impl KeyValueBackend for SqliteKeyValue {
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> Result<(), sqlx::Error> {
-        let _turn = self.write_turn().await?;
         let (bucket, key) = (bucket.to_string(), key.to_string());
-        self.run(move |c| {
+        self.write(move |c| {
             c.prepare_cached("DELETE FROM trellis_kv WHERE bucket = ?1 AND key = ?2")?
                 .execute((&bucket, &key))?;
             Ok(())
@@ -580,9 +588,8 @@ impl KeyValueBackend for SqliteKeyValue {
         delta: i64,
     ) -> Result<Result<i64, String>, sqlx::Error> {
         // Read and write in one IMMEDIATE transaction, under the write turn.
-        let _turn = self.write_turn().await?;
         let (bucket, key) = (bucket.to_string(), key.to_string());
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute_batch("BEGIN IMMEDIATE")?;
             let result = (|| -> rusqlite::Result<Result<i64, String>> {
                 let current: Option<Vec<u8>> = c
@@ -621,10 +628,9 @@ impl KeyValueBackend for SqliteKeyValue {
         expected: Option<&[u8]>,
         value: &[u8],
     ) -> Result<bool, sqlx::Error> {
-        let _turn = self.write_turn().await?;
         let (bucket, key, value) = (bucket.to_string(), key.to_string(), value.to_vec());
         let expected = expected.map(<[u8]>::to_vec);
-        self.run(move |c| {
+        self.write(move |c| {
             let done = match &expected {
                 Some(expected) => c
                     .prepare_cached(

@@ -210,9 +210,11 @@ impl wit::Host for Sql<'_> {
             // write turn too. Plain reads never wait (WAL readers do not block writers).
             ComponentDatabase::Sqlite(db) if !read_only => {
                 let _turn = write_turn(&db).await?;
-                sqlite::query(&db, statement, params).await
+                sqlite::query(db.connections.writer()?, statement, params).await
             }
-            ComponentDatabase::Sqlite(db) => sqlite::query(&db, statement, params).await,
+            ComponentDatabase::Sqlite(db) => {
+                sqlite::query(db.connections.get()?, statement, params).await
+            }
             ComponentDatabase::Postgres(pool) => postgres::query(&pool, statement, &params).await,
         }?;
         if !read_only {
@@ -228,7 +230,7 @@ impl wit::Host for Sql<'_> {
             // `execute` is how guests write; it waits for the write turn like a transaction.
             ComponentDatabase::Sqlite(db) => {
                 let _turn = write_turn(&db).await?;
-                sqlite::execute(&db, statement, params).await
+                sqlite::execute(db.connections.writer()?, statement, params).await
             }
             ComponentDatabase::Postgres(pool) => postgres::execute(&pool, statement, &params).await,
         }?;
@@ -242,7 +244,7 @@ impl wit::Host for Sql<'_> {
             // writes later can fail at once with SQLITE_BUSY under WAL.
             ComponentDatabase::Sqlite(db) => {
                 let turn = write_turn(&db).await?;
-                let connection = db.connections.get()?;
+                let connection = db.connections.writer()?;
                 run_cached(connection.connection(), "BEGIN IMMEDIATE")?;
                 Transaction::Sqlite(SqliteTransaction {
                     connection,
@@ -412,22 +414,20 @@ mod sqlite {
     use super::*;
 
     pub async fn query(
-        db: &SqliteDatabase,
+        connection: Pooled,
         statement: String,
         params: Vec<Value>,
     ) -> Result<RowSet, SqlError> {
-        let connection = db.connections.get()?;
         Ok(connection
             .run(move |c| query_rows(c, &statement, &params))
             .await?)
     }
 
     pub async fn execute(
-        db: &SqliteDatabase,
+        connection: Pooled,
         statement: String,
         params: Vec<Value>,
     ) -> Result<u64, SqlError> {
-        let connection = db.connections.get()?;
         Ok(connection
             .run(move |c| execute_statement(c, &statement, &params))
             .await?)

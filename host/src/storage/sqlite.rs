@@ -2,8 +2,9 @@
 //! thread and sends it each statement over a channel: two thread wake-ups per statement,
 //! which were most of a statement's cost (a point lookup is a few microseconds of SQLite).
 //! Here a component's connections are plain `rusqlite` connections (the same libsqlite3
-//! sqlx links, one copy in the build) kept in a small set per database, and a statement
-//! runs where the guest's host call runs.
+//! sqlx links, one copy in the build) kept in a small set per database, one of them kept
+//! for whoever holds the write turn ([`Connections::writer`]), and a statement runs where
+//! the guest's host call runs.
 //!
 //! A statement must not hold an async worker for long: outside a transaction each one runs
 //! under a budget ([`STATEMENT_BUDGET`]). SQLite's progress handler interrupts it once the
@@ -65,6 +66,8 @@ pub struct Conn {
 pub struct Connections {
     path: PathBuf,
     idle: Mutex<Vec<(Conn, Instant)>>,
+    /// The connection writers use ([`Connections::writer`]), while no writer has it.
+    writer_idle: Mutex<Option<(Conn, Instant)>>,
     sweeping: AtomicBool,
     /// Commits that wrote since the last checkpoint started.
     written: Arc<AtomicU32>,
@@ -84,6 +87,7 @@ impl Connections {
         Arc::new_cyclic(|me| Self {
             path: path.to_path_buf(),
             idle: Mutex::new(Vec::new()),
+            writer_idle: Mutex::new(None),
             sweeping: AtomicBool::new(false),
             written: Arc::new(AtomicU32::new(0)),
             checkpoint_now: Arc::new(tokio::sync::Notify::new()),
@@ -104,6 +108,37 @@ impl Connections {
         Ok(Pooled {
             conn: Some(conn),
             home: self.me.clone(),
+            writer: false,
+        })
+    }
+
+    /// The connection for a holder of the database's write turn.
+    ///
+    /// In WAL mode a connection throws its whole page cache away whenever another
+    /// connection committed since its last transaction. With writes spread over every
+    /// connection, a write began by reading back the pages of the tables and indexes it
+    /// touches, which other connections had just written (`pread`s of the log, page faults
+    /// in the mapping). Writers take turns, so one connection can serve them all and its
+    /// cache stays valid from one write to the next; readers still start over after each
+    /// write. (Two callers at once, which the turn rules out, would only cost the second a
+    /// connection of the pool.)
+    pub fn writer(&self) -> rusqlite::Result<Pooled> {
+        let reused = self
+            .writer_idle
+            .lock()
+            .expect("sqlite connections lock")
+            .take();
+        let conn = match reused {
+            Some((conn, _)) => conn,
+            None => match self.idle.lock().expect("sqlite connections lock").pop() {
+                Some((conn, _)) => conn,
+                None => self.open()?,
+            },
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            home: self.me.clone(),
+            writer: true,
         })
     }
 
@@ -146,17 +181,26 @@ impl Connections {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.idle.lock().expect("sqlite connections lock").clear();
+        self.writer_idle
+            .lock()
+            .expect("sqlite connections lock")
+            .take();
     }
 
     /// Closes the connections unused for `IDLE_CONNECTION`; whether any are left.
     fn close_idle(&self) -> bool {
         let now = Instant::now();
+        let fresh = |since: &Instant| now.duration_since(*since) < super::IDLE_CONNECTION;
+        let mut writer = self.writer_idle.lock().expect("sqlite connections lock");
+        if writer.as_ref().is_some_and(|(_, since)| !fresh(since)) {
+            *writer = None;
+        }
         let mut idle = self.idle.lock().expect("sqlite connections lock");
-        idle.retain(|(_, since)| now.duration_since(*since) < super::IDLE_CONNECTION);
-        !idle.is_empty()
+        idle.retain(|(_, since)| fresh(since));
+        !idle.is_empty() || writer.is_some()
     }
 
-    fn give_back(&self, conn: Conn) {
+    fn give_back(&self, conn: Conn, writer: bool) {
         // A connection left inside a transaction (a host bug) is not handed out again.
         if !conn.connection.is_autocommit() || self.closed.load(Ordering::Acquire) {
             return;
@@ -167,10 +211,20 @@ impl Connections {
         } else if written >= CHECKPOINT_COMMITS {
             self.checkpoint_now.notify_one();
         }
-        self.idle
-            .lock()
-            .expect("sqlite connections lock")
-            .push((conn, Instant::now()));
+        let conn = if writer {
+            self.writer_idle
+                .lock()
+                .expect("sqlite connections lock")
+                .replace((conn, Instant::now()))
+        } else {
+            Some((conn, Instant::now()))
+        };
+        if let Some(conn) = conn {
+            self.idle
+                .lock()
+                .expect("sqlite connections lock")
+                .push(conn);
+        }
         if self.sweeping.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -266,6 +320,8 @@ impl Connections {
 pub struct Pooled {
     conn: Option<Conn>,
     home: Weak<Connections>,
+    /// Taken by [`Connections::writer`]: goes back to be the writers' connection.
+    writer: bool,
 }
 
 impl Pooled {
@@ -301,7 +357,7 @@ impl Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let (Some(conn), Some(home)) = (self.conn.take(), self.home.upgrade()) {
-            home.give_back(conn);
+            home.give_back(conn, self.writer);
         }
     }
 }
