@@ -80,8 +80,8 @@ enum Op {
 
 struct Write {
     op: Op,
-    /// The deliveries a lease took (empty for every other write), once committed.
-    done: oneshot::Sender<Result<Vec<Leased>, String>>,
+    /// What a lease took (nothing for every other write), once committed.
+    done: oneshot::Sender<Result<Lease, String>>,
 }
 
 fn now_ms() -> i64 {
@@ -171,7 +171,7 @@ impl Inner {
         .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
     }
 
-    async fn write(&self, op: Op) -> Result<Vec<Leased>, String> {
+    async fn write(&self, op: Op) -> Result<Lease, String> {
         let (done, result) = oneshot::channel();
         self.writes
             .send(Write { op, done })
@@ -192,7 +192,7 @@ impl Inner {
 /// What one batch of writes came to.
 #[derive(Default)]
 struct Committed {
-    results: Vec<Result<Vec<Leased>, String>>,
+    results: Vec<Result<Lease, String>>,
     woken: HashSet<String>,
     appended: Vec<Event>,
     added_bytes: u64,
@@ -259,7 +259,7 @@ fn commit(
     let mut acked: HashMap<&str, Vec<i64>> = HashMap::new();
     for op in ops {
         match op {
-            Op::None => done.results.push(Ok(Vec::new())),
+            Op::None => done.results.push(Ok(Lease::default())),
             Op::Append(event) => {
                 let size = event.body.len() as u64;
                 if stored + done.added_bytes + size > max_bytes {
@@ -301,12 +301,12 @@ fn commit(
                     }
                     done.appended.push(event.clone());
                 }
-                done.results.push(Ok(Vec::new()));
+                done.results.push(Ok(Lease::default()));
             }
             Op::Ack { consumer, seq } => {
                 // Deleted together after the loop, one statement per consumer.
                 acked.entry(consumer.as_str()).or_default().push(*seq);
-                done.results.push(Ok(Vec::new()));
+                done.results.push(Ok(Lease::default()));
             }
             Op::Retry {
                 consumer,
@@ -318,7 +318,7 @@ fn commit(
                 )?
                 .execute((due_at, consumer, seq))?;
                 done.woken.insert(consumer.clone());
-                done.results.push(Ok(Vec::new()));
+                done.results.push(Ok(Lease::default()));
             }
             Op::Lease {
                 consumer,
@@ -330,7 +330,7 @@ fn commit(
                     .execute([name])?;
                 tx.prepare_cached("DELETE FROM deliveries WHERE consumer = ?1")?
                     .execute([name])?;
-                done.results.push(Ok(Vec::new()));
+                done.results.push(Ok(Lease::default()));
             }
         }
     }
@@ -488,7 +488,7 @@ async fn fetcher(
                 () = sender.closed() => return,
             }
         };
-        let now = now_ms();
+        let (now, leased_at) = (now_ms(), tokio::time::Instant::now());
         let leased = inner
             .write(Op::Lease {
                 consumer: consumer.clone(),
@@ -496,40 +496,18 @@ async fn fetcher(
                 limit: (room as i64).min(FETCH),
             })
             .await;
-        let rows = match leased {
-            Ok(rows) => rows,
+        let Lease {
+            rows,
+            drained,
+            next_due,
+        } = match leased {
+            Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(%consumer, error = %e, "reading the event queue");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        if rows.is_empty() {
-            let name = consumer.clone();
-            let next_due: Option<i64> = inner
-                .db(move |c| {
-                    c.query_row(
-                        "SELECT MIN(due_at) FROM deliveries WHERE consumer = ?1 AND leased = 0 AND due_at > ?2",
-                        (name, now),
-                        |row| row.get(0),
-                    )
-                })
-                .await
-                .ok()
-                .flatten();
-            // Every write that makes a delivery due wakes its consumer, so an idle one
-            // waits for that (or its next retry) and only looks again now and then as a
-            // safety net: a node with thousands of idle consumers must not poll them.
-            let wait = next_due
-                .map(|due| Duration::from_millis((due - now).clamp(1, IDLE_RECHECK_MS) as u64))
-                .unwrap_or(Duration::from_millis(IDLE_RECHECK_MS as u64));
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-                () = sender.closed() => return,
-            }
-            continue;
-        }
         let total = rows.len() as u64;
         for (i, row) in rows.into_iter().enumerate() {
             let delivery = Delivery {
@@ -548,6 +526,21 @@ async fn fetcher(
                 return;
             }
         }
+        // Everything due was taken: leasing again at once would find nothing (a write
+        // transaction and a read for the next retry's time, for each wake-up). Every write
+        // that makes a delivery due wakes its consumer, so wait for that, or for the next
+        // retry to fall due, and only look again now and then as a safety net: a node
+        // with thousands of idle consumers must not poll them.
+        if drained {
+            let wait = next_due
+                .map(|due| Duration::from_millis((due - now).clamp(1, IDLE_RECHECK_MS) as u64))
+                .unwrap_or(Duration::from_millis(IDLE_RECHECK_MS as u64));
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep_until(leased_at + wait) => {}
+                () = sender.closed() => return,
+            }
+        }
     }
 }
 
@@ -555,6 +548,16 @@ struct Leased {
     seq: i64,
     attempt: u32,
     event: Event,
+}
+
+/// What one lease took.
+#[derive(Default)]
+struct Lease {
+    rows: Vec<Leased>,
+    /// The lease took every delivery of the consumer that was due.
+    drained: bool,
+    /// Then: when the first of its deliveries not yet due (a retry) falls due, if any.
+    next_due: Option<i64>,
 }
 
 /// Leases up to `limit` due deliveries of `consumer` and counts their attempt (before any
@@ -567,7 +570,7 @@ fn lease(
     consumer: &str,
     now: i64,
     limit: i64,
-) -> rusqlite::Result<Vec<Leased>> {
+) -> rusqlite::Result<Lease> {
     let attempts: HashMap<i64, i64> = tx
         .prepare_cached(
             "UPDATE deliveries SET attempts = attempts + 1, leased = 1 WHERE rowid IN \
@@ -576,28 +579,49 @@ fn lease(
         )?
         .query_map((consumer, now, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<Result<_, _>>()?;
+    let drained = (attempts.len() as i64) < limit;
+    let next_due = if drained {
+        tx.prepare_cached(
+            "SELECT MIN(due_at) FROM deliveries \
+             WHERE consumer = ?1 AND leased = 0 AND due_at > ?2",
+        )?
+        .query_row((consumer, now), |row| row.get(0))?
+    } else {
+        None
+    };
     if attempts.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Lease {
+            rows: Vec::new(),
+            drained,
+            next_due,
+        });
     }
     let seqs: Vec<i64> = attempts.keys().copied().collect();
-    tx.prepare_cached(
-        "SELECT seq, id, subject, body, headers FROM events \
+    let rows = tx
+        .prepare_cached(
+            "SELECT seq, id, subject, body, headers FROM events \
          WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
-    )?
-    .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
-        let seq: i64 = row.get(0)?;
-        Ok(Leased {
-            seq,
-            attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1)).unwrap_or(u32::MAX),
-            event: Event {
-                id: row.get(1)?,
-                subject: row.get(2)?,
-                body: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
-                headers: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
-            },
-        })
-    })?
-    .collect()
+        )?
+        .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
+            let seq: i64 = row.get(0)?;
+            Ok(Leased {
+                seq,
+                attempt: u32::try_from(attempts.get(&seq).copied().unwrap_or(1))
+                    .unwrap_or(u32::MAX),
+                event: Event {
+                    id: row.get(1)?,
+                    subject: row.get(2)?,
+                    body: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
+                    headers: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
+                },
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Lease {
+        rows,
+        drained,
+        next_due,
+    })
 }
 
 struct LocalSettle {
