@@ -101,15 +101,7 @@ impl Connections {
     /// A connection, the most recently used idle one or a new one.
     pub fn get(&self) -> rusqlite::Result<Pooled> {
         let reused = self.idle.lock().expect("sqlite connections lock").pop();
-        let conn = match reused {
-            Some((conn, _)) => conn,
-            None => self.open()?,
-        };
-        Ok(Pooled {
-            conn: Some(conn),
-            home: self.me.clone(),
-            writer: false,
-        })
+        self.pooled(reused, false)
     }
 
     /// The connection for a holder of the database's write turn.
@@ -123,22 +115,25 @@ impl Connections {
     /// write. (Two callers at once, which the turn rules out, would only cost the second a
     /// connection of the pool.)
     pub fn writer(&self) -> rusqlite::Result<Pooled> {
-        let reused = self
+        let kept = self
             .writer_idle
             .lock()
             .expect("sqlite connections lock")
             .take();
+        let reused = kept.or_else(|| self.idle.lock().expect("sqlite connections lock").pop());
+        self.pooled(reused, true)
+    }
+
+    /// `reused`, or a new connection, lent out until dropped.
+    fn pooled(&self, reused: Option<(Conn, Instant)>, writer: bool) -> rusqlite::Result<Pooled> {
         let conn = match reused {
             Some((conn, _)) => conn,
-            None => match self.idle.lock().expect("sqlite connections lock").pop() {
-                Some((conn, _)) => conn,
-                None => self.open()?,
-            },
+            None => self.open()?,
         };
         Ok(Pooled {
             conn: Some(conn),
             home: self.me.clone(),
-            writer: true,
+            writer,
         })
     }
 
