@@ -187,10 +187,17 @@ routes = ["/"]
         &["component \"needy\"", "trellis-fixture:missing/clock"],
     );
 
-    // `up` refuses to start with it, for the same reason.
+    // `up` refuses to start with it, for the same reason (on ports of its own: the
+    // default admin port may be taken on the machine running the tests).
     let (_dir, path) = write_manifest(manifest);
-    let (code, stdout, stderr) =
-        run_trellis(&["up", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let (code, stdout, stderr) = run_trellis(&[
+        "up",
+        path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stderr.contains("trellis-fixture:missing/clock"), "{stderr}");
 }
