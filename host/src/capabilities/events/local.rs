@@ -589,18 +589,13 @@ fn lease(
     } else {
         None
     };
-    if attempts.is_empty() {
-        return Ok(Lease {
-            rows: Vec::new(),
-            drained,
-            next_due,
-        });
-    }
-    let seqs: Vec<i64> = attempts.keys().copied().collect();
-    let rows = tx
-        .prepare_cached(
+    let rows = if attempts.is_empty() {
+        Vec::new()
+    } else {
+        let seqs: Vec<i64> = attempts.keys().copied().collect();
+        tx.prepare_cached(
             "SELECT seq, id, subject, body, headers FROM events \
-         WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
+             WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq",
         )?
         .query_map([serde_json::to_string(&seqs).unwrap_or_default()], |row| {
             let seq: i64 = row.get(0)?;
@@ -616,7 +611,8 @@ fn lease(
                 },
             })
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<rusqlite::Result<_>>()?
+    };
     Ok(Lease {
         rows,
         drained,
